@@ -1,0 +1,468 @@
+//! Serde mirrors of the diffusers files: `model_index.json`, each component's `config.json`,
+//! `scheduler/scheduler_config.json`. Missing keys take the defaults of the diffusers /
+//! transformers class the file belongs to; `validate` turns impossible values into errors
+//! before any tensor is built.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+use crate::hub::FileSource;
+
+fn bad(component: &str, message: impl Into<String>) -> ModelError {
+    ModelError::BadConfig {
+        component: component.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Reads and parses `rel_path` from `src`; a missing file is `ModelError::MissingFile`.
+pub fn read_json<T: serde::de::DeserializeOwned>(
+    src: &dyn FileSource,
+    component: &str,
+    rel_path: &str,
+) -> anyhow::Result<T> {
+    let path = src.get(rel_path)?.ok_or_else(|| ModelError::MissingFile {
+        component: component.to_string(),
+        path: std::path::Path::new(&src.describe()).join(rel_path),
+    })?;
+    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::BadFile {
+        component: component.to_string(),
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| {
+        ModelError::BadFile {
+            component: component.to_string(),
+            path,
+            message: format!("invalid JSON for this component: {e}"),
+        }
+        .into()
+    })
+}
+
+/// `model_index.json` of a prior pipeline (WuerstchenPriorPipeline's registered config).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct PriorPipelineConfig {
+    pub latent_mean: f64,
+    pub latent_std: f64,
+    pub resolution_multiple: f64,
+}
+
+impl Default for PriorPipelineConfig {
+    // WuerstchenPriorPipeline.__init__ defaults (pipeline_wuerstchen_prior.py)
+    fn default() -> Self {
+        Self {
+            latent_mean: 42.0,
+            latent_std: 1.0,
+            resolution_multiple: 42.67,
+        }
+    }
+}
+
+impl PriorPipelineConfig {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let ok = [self.latent_mean, self.latent_std]
+            .iter()
+            .all(|v| v.is_finite())
+            && self.resolution_multiple.is_finite()
+            && self.resolution_multiple > 0.0;
+        if !ok {
+            return Err(bad(
+                "model_index.json",
+                "latent_mean, latent_std must be finite and resolution_multiple > 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `model_index.json` of a decoder pipeline (WuerstchenDecoderPipeline's registered config).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct DecoderPipelineConfig {
+    pub latent_dim_scale: f64,
+}
+
+impl Default for DecoderPipelineConfig {
+    // WuerstchenDecoderPipeline.__init__ default (pipeline_wuerstchen.py)
+    fn default() -> Self {
+        Self {
+            latent_dim_scale: 10.67,
+        }
+    }
+}
+
+impl DecoderPipelineConfig {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if !(self.latent_dim_scale.is_finite() && self.latent_dim_scale > 0.0) {
+            return Err(bad("model_index.json", "latent_dim_scale must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// `prior/config.json` (WuerstchenPrior).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct PriorConfig {
+    pub c_in: usize,
+    pub c: usize,
+    pub c_cond: usize,
+    pub c_r: usize,
+    pub depth: usize,
+    pub nhead: usize,
+}
+
+impl Default for PriorConfig {
+    // WuerstchenPrior.__init__ defaults (modeling_wuerstchen_prior.py); the Hub's real config
+    // overrides most of them (c 1536, c_cond 1280, depth 32, nhead 24).
+    fn default() -> Self {
+        Self {
+            c_in: 16,
+            c: 1280,
+            c_cond: 1024,
+            c_r: 64,
+            depth: 16,
+            nhead: 16,
+        }
+    }
+}
+
+impl PriorConfig {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let b = |m: &str| Err(bad("prior", m));
+        if self.c_in == 0 || self.c == 0 || self.c_cond == 0 || self.depth == 0 {
+            return b("c_in, c, c_cond and depth must be > 0");
+        }
+        if self.nhead == 0 || self.c % self.nhead != 0 {
+            return b("c must be a multiple of nhead (> 0)");
+        }
+        if self.c_r < 4 {
+            // gen_r_embedding divides by c_r/2 - 1
+            return b("c_r must be at least 4");
+        }
+        Ok(())
+    }
+}
+
+/// The block kinds of a decoder level's `level_config` string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    /// `C`: ResBlockStageB
+    Res,
+    /// `T`: TimestepBlock
+    Timestep,
+    /// `A`: AttnBlock (self-attention over the image tokens plus the text)
+    Attn,
+}
+
+/// `decoder/config.json` (WuerstchenDiffNeXt).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct DecoderConfig {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub c_r: usize,
+    pub patch_size: usize,
+    pub c_cond: usize,
+    pub c_hidden: Vec<usize>,
+    pub nhead: Vec<i64>,
+    pub blocks: Vec<usize>,
+    pub level_config: Vec<String>,
+    pub inject_effnet: Vec<bool>,
+    pub effnet_embd: usize,
+    pub clip_embd: usize,
+    pub kernel_size: usize,
+}
+
+impl Default for DecoderConfig {
+    // WuerstchenDiffNeXt.__init__ defaults (modeling_wuerstchen_diffnext.py) = the Hub's config
+    fn default() -> Self {
+        Self {
+            c_in: 4,
+            c_out: 4,
+            c_r: 64,
+            patch_size: 2,
+            c_cond: 1024,
+            c_hidden: vec![320, 640, 1280, 1280],
+            nhead: vec![-1, 10, 20, 20],
+            blocks: vec![4, 4, 14, 4],
+            level_config: ["CT", "CTA", "CTA", "CTA"].map(String::from).to_vec(),
+            inject_effnet: vec![false, true, true, true],
+            effnet_embd: 16,
+            clip_embd: 1024,
+            kernel_size: 3,
+        }
+    }
+}
+
+impl DecoderConfig {
+    pub fn levels(&self) -> usize {
+        self.c_hidden.len()
+    }
+
+    /// The block kinds of level `i`, in order.
+    pub fn level_blocks(&self, i: usize) -> Vec<BlockKind> {
+        self.level_config[i]
+            .chars()
+            .filter_map(|ch| match ch {
+                'C' => Some(BlockKind::Res),
+                'T' => Some(BlockKind::Timestep),
+                'A' => Some(BlockKind::Attn),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// How much the decoder shrinks its input: the patch size times 2 per extra level.
+    pub fn downscale(&self) -> usize {
+        self.patch_size << self.levels().saturating_sub(1)
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let b = |m: String| Err(bad("decoder", m));
+        let n = self.c_hidden.len();
+        if n == 0 {
+            return b("c_hidden is empty".into());
+        }
+        if self.nhead.len() != n
+            || self.blocks.len() != n
+            || self.level_config.len() != n
+            || self.inject_effnet.len() != n
+        {
+            return b(format!(
+                "c_hidden, nhead, blocks, level_config and inject_effnet must have the same length ({n})"
+            ));
+        }
+        if self.c_in == 0 || self.c_out == 0 || self.patch_size == 0 || self.c_cond == 0 {
+            return b("c_in, c_out, patch_size and c_cond must be > 0".into());
+        }
+        if self.kernel_size == 0 || self.kernel_size % 2 == 0 {
+            return b("kernel_size must be odd".into());
+        }
+        if self.c_r < 4 {
+            return b("c_r must be at least 4".into());
+        }
+        for i in 0..n {
+            let level = &self.level_config[i];
+            if let Some(ch) = level.chars().find(|c| !"CTA".contains(*c)) {
+                return b(format!(
+                    "level_config[{i}] = {level:?}: unknown block type {ch:?} (C, T or A)"
+                ));
+            }
+            if self.c_hidden[i] == 0 {
+                return b(format!("c_hidden[{i}] must be > 0"));
+            }
+            if level.contains('A') {
+                let h = self.nhead[i];
+                if h <= 0 || self.c_hidden[i] % h as usize != 0 {
+                    return b(format!(
+                        "level {i} has attention but nhead[{i}] = {h} does not divide c_hidden[{i}] = {}",
+                        self.c_hidden[i]
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `vqgan/config.json` (PaellaVQModel).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct VqganConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub up_down_scale_factor: usize,
+    pub levels: usize,
+    pub bottleneck_blocks: usize,
+    pub embed_dim: usize,
+    pub latent_channels: usize,
+    pub scale_factor: f64,
+}
+
+impl Default for VqganConfig {
+    // PaellaVQModel.__init__ defaults (modeling_paella_vq_model.py) = the Hub's config
+    fn default() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            up_down_scale_factor: 2,
+            levels: 2,
+            bottleneck_blocks: 12,
+            embed_dim: 384,
+            latent_channels: 4,
+            scale_factor: 0.3764,
+        }
+    }
+}
+
+impl VqganConfig {
+    /// Channels per level, finest first: `embed_dim // 2**i` for i = levels-1 .. 0.
+    pub fn c_levels(&self) -> Vec<usize> {
+        (0..self.levels)
+            .rev()
+            .map(|i| self.embed_dim >> i)
+            .collect()
+    }
+
+    /// Image pixels per latent pixel.
+    pub fn upscale(&self) -> usize {
+        self.up_down_scale_factor << self.levels.saturating_sub(1)
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let b = |m: &str| Err(bad("vqgan", m));
+        if self.levels == 0 || self.up_down_scale_factor == 0 || self.latent_channels == 0 {
+            return b("levels, up_down_scale_factor and latent_channels must be > 0");
+        }
+        if self.out_channels != 3 {
+            return b("out_channels must be 3 (an RGB image)");
+        }
+        if self.c_levels().contains(&0) {
+            return b("embed_dim is too small for the number of levels");
+        }
+        if !self.scale_factor.is_finite() {
+            return b("scale_factor must be finite");
+        }
+        Ok(())
+    }
+}
+
+/// `scheduler/scheduler_config.json` (DDPMWuerstchenScheduler).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct SchedulerConfig {
+    pub scaler: f64,
+    pub s: f64,
+}
+
+impl Default for SchedulerConfig {
+    // DDPMWuerstchenScheduler.__init__ defaults (scheduling_ddpm_wuerstchen.py)
+    fn default() -> Self {
+        Self {
+            scaler: 1.0,
+            s: 0.008,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if !(self.scaler.is_finite() && self.scaler > 0.0 && self.s.is_finite() && self.s >= 0.0) {
+            return Err(bad("scheduler", "scaler must be > 0 and s >= 0"));
+        }
+        Ok(())
+    }
+}
+
+/// The activation named by `hidden_act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Activation {
+    /// exact erf GELU (`"gelu"`)
+    #[serde(rename = "gelu")]
+    Gelu,
+    /// `x * sigmoid(1.702 x)` (`"quick_gelu"`)
+    #[serde(rename = "quick_gelu")]
+    QuickGelu,
+}
+
+/// `text_encoder/config.json` (transformers CLIPTextConfig).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct ClipTextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for ClipTextConfig {
+    // transformers CLIPTextConfig defaults (configuration_clip.py)
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl ClipTextConfig {
+    pub fn validate(&self, component: &str) -> Result<(), ModelError> {
+        let b = |m: &str| Err(bad(component, m));
+        if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 {
+            return b("hidden_size, num_hidden_layers and vocab_size must be > 0");
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return b("hidden_size must be a multiple of num_attention_heads (> 0)");
+        }
+        if self.max_position_embeddings == 0 {
+            return b("max_position_embeddings must be > 0");
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return b("layer_norm_eps must be > 0");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_keys_take_diffusers_defaults_and_extra_keys_are_ignored() {
+        let c: DecoderConfig =
+            serde_json::from_str(r#"{"_class_name": "WuerstchenDiffNeXt", "c_cond": 32}"#).unwrap();
+        assert_eq!(c.c_cond, 32);
+        assert_eq!(c.c_hidden, vec![320, 640, 1280, 1280]);
+        assert_eq!(c.downscale(), 16);
+        c.validate().unwrap();
+        let p: PriorConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!((p.c, p.depth, p.nhead), (1280, 16, 16));
+        let t: ClipTextConfig = serde_json::from_str(r#"{"hidden_act": "gelu"}"#).unwrap();
+        assert_eq!(t.hidden_act, Activation::Gelu);
+    }
+
+    #[test]
+    fn impossible_configs_are_rejected() {
+        let mut c = DecoderConfig::default();
+        c.nhead = vec![-1, 3, 20, 20]; // 640 % 3 != 0
+        assert!(c.validate().is_err());
+        let mut c = DecoderConfig::default();
+        c.level_config[1] = "CTX".into();
+        assert!(c.validate().unwrap_err().to_string().contains("unknown block type"));
+        let mut c = DecoderConfig::default();
+        c.blocks.pop();
+        assert!(c.validate().is_err());
+        let p = PriorConfig {
+            nhead: 7,
+            ..Default::default()
+        };
+        assert!(p.validate().is_err());
+        assert!(serde_json::from_str::<ClipTextConfig>(r#"{"hidden_act": "relu"}"#).is_err());
+        let v = VqganConfig {
+            embed_dim: 1,
+            ..Default::default()
+        };
+        assert!(v.validate().is_err());
+    }
+
+    #[test]
+    fn vqgan_levels_and_scale() {
+        let v = VqganConfig::default();
+        assert_eq!(v.c_levels(), vec![192, 384]);
+        assert_eq!(v.upscale(), 4);
+    }
+}

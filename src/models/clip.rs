@@ -1,0 +1,154 @@
+//! The CLIP text encoder with transformers' `CLIPTextModel` semantics, built from its
+//! config.json: pre-norm transformer, causal mask plus a mask on padding keys,
+//! `last_hidden_state` after the final layer norm for every position.
+//!
+//! candle-transformers' CLIP is not used: its sizes come from hard-coded presets (the
+//! config fields are private) and it masks every row after one shared position instead of
+//! each prompt's own padding.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{Embedding, VarBuilder};
+
+use super::common::Linear;
+use crate::config::{Activation, ClipTextConfig};
+use crate::ops;
+
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, self.eps, Some((&self.weight, &self.bias)))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    norm1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl EncoderLayer {
+    fn load(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let attn = vb.pp("self_attn");
+        Ok(Self {
+            norm1: LayerNorm::load(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            q: Linear::load(d, d, attn.pp("q_proj"))?,
+            k: Linear::load(d, d, attn.pp("k_proj"))?,
+            v: Linear::load(d, d, attn.pp("v_proj"))?,
+            out: Linear::load(d, d, attn.pp("out_proj"))?,
+            norm2: LayerNorm::load(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: Linear::load(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: Linear::load(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_norm: LayerNorm,
+    heads: usize,
+    activation: Activation,
+}
+
+impl ClipTextModel {
+    /// `vb` at the text encoder's root. Accepts both key layouts: transformers 4 (the Hub's
+    /// files) prefixes every key with `text_model.`, transformers 5 does not.
+    pub fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
+        let d = cfg.hidden_size;
+        let emb = vb.pp("embeddings");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| EncoderLayer::load(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            token_embedding: Embedding::new(emb.get((cfg.vocab_size, d), "token_embedding.weight")?, d),
+            position_embedding: emb.get((cfg.max_position_embeddings, d), "position_embedding.weight")?,
+            layers,
+            final_norm: LayerNorm::load(d, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            heads: cfg.num_attention_heads,
+            activation: cfg.hidden_act,
+        })
+    }
+
+    /// Causal mask plus padding keys, additive, (N, 1, L, L) in f32.
+    fn attention_mask(mask: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+        let n = mask.len();
+        let l = mask.first().map_or(0, Vec::len);
+        let mut m = vec![0f32; n * l * l];
+        for (b, row) in mask.iter().enumerate() {
+            for i in 0..l {
+                for j in 0..l {
+                    if j > i || row[j] == 0 {
+                        m[(b * l + i) * l + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(m, (n, 1, l, l), device)
+    }
+
+    /// `ids`, `mask`: one row per prompt (equal lengths, at most max_position_embeddings)
+    /// -> `last_hidden_state` (N, L, hidden).
+    pub fn forward(&self, ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Result<Tensor> {
+        let device = self.position_embedding.device();
+        let n = ids.len();
+        let l = ids.first().map_or(0, Vec::len);
+        if mask.len() != n || ids.iter().chain(mask).any(|r| r.len() != l) {
+            candle_core::bail!("clip: ids and attention mask rows must all have the same length");
+        }
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(flat, (n, l), device)?;
+        let pos = self.position_embedding.narrow(0, 0, l)?;
+        let mut x = self.token_embedding.forward(&ids)?.broadcast_add(&pos)?;
+        let attn_mask = Self::attention_mask(mask, device)?;
+        let d = x.dim(D::Minus1)?;
+        let hd = d / self.heads;
+        for layer in &self.layers {
+            let h = layer.norm1.forward(&x)?;
+            let split = |t: Tensor| t.reshape((n, l, self.heads, hd))?.transpose(1, 2)?.contiguous();
+            let q = split(layer.q.forward(&h)?)?;
+            let k = split(layer.k.forward(&h)?)?;
+            let v = split(layer.v.forward(&h)?)?;
+            let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?
+                .to_dtype(DType::F32)?
+                .broadcast_add(&attn_mask)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+            let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, l, d))?;
+            x = (x + layer.out.forward(&a)?)?;
+            let h = layer.fc1.forward(&layer.norm2.forward(&x)?)?;
+            let h = match self.activation {
+                Activation::Gelu => h.gelu_erf()?,
+                Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+            };
+            x = (x + layer.fc2.forward(&h)?)?;
+        }
+        self.final_norm.forward(&x)
+    }
+}

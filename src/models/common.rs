@@ -1,0 +1,297 @@
+//! Layers shared by the prior and the decoder (diffusers' modeling_wuerstchen_common.py),
+//! channels-last: activations are (N, H, W, C), so every "1x1 conv" and linear is one matrix
+//! product over N*H*W rows and the norms run over the contiguous last dimension.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::ops::{self, DepthwiseConv, Padding};
+
+/// LayerNorm eps of every Würstchen block (`WuerstchenLayerNorm(..., eps=1e-6)`).
+pub const NORM_EPS: f64 = 1e-6;
+
+/// `nn.Linear` on the last dimension of a tensor of any rank, as one matrix product.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// `nn.Linear(c_in, c_out)` at `vb` (keys `weight`, `bias`).
+    pub fn load(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self::new(
+            vb.get((c_out, c_in), "weight")?,
+            Some(vb.get(c_out, "bias")?),
+        ))
+    }
+
+    /// A 1x1 `nn.Conv2d(c_in, c_out, 1)`, which is a linear layer on channels-last input.
+    pub fn load_conv1x1(c_in: usize, c_out: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((c_out, c_in, 1, 1), "weight")?.reshape((c_out, c_in))?;
+        let bias = if bias { Some(vb.get(c_out, "bias")?) } else { None };
+        Ok(Self::new(weight, bias))
+    }
+
+    /// A `nn.Conv2d(c_in, c_out, k, stride=k)` (non-overlapping patches) as a linear layer
+    /// over patches, with the weight reordered once to the channels-last patch layout.
+    pub fn load_patch_conv(c_in: usize, c_out: usize, k: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb
+            .get((c_out, c_in, k, k), "weight")?
+            .permute((0, 2, 3, 1))?
+            .reshape((c_out, k * k * c_in))?;
+        Ok(Self::new(weight, Some(vb.get(c_out, "bias")?)))
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let c_in = *dims.last().unwrap_or(&1);
+        let rows = x.elem_count() / c_in.max(1);
+        let y = x.reshape((rows, c_in))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.out_features();
+        }
+        y.reshape(out_dims)
+    }
+}
+
+/// Non-overlapping k x k patches of channels-last input, in the order `load_patch_conv` expects:
+/// (N, H, W, C) -> (N, H/k, W/k, k*k*C).
+pub fn patchify(x: &Tensor, k: usize) -> Result<Tensor> {
+    let (n, h, w, c) = x.dims4()?;
+    x.reshape((n, h / k, k, w / k, k, c))?
+        .permute((0, 1, 3, 2, 4, 5))?
+        .reshape((n, h / k, w / k, k * k * c))
+}
+
+/// `nn.ConvTranspose2d(c_in, c_out, k, stride=k)`: every input pixel becomes a k x k block,
+/// so it is one matrix product followed by a reshuffle.
+#[derive(Debug, Clone)]
+pub struct PatchConvTranspose {
+    weight: Tensor,
+    bias: Tensor,
+    k: usize,
+    c_out: usize,
+}
+
+impl PatchConvTranspose {
+    pub fn load(c_in: usize, c_out: usize, k: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb
+            .get((c_in, c_out, k, k), "weight")?
+            .permute((0, 2, 3, 1))?
+            .reshape((c_in, k * k * c_out))?;
+        Ok(Self {
+            weight,
+            bias: vb.get(c_out, "bias")?,
+            k,
+            c_out,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, h, w, c) = x.dims4()?;
+        let k = self.k;
+        let y = x.reshape((n * h * w, c))?.matmul(&self.weight)?;
+        y.reshape((n, h, w, k, k, self.c_out))?
+            .permute((0, 1, 3, 2, 4, 5))?
+            .reshape((n, h * k, w * k, self.c_out))?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// Layer norm over channels without weights (`WuerstchenLayerNorm(c, elementwise_affine=False)`).
+pub fn channel_norm(x: &Tensor) -> Result<Tensor> {
+    ops::layer_norm(x, NORM_EPS, None)
+}
+
+/// ConvNeXt-V2 GlobalResponseNorm: per-channel L2 norm over H and W, divided by its mean over
+/// channels. The sums run in f32 (128x128 squares overflow f16).
+#[derive(Debug, Clone)]
+pub struct GlobalResponseNorm {
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+impl GlobalResponseNorm {
+    pub fn load(c: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            gamma: vb.get((1, 1, 1, c), "gamma")?,
+            beta: vb.get((1, 1, 1, c), "beta")?,
+        })
+    }
+}
+
+impl Module for GlobalResponseNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let agg = x
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_keepdim(1)?
+            .sum_keepdim(2)?
+            .sqrt()?;
+        let stand = agg
+            .broadcast_div(&(agg.mean_keepdim(D::Minus1)? + 1e-6)?)?
+            .to_dtype(x.dtype())?;
+        // torch: gamma * (x * stand) + beta + x
+        x.broadcast_mul(&stand)?
+            .broadcast_mul(&self.gamma)?
+            .broadcast_add(&self.beta)?
+            + x
+    }
+}
+
+/// ResBlock / ResBlockStageB: depthwise conv, norm, optional skip concatenated on channels,
+/// then Linear(4x) - GELU - GRN - Linear back, plus the residual. (The prior's ResBlock would
+/// concatenate its skip before the depthwise conv, but the prior never passes one.)
+#[derive(Debug, Clone)]
+pub struct ResBlock {
+    depthwise: DepthwiseConv,
+    lin1: Linear,
+    grn: GlobalResponseNorm,
+    lin2: Linear,
+}
+
+impl ResBlock {
+    pub fn load(c: usize, c_skip: usize, kernel: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            depthwise: DepthwiseConv::new(c, kernel, Padding::Zeros, vb.pp("depthwise"))?,
+            lin1: Linear::load(c + c_skip, c * 4, vb.pp("channelwise.0"))?,
+            grn: GlobalResponseNorm::load(c * 4, vb.pp("channelwise.2"))?,
+            lin2: Linear::load(c * 4, c, vb.pp("channelwise.4"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, skip: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = channel_norm(&self.depthwise.forward(x)?)?;
+        if let Some(skip) = skip {
+            h = Tensor::cat(&[&h, skip], D::Minus1)?;
+        }
+        let h = self.lin1.forward(&h)?.gelu_erf()?;
+        let h = self.lin2.forward(&self.grn.forward(&h)?)?;
+        h + x
+    }
+}
+
+/// TimestepBlock: `x * (1 + a) + b` with `a, b = mapper(r_embed).chunk(2)`.
+#[derive(Debug, Clone)]
+pub struct TimestepBlock {
+    mapper: Linear,
+    c: usize,
+}
+
+impl TimestepBlock {
+    pub fn load(c: usize, c_r: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            mapper: Linear::load(c_r, 2 * c, vb.pp("mapper"))?,
+            c,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, r_embed: &Tensor) -> Result<Tensor> {
+        let ab = self.mapper.forward(r_embed)?;
+        let n = ab.dim(0)?;
+        let a = ab.narrow(1, 0, self.c)?.reshape((n, 1, 1, self.c))?;
+        let b = ab.narrow(1, self.c, self.c)?.reshape((n, 1, 1, self.c))?;
+        x.broadcast_mul(&(a + 1.0)?)?.broadcast_add(&b)
+    }
+}
+
+/// diffusers `Attention(query_dim=c, heads, dim_head=c//heads, bias=True)` without a mask.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    pub fn load(c: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            to_q: Linear::load(c, c, vb.pp("to_q"))?,
+            to_k: Linear::load(c, c, vb.pp("to_k"))?,
+            to_v: Linear::load(c, c, vb.pp("to_v"))?,
+            to_out: Linear::load(c, c, vb.pp("to_out.0"))?,
+            heads,
+        })
+    }
+
+    /// `x`: (N, Lq, C) queries, `kv`: (N, Lk, C) keys/values -> (N, Lq, C).
+    pub fn forward(&self, x: &Tensor, kv: &Tensor) -> Result<Tensor> {
+        let (n, lq, c) = x.dims3()?;
+        let lk = kv.dim(1)?;
+        let d = c / self.heads;
+        let heads = |t: Tensor, l: usize| t.reshape((n, l, self.heads, d))?.transpose(1, 2)?.contiguous();
+        let q = heads(self.to_q.forward(x)?, lq)?;
+        let k = heads(self.to_k.forward(kv)?, lk)?;
+        let v = heads(self.to_v.forward(kv)?, lk)?;
+        let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, lq, c))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// AttnBlock with `self_attn=True`: the normed image tokens attend to themselves and to the
+/// mapped conditioning (`kv_mapper = SiLU, Linear(c_cond, c)`).
+#[derive(Debug, Clone)]
+pub struct AttnBlock {
+    attention: Attention,
+    kv_mapper: Linear,
+}
+
+impl AttnBlock {
+    pub fn load(c: usize, c_cond: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            attention: Attention::load(c, heads, vb.pp("attention"))?,
+            kv_mapper: Linear::load(c_cond, c, vb.pp("kv_mapper.1"))?,
+        })
+    }
+
+    /// The block's view of the conditioning; constant over the sampling steps.
+    pub fn map_cond(&self, cond: &Tensor) -> Result<Tensor> {
+        self.kv_mapper.forward(&candle_nn::ops::silu(cond)?)
+    }
+
+    /// `x`: (N, H, W, C); `kv`: this block's `map_cond` output.
+    pub fn forward(&self, x: &Tensor, kv: &Tensor) -> Result<Tensor> {
+        let (n, h, w, c) = x.dims4()?;
+        let tokens = channel_norm(x)?.reshape((n, h * w, c))?;
+        let kv = Tensor::cat(&[&tokens, kv], 1)?;
+        x + self.attention.forward(&tokens, &kv)?.reshape((n, h, w, c))?
+    }
+}
+
+/// The sinusoidal embedding of the noise ratio `r` (gen_r_embedding): `r*10000` times
+/// `exp(-i * ln(10000)/(c_r/2 - 1))`, `[sin, cos]`, zero-padded to odd `c_r`. Computed in f32
+/// like torch, returned as (N, c_r) in `dtype`.
+pub fn r_embedding(r: &Tensor, c_r: usize, dtype: DType) -> Result<Tensor> {
+    const MAX_POSITIONS: f64 = 10000.0;
+    let half = c_r / 2;
+    let step = -(MAX_POSITIONS.ln() / (half as f64 - 1.0)) as f32;
+    let freqs: Vec<f32> = (0..half).map(|i| (i as f32 * step).exp()).collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), r.device())?;
+    let r = (r.to_dtype(DType::F32)? * MAX_POSITIONS)?;
+    let emb = r.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let mut emb = Tensor::cat(&[emb.sin()?, emb.cos()?], 1)?;
+    if c_r % 2 == 1 {
+        emb = emb.pad_with_zeros(1, 0, 1)?;
+    }
+    emb.to_dtype(dtype)
+}

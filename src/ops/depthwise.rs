@@ -1,0 +1,270 @@
+//! Depthwise (groups = channels) 2-D convolution, stride 1, "same" output size, on
+//! channels-last input. torch's `Conv2d(c, c, k, padding=k//2, groups=c)` and, with
+//! `Padding::Replicate`, `Sequential(ReplicationPad2d(k//2), Conv2d(c, c, k, groups=c))`.
+
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    WithDType,
+};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+use super::{slice_of, Float32};
+
+/// How pixels outside the image are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    Zeros,
+    Replicate,
+}
+
+/// A depthwise convolution layer, loaded from torch's `(C, 1, k, k)` weight and kept as
+/// `(k, k, C)` so that the kernel reads each tap's weights for all channels contiguously.
+#[derive(Debug, Clone)]
+pub struct DepthwiseConv {
+    weight: Tensor,
+    bias: Tensor,
+    padding: Padding,
+}
+
+impl DepthwiseConv {
+    pub fn new(channels: usize, kernel: usize, padding: Padding, vb: VarBuilder) -> Result<Self> {
+        let weight = vb
+            .get((channels, 1, kernel, kernel), "weight")?
+            .reshape((channels, kernel, kernel))?
+            .permute((1, 2, 0))?
+            .contiguous()?;
+        let bias = vb.get(channels, "bias")?;
+        Ok(Self {
+            weight,
+            bias,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        depthwise_conv2d(x, &self.weight, &self.bias, self.padding)
+    }
+}
+
+/// `x`: (N, H, W, C), `weight`: (k, k, C) with k odd, `bias`: (C). Accumulates in f32.
+pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: Padding) -> Result<Tensor> {
+    let (_, _, _, c) = x.dims4()?;
+    let (k, k2, wc) = weight.dims3()?;
+    if k != k2 || k % 2 == 0 || wc != c || bias.dims1()? != c {
+        candle_core::bail!(
+            "depthwise_conv2d: weight {:?} / bias {:?} do not fit input {:?}",
+            weight.dims(),
+            bias.dims(),
+            x.dims()
+        );
+    }
+    if x.device().is_cpu() {
+        x.contiguous()?
+            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &DepthwiseCpu { padding })
+    } else {
+        depthwise_conv2d_generic(x, weight, bias, padding)
+    }
+}
+
+/// The same convolution from candle tensor ops: pad, then one multiply-add per tap
+/// (k*k ops whatever the channel count). Used on devices without a dedicated kernel.
+pub fn depthwise_conv2d_generic(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    padding: Padding,
+) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let (_, h, w, _) = x.dims4()?;
+    let (k, _, c) = weight.dims3()?;
+    let pad = k / 2;
+    let x = x.to_dtype(DType::F32)?;
+    let padded = match padding {
+        Padding::Zeros => x.pad_with_zeros(1, pad, pad)?.pad_with_zeros(2, pad, pad)?,
+        Padding::Replicate => x.pad_with_same(1, pad, pad)?.pad_with_same(2, pad, pad)?,
+    };
+    let weight = weight.to_dtype(DType::F32)?;
+    let mut acc = bias.to_dtype(DType::F32)?.reshape((1, 1, 1, c))?;
+    for ky in 0..k {
+        for kx in 0..k {
+            let tap = weight.get(ky)?.get(kx)?.reshape((1, 1, 1, c))?;
+            let window = padded.narrow(1, ky, h)?.narrow(2, kx, w)?;
+            acc = window.broadcast_mul(&tap)?.broadcast_add(&acc)?;
+        }
+    }
+    acc.to_dtype(dtype)
+}
+
+struct DepthwiseCpu {
+    padding: Padding,
+}
+
+/// Index `i + d` into `0..n`, or the edge pixel (Replicate) / nothing (Zeros).
+fn source_index(i: usize, d: isize, n: usize, padding: Padding) -> Option<usize> {
+    let j = i as isize + d;
+    if (0..n as isize).contains(&j) {
+        Some(j as usize)
+    } else {
+        match padding {
+            Padding::Zeros => None,
+            Padding::Replicate => Some(j.clamp(0, n as isize - 1) as usize),
+        }
+    }
+}
+
+fn depthwise_cpu<T: Float32>(
+    x: &[T],
+    weight: &[T],
+    bias: &[T],
+    (n, h, w, c): (usize, usize, usize, usize),
+    k: usize,
+    padding: Padding,
+) -> Vec<T> {
+    let pad = k as isize / 2;
+    let weight: Vec<f32> = weight.iter().map(|v| v.f32()).collect();
+    let bias: Vec<f32> = bias.iter().map(|v| v.f32()).collect();
+    let row_len = w * c;
+    let mut out = vec![T::from_f32(0.0); n * h * row_len];
+    out.par_chunks_mut(row_len)
+        .enumerate()
+        .for_each(|(row, out_row)| {
+            let (b, y) = (row / h, row % h);
+            let mut acc: Vec<f32> = bias.iter().copied().cycle().take(row_len).collect();
+            let mut src = vec![0f32; row_len];
+            for ky in 0..k {
+                let Some(iy) = source_index(y, ky as isize - pad, h, padding) else {
+                    continue;
+                };
+                let start = (b * h + iy) * row_len;
+                for (s, v) in src.iter_mut().zip(&x[start..start + row_len]) {
+                    *s = v.f32();
+                }
+                for kx in 0..k {
+                    let tap = &weight[(ky * k + kx) * c..][..c];
+                    for xo in 0..w {
+                        let Some(ix) = source_index(xo, kx as isize - pad, w, padding) else {
+                            continue;
+                        };
+                        let input = &src[ix * c..][..c];
+                        let a = &mut acc[xo * c..][..c];
+                        for ((a, &wv), &iv) in a.iter_mut().zip(tap).zip(input) {
+                            *a += wv * iv;
+                        }
+                    }
+                }
+            }
+            for (o, a) in out_row.iter_mut().zip(&acc) {
+                *o = T::from_f32(*a);
+            }
+        });
+    out
+}
+
+impl CustomOp3 for DepthwiseCpu {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-nhwc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = l1.shape().dims4()?;
+        let k = l2.shape().dims()[0];
+        macro_rules! run {
+            ($x:expr, $w:expr, $b:expr) => {{
+                let out = depthwise_cpu(
+                    slice_of($x, l1)?,
+                    slice_of($w, l2)?,
+                    slice_of($b, l3)?,
+                    dims,
+                    k,
+                    self.padding,
+                );
+                Ok((WithDType::to_cpu_storage_owned(out), l1.shape().clone()))
+            }};
+        }
+        match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => run!(x, w, b),
+            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => run!(x, w, b),
+            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => run!(x, w, b),
+            _ => candle_core::bail!(
+                "depthwise_conv2d: unsupported or mixed dtypes {:?}/{:?}/{:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{nchw_to_nhwc, nhwc_to_nchw};
+    use candle_core::Device;
+
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        (d / n).sqrt()
+    }
+
+    /// candle's own grouped conv2d (one conv per channel) as the independent reference.
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, padding: Padding) -> Tensor {
+        let (k, _, c) = w.dims3().unwrap();
+        let nchw = nhwc_to_nchw(x).unwrap();
+        let (input, pad) = match padding {
+            Padding::Zeros => (nchw, k / 2),
+            Padding::Replicate => (
+                nchw.pad_with_same(2, k / 2, k / 2)
+                    .unwrap()
+                    .pad_with_same(3, k / 2, k / 2)
+                    .unwrap(),
+                0,
+            ),
+        };
+        let w_torch = w.permute((2, 0, 1)).unwrap().reshape((c, 1, k, k)).unwrap().contiguous().unwrap();
+        let y = input.conv2d(&w_torch, pad, 1, 1, c).unwrap();
+        let y = y.broadcast_add(&b.reshape((1, c, 1, 1)).unwrap()).unwrap();
+        nchw_to_nhwc(&y).unwrap()
+    }
+
+    #[test]
+    fn cpu_kernel_and_generic_form_match_grouped_conv() -> Result<()> {
+        let dev = Device::Cpu;
+        for (k, padding) in [(3, Padding::Zeros), (5, Padding::Zeros), (3, Padding::Replicate)] {
+            let x = Tensor::randn(0f32, 1., (2, 7, 5, 6), &dev)?;
+            let w = Tensor::randn(0f32, 1., (k, k, 6), &dev)?;
+            let b = Tensor::randn(0f32, 1., 6, &dev)?;
+            let want = reference(&x, &w, &b, padding);
+            let fast = depthwise_conv2d(&x, &w, &b, padding)?;
+            let generic = depthwise_conv2d_generic(&x, &w, &b, padding)?;
+            assert!(rel_err(&fast, &want) < 1e-6, "k={k} {padding:?}");
+            assert!(rel_err(&generic, &want) < 1e-6, "k={k} {padding:?}");
+            // half precision accumulates in f32: only the input/output rounding remains
+            let half = depthwise_conv2d(
+                &x.to_dtype(DType::BF16)?,
+                &w.to_dtype(DType::BF16)?,
+                &b.to_dtype(DType::BF16)?,
+                padding,
+            )?;
+            assert!(rel_err(&half.to_dtype(DType::F32)?, &want) < 1e-2);
+        }
+        // a strided (non-contiguous) input gives the same result
+        let x = Tensor::randn(0f32, 1., (1, 5, 3, 4), &dev)?;
+        let w = Tensor::randn(0f32, 1., (3, 3, 4), &dev)?;
+        let b = Tensor::randn(0f32, 1., 4, &dev)?;
+        let strided = x.transpose(1, 2)?;
+        let a = depthwise_conv2d(&strided, &w, &b, Padding::Zeros)?;
+        let c = depthwise_conv2d(&strided.contiguous()?, &w, &b, Padding::Zeros)?;
+        assert_eq!(rel_err(&a, &c), 0.0);
+        Ok(())
+    }
+}

@@ -1,0 +1,126 @@
+//! Tensor operations the models need beyond candle's: a depthwise convolution that is one
+//! pass (candle runs grouped convolutions as one convolution per group), a layer norm with
+//! two-pass float32 statistics, and torch's antialiased bicubic resize.
+//!
+//! Each op has a fast CPU kernel (candle custom op) and a device-generic form built from
+//! candle tensor ops, used on other devices; tests check that the two agree.
+//! Activations are channels-last (N, H, W, C) throughout the models.
+
+mod depthwise;
+mod norm;
+mod resize;
+
+pub use depthwise::{depthwise_conv2d, DepthwiseConv, Padding};
+pub use norm::{layer_norm, layer_norm_generic};
+pub use resize::{resize_bicubic_antialias, resize_weights};
+pub use depthwise::depthwise_conv2d_generic;
+
+use candle_core::{Layout, Result, Tensor, WithDType};
+use half::{bf16, f16};
+
+/// The float dtypes our CPU kernels take, all computed in f32.
+pub(crate) trait Float32: WithDType + Copy + Send + Sync {
+    fn f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Float32 for f32 {
+    fn f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Float32 for f16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+impl Float32 for bf16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// The part of a CPU storage slice that a contiguous layout covers.
+pub(crate) fn slice_of<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("expected a contiguous tensor"),
+    }
+}
+
+/// `PixelUnshuffle(p)` on channels-last input: (N, H, W, C) -> (N, H/p, W/p, C*p*p), with
+/// torch's channel order `c*p*p + i*p + j`.
+pub fn pixel_unshuffle(x: &Tensor, p: usize) -> Result<Tensor> {
+    if p == 1 {
+        return Ok(x.clone());
+    }
+    let (n, h, w, c) = x.dims4()?;
+    x.reshape((n, h / p, p, w / p, p, c))?
+        .permute((0, 1, 3, 5, 2, 4))?
+        .reshape((n, h / p, w / p, c * p * p))
+}
+
+/// `PixelShuffle(p)` on channels-last input: (N, H, W, C*p*p) -> (N, H*p, W*p, C), the inverse
+/// of [`pixel_unshuffle`].
+pub fn pixel_shuffle(x: &Tensor, p: usize) -> Result<Tensor> {
+    if p == 1 {
+        return Ok(x.clone());
+    }
+    let (n, h, w, cpp) = x.dims4()?;
+    let c = cpp / (p * p);
+    x.reshape((n, h, w, c, p, p))?
+        .permute((0, 1, 4, 2, 5, 3))?
+        .reshape((n, h * p, w * p, c))
+}
+
+/// (N, C, H, W) -> (N, H, W, C), contiguous.
+pub fn nchw_to_nhwc(x: &Tensor) -> Result<Tensor> {
+    x.permute((0, 2, 3, 1))?.contiguous()
+}
+
+/// (N, H, W, C) -> (N, C, H, W), contiguous.
+pub fn nhwc_to_nchw(x: &Tensor) -> Result<Tensor> {
+    x.permute((0, 3, 1, 2))?.contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, IndexOp};
+
+    #[test]
+    fn pixel_shuffles_match_torch_channel_order() -> Result<()> {
+        // torch: PixelUnshuffle(2)(x)[0, c*4 + i*2 + j, y, x'] == x[0, c, 2y+i, 2x'+j]
+        let x = Tensor::arange(0f32, 2. * 4. * 6., &Device::Cpu)?.reshape((1, 2, 4, 6))?;
+        let un = nhwc_to_nchw(&pixel_unshuffle(&nchw_to_nhwc(&x)?, 2)?)?;
+        assert_eq!(un.dims(), &[1, 8, 2, 3]);
+        for c in 0..2 {
+            for i in 0..2 {
+                for j in 0..2 {
+                    for y in 0..2 {
+                        for xx in 0..3 {
+                            let a = un.i((0, c * 4 + i * 2 + j, y, xx))?.to_scalar::<f32>()?;
+                            let b = x.i((0, c, 2 * y + i, 2 * xx + j))?.to_scalar::<f32>()?;
+                            assert_eq!(a, b);
+                        }
+                    }
+                }
+            }
+        }
+        let back = pixel_shuffle(&nchw_to_nhwc(&un)?, 2)?;
+        let diff = (nhwc_to_nchw(&back)? - &x)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
+    }
+}

@@ -1,0 +1,170 @@
+//! Layer norm over the last dimension with torch's semantics: biased variance, statistics in
+//! f32 whatever the tensor dtype, computed in two passes (mean, then squared deviations) so
+//! large means do not cancel the variance away.
+
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape,
+    Tensor, WithDType, D,
+};
+use rayon::prelude::*;
+
+use super::{slice_of, Float32};
+
+/// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension; `affine` is
+/// `(weight, bias)` or `None` (torch's `elementwise_affine=False`).
+pub fn layer_norm(x: &Tensor, eps: f64, affine: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return layer_norm_generic(x, eps, affine);
+    }
+    let x = x.contiguous()?;
+    let op = LayerNormCpu { eps: eps as f32 };
+    match affine {
+        None => x.apply_op1_no_bwd(&op),
+        Some((w, b)) => x.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op),
+    }
+}
+
+/// The same from candle tensor ops (any device), statistics in f32.
+pub fn layer_norm_generic(x: &Tensor, eps: f64, affine: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let mut y = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    if let Some((w, b)) = affine {
+        y = y
+            .broadcast_mul(&w.to_dtype(DType::F32)?)?
+            .broadcast_add(&b.to_dtype(DType::F32)?)?;
+    }
+    y.to_dtype(dtype)
+}
+
+struct LayerNormCpu {
+    eps: f32,
+}
+
+fn layer_norm_rows<T: Float32>(x: &[T], dim: usize, eps: f32, affine: Option<(&[T], &[T])>) -> Vec<T> {
+    let affine: Option<(Vec<f32>, Vec<f32>)> = affine.map(|(w, b)| {
+        (
+            w.iter().map(|v| v.f32()).collect(),
+            b.iter().map(|v| v.f32()).collect(),
+        )
+    });
+    let mut out = vec![T::from_f32(0.0); x.len()];
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .for_each(|(dst, src)| {
+            let mean = src.iter().map(|v| v.f32()).sum::<f32>() / dim as f32;
+            let var = src
+                .iter()
+                .map(|v| {
+                    let d = v.f32() - mean;
+                    d * d
+                })
+                .sum::<f32>()
+                / dim as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            match &affine {
+                None => {
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = T::from_f32((s.f32() - mean) * rstd);
+                    }
+                }
+                Some((w, b)) => {
+                    for (((d, s), w), b) in dst.iter_mut().zip(src).zip(w).zip(b) {
+                        *d = T::from_f32((s.f32() - mean) * rstd * w + b);
+                    }
+                }
+            }
+        });
+    out
+}
+
+impl CustomOp1 for LayerNormCpu {
+    fn name(&self) -> &'static str {
+        "layer-norm-f32-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dim = l.shape().dims().last().copied().unwrap_or(1).max(1);
+        let out = match s {
+            CpuStorage::F32(x) => WithDType::to_cpu_storage_owned(layer_norm_rows(slice_of(x, l)?, dim, self.eps, None)),
+            CpuStorage::F16(x) => WithDType::to_cpu_storage_owned(layer_norm_rows(slice_of(x, l)?, dim, self.eps, None)),
+            CpuStorage::BF16(x) => WithDType::to_cpu_storage_owned(layer_norm_rows(slice_of(x, l)?, dim, self.eps, None)),
+            _ => candle_core::bail!("layer_norm: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+}
+
+impl CustomOp3 for LayerNormCpu {
+    fn name(&self) -> &'static str {
+        "layer-norm-affine-f32-stats"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dim = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        if l2.shape().elem_count() != dim || l3.shape().elem_count() != dim {
+            candle_core::bail!("layer_norm: weight/bias do not match the last dimension {dim}");
+        }
+        macro_rules! run {
+            ($x:expr, $w:expr, $b:expr) => {
+                WithDType::to_cpu_storage_owned(layer_norm_rows(
+                    slice_of($x, l1)?,
+                    dim,
+                    self.eps,
+                    Some((slice_of($w, l2)?, slice_of($b, l3)?)),
+                ))
+            };
+        }
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => run!(x, w, b),
+            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => run!(x, w, b),
+            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => run!(x, w, b),
+            _ => candle_core::bail!("layer_norm: unsupported or mixed dtypes"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn cpu_kernel_matches_generic_form_and_survives_a_large_mean() -> Result<()> {
+        let dev = Device::Cpu;
+        // mean 1000, std 1: a one-pass E[x^2] - mean^2 in f32 loses most digits here
+        let x = (Tensor::randn(0f32, 1., (3, 5, 64), &dev)? + 1000.0)?;
+        let w = Tensor::randn(1f32, 0.1, 64, &dev)?;
+        let b = Tensor::randn(0f32, 0.1, 64, &dev)?;
+        for affine in [None, Some((&w, &b))] {
+            let fast = layer_norm(&x, 1e-6, affine)?;
+            let generic = layer_norm_generic(&x, 1e-6, affine)?;
+            let x64 = x.to_dtype(DType::F64)?;
+            let c = x64.broadcast_sub(&x64.mean_keepdim(D::Minus1)?)?;
+            let mut want = c.broadcast_div(&(c.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?)?;
+            if let Some((w, b)) = affine {
+                want = want
+                    .broadcast_mul(&w.to_dtype(DType::F64)?)?
+                    .broadcast_add(&b.to_dtype(DType::F64)?)?;
+            }
+            for got in [fast, generic] {
+                let err = (got.to_dtype(DType::F64)? - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(err < 1e-3, "max abs err {err}");
+            }
+        }
+        let half = layer_norm(&x.to_dtype(DType::BF16)?, 1e-6, None)?;
+        assert_eq!(half.dtype(), DType::BF16);
+        Ok(())
+    }
+}

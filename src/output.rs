@@ -1,0 +1,234 @@
+//! Images out: tensor -> 8-bit RGB exactly as diffusers' `numpy_to_pil` rounds, PNG files
+//! written atomically with the generation parameters embedded, and output file names.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
+
+use crate::error::InputError;
+
+/// One 8-bit RGB image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+/// (N, 3, H, W) values in [0, 1] -> N images, `round(x * 255)` in f32 with ties to even
+/// (numpy's round), as diffusers' `numpy_to_pil` does.
+pub fn to_rgb8(images: &Tensor) -> Result<Vec<RgbImage>> {
+    let (n, c, h, w) = images.dims4()?;
+    anyhow::ensure!(c == 3, "expected 3 channels, got {c}");
+    let hwc = images.to_dtype(DType::F32)?.permute((0, 2, 3, 1))?.contiguous()?;
+    let values: Vec<f32> = hwc.flatten_all()?.to_vec1()?;
+    Ok(values
+        .chunks(h * w * 3)
+        .take(n)
+        .map(|img| RgbImage {
+            width: w,
+            height: h,
+            pixels: img.iter().map(|v| (v * 255.0).round_ties_even().clamp(0.0, 255.0) as u8).collect(),
+        })
+        .collect())
+}
+
+/// PNG text chunks: `(keyword, text)`. Latin-1 keywords; the text may be any UTF-8 (written
+/// as iTXt when it is not Latin-1-clean ASCII).
+pub type TextChunks = Vec<(String, String)>;
+
+/// Encodes a PNG into memory.
+pub fn encode_png(img: &RgbImage, text: &TextChunks) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut buf, img.width as u32, img.height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for (key, value) in text {
+            if value.is_ascii() {
+                enc.add_text_chunk(key.clone(), value.clone())?;
+            } else {
+                enc.add_itxt_chunk(key.clone(), value.clone())?;
+            }
+        }
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(&img.pixels)?;
+        writer.finish()?;
+    }
+    Ok(buf)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
+/// reader (or a crash, or Ctrl-C) never sees a partial file. Without `overwrite`, an existing
+/// file is an error and is left untouched.
+pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".wuerstchen-")
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .and_then(|_| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    if overwrite {
+        tmp.persist(path).map_err(|e| e.error).with_context(|| format!("writing {}", path.display()))?;
+    } else {
+        tmp.persist_noclobber(path).map_err(|e| {
+            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                anyhow::Error::new(InputError::new(format!(
+                    "{} already exists; pass --overwrite to replace it",
+                    path.display()
+                )))
+            } else {
+                anyhow::Error::new(e.error).context(format!("writing {}", path.display()))
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// The values a file-name template can use.
+#[derive(Debug, Clone)]
+pub struct NameFields<'a> {
+    /// the request's number in a batch (0 for a single request)
+    pub index: usize,
+    /// the image's number within its request
+    pub n: usize,
+    pub seed: u64,
+    pub prompt: &'a str,
+}
+
+/// A prompt as a short file-name-safe slug: lowercase ASCII letters and digits joined by `-`.
+pub fn slug(prompt: &str, max_len: usize) -> String {
+    let mut out = String::new();
+    for word in prompt
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        let word = word.to_ascii_lowercase();
+        if !out.is_empty() {
+            if out.len() + 1 + word.len() > max_len {
+                break;
+            }
+            out.push('-');
+        }
+        out.push_str(&word[..word.len().min(max_len)]);
+    }
+    if out.is_empty() {
+        out.push_str("image");
+    }
+    out
+}
+
+const FIELDS: [&str; 4] = ["{index}", "{n}", "{seed}", "{prompt}"];
+
+/// Whether `template` names each image itself (uses one of the fields).
+pub fn is_template(template: &str) -> bool {
+    FIELDS.iter().any(|f| template.contains(f))
+}
+
+/// Fills `{index}`, `{n}`, `{seed}` and `{prompt}` (a slug) in `template`. A path without
+/// fields that must name several images gets `-{n}` before its extension.
+pub fn output_path(template: &str, fields: &NameFields, several: bool) -> PathBuf {
+    let template = if !is_template(template) && several {
+        let p = Path::new(template);
+        match (p.file_stem(), p.extension()) {
+            (Some(stem), Some(ext)) => p
+                .with_file_name(format!("{}-{{n}}.{}", stem.to_string_lossy(), ext.to_string_lossy()))
+                .to_string_lossy()
+                .into_owned(),
+            _ => format!("{template}-{{n}}"),
+        }
+    } else {
+        template.to_string()
+    };
+    PathBuf::from(
+        template
+            .replace("{index}", &fields.index.to_string())
+            .replace("{n}", &fields.n.to_string())
+            .replace("{seed}", &fields.seed.to_string())
+            .replace("{prompt}", &slug(fields.prompt, 60)),
+    )
+}
+
+/// Checks that `path`'s folder exists and is writable (by creating and removing a temporary
+/// file there), and, without `overwrite`, that `path` does not exist yet.
+pub fn check_writable(path: &Path, overwrite: bool) -> Result<(), InputError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(InputError::new(format!(
+            "output folder {} does not exist; create it first",
+            dir.display()
+        )));
+    }
+    if let Err(e) = tempfile::Builder::new().prefix(".wuerstchen-check-").tempfile_in(dir) {
+        return Err(InputError::new(format!("output folder {} is not writable: {e}", dir.display())));
+    }
+    if !overwrite && path.exists() {
+        return Err(InputError::new(format!(
+            "{} already exists; pass --overwrite to replace it",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn rounding_is_numpys_half_to_even() -> Result<()> {
+        // 0.5/255 * 255 = 0.5 -> 0 (even); 1.5/255*255 = 1.5 -> 2; 1.0 -> 255; clamped values stay in range
+        let v = vec![0.5f32 / 255.0, 1.5 / 255.0, 1.0, 0.0, 0.25, 0.75];
+        let t = Tensor::from_vec(v.clone(), (1, 3, 1, 2), &Device::Cpu)?;
+        let img = &to_rgb8(&t)?[0];
+        let want: Vec<u8> = [[v[0], v[2], v[4]], [v[1], v[3], v[5]]]
+            .iter()
+            .flatten()
+            .map(|x| (x * 255.0f32).round_ties_even() as u8)
+            .collect();
+        assert_eq!(img.pixels, want);
+        assert_eq!(img.pixels[0], 0);
+        assert_eq!(img.pixels[3], 2);
+        Ok(())
+    }
+
+    #[test]
+    fn names_from_templates() {
+        let f = NameFields { index: 3, n: 1, seed: 42, prompt: "A Cat, dressed as a FIRE fighter!" };
+        assert_eq!(output_path("out.png", &f, false), PathBuf::from("out.png"));
+        assert_eq!(output_path("dir/out.png", &f, true), PathBuf::from("dir/out-1.png"));
+        assert_eq!(
+            output_path("{index}-{seed}-{n}-{prompt}.png", &f, true),
+            PathBuf::from("3-42-1-a-cat-dressed-as-a-fire-fighter.png")
+        );
+        assert_eq!(slug("東京 🙂", 20), "image");
+        assert!(slug(&"word ".repeat(100), 60).len() <= 60);
+    }
+
+    #[test]
+    fn atomic_write_refuses_to_clobber_and_leaves_no_temp_files() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("a.png");
+        write_atomic(&path, b"one", false)?;
+        let err = write_atomic(&path, b"two", false).unwrap_err();
+        assert!(err.downcast_ref::<InputError>().is_some(), "{err:#}");
+        assert_eq!(std::fs::read(&path)?, b"one");
+        write_atomic(&path, b"three", true)?;
+        assert_eq!(std::fs::read(&path)?, b"three");
+        let names: Vec<_> = std::fs::read_dir(dir.path())?.collect();
+        assert_eq!(names.len(), 1, "stray files: {names:?}");
+        Ok(())
+    }
+}

@@ -1,0 +1,334 @@
+//! The two stages and their sampling loops, as diffusers' WuerstchenPriorPipeline and
+//! WuerstchenDecoderPipeline run them (and WuerstchenCombinedPipeline chains them): text
+//! encoding, classifier-free guidance with diffusers' batch layout `[cond, uncond]`, the
+//! scheduler, and the random draws in diffusers' order (latents, then one per step, the
+//! last included). No printing, no argument parsing; files come through a `FileSource`.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{
+    read_json, ClipTextConfig, DecoderConfig, DecoderPipelineConfig, PriorConfig, PriorPipelineConfig,
+    SchedulerConfig, VqganConfig,
+};
+use crate::hub::FileSource;
+use crate::models::{ClipTextModel, PaellaVqDecoder, WuerstchenDiffNeXt, WuerstchenPrior};
+use crate::progress::Progress;
+use crate::rng::NoiseSource;
+use crate::scheduler::{self, DdpmWuerstchen};
+use crate::tokenizer::ClipTokenizer;
+use crate::weights::{component_weight_files, join, Weights};
+
+/// Where and how the networks run.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// A component folder inside a source (`prior`, `text_encoder`, ...), or the source's root
+/// (`folder = ""`) for repos that hold one model, like the Stage C variants.
+#[derive(Clone, Copy)]
+pub struct Component<'a> {
+    pub src: &'a dyn FileSource,
+    pub folder: &'a str,
+    /// How errors name it.
+    pub name: &'a str,
+}
+
+impl<'a> Component<'a> {
+    pub fn new(src: &'a dyn FileSource, folder: &'a str) -> Self {
+        Self { src, folder, name: folder }
+    }
+
+    fn config<T: serde::de::DeserializeOwned>(&self, file: &str) -> Result<T> {
+        read_json(self.src, self.name, &join(self.folder, file))
+    }
+
+    fn weights(&self, stem: &str, rt: &Runtime) -> Result<candle_nn::VarBuilder<'static>> {
+        let files = component_weight_files(self.src, self.folder, self.name, stem)?;
+        Ok(Weights::open(self.name, &files)?.var_builder(rt.dtype, &rt.device))
+    }
+}
+
+/// A CLIP tokenizer and text encoder pair.
+pub struct TextEncoder {
+    pub tokenizer: ClipTokenizer,
+    pub model: ClipTextModel,
+}
+
+impl TextEncoder {
+    pub fn load(src: &dyn FileSource, rt: &Runtime) -> Result<Self> {
+        let tokenizer = ClipTokenizer::load(src, "tokenizer")?;
+        let te = Component::new(src, "text_encoder");
+        let cfg: ClipTextConfig = te.config("config.json")?;
+        cfg.validate("text_encoder")?;
+        let model = ClipTextModel::new(&cfg, te.weights("model", rt)?).context("loading text_encoder")?;
+        Ok(Self { tokenizer, model })
+    }
+
+    /// `last_hidden_state` for each prompt: (len, 77, hidden). Logs the words dropped when a
+    /// prompt is longer than the tokenizer's 77 tokens, as diffusers does.
+    pub fn encode(&self, prompts: &[&str]) -> Result<Tensor> {
+        let mut ids = Vec::with_capacity(prompts.len());
+        let mut mask = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            let tokens = self.tokenizer.encode(prompt)?;
+            if let Some(dropped) = &tokens.dropped {
+                tracing::warn!(
+                    "prompt truncated to CLIP's {} tokens; dropped: {dropped:?}",
+                    self.tokenizer.max_len()
+                );
+            }
+            ids.push(tokens.ids);
+            mask.push(tokens.attention_mask);
+        }
+        Ok(self.model.forward(&ids, &mask)?)
+    }
+
+    /// The conditioning batch diffusers builds: the prompt's states repeated `n` times, then,
+    /// with guidance, the negative prompt's repeated `n` times: (n or 2n, 77, hidden).
+    fn conditioning(&self, prompt: &str, negative: &str, n: usize, guidance: bool) -> Result<Tensor> {
+        let prompts: Vec<&str> = if guidance { vec![prompt, negative] } else { vec![prompt] };
+        let states = self.encode(&prompts)?;
+        let parts: Vec<Tensor> = (0..states.dim(0)?)
+            .map(|i| states.narrow(0, i, 1)?.repeat((n, 1, 1)))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// `torch.lerp(start, end, weight)` with torch's two-sided formula (exact at both ends).
+fn lerp(start: &Tensor, end: &Tensor, weight: f64) -> candle_core::Result<Tensor> {
+    let diff = (end - start)?;
+    if weight.abs() < 0.5 {
+        start + (diff * weight)?
+    } else {
+        end - (diff * (1.0 - weight))?
+    }
+}
+
+fn draw(noise: &mut dyn NoiseSource, shape: &[usize], rt: &Runtime) -> Result<Tensor> {
+    let values = noise.standard_normal(shape)?;
+    Ok(Tensor::from_vec(values, shape, &rt.device)?.to_dtype(rt.dtype)?)
+}
+
+/// Fails when a stage produced NaN or Inf, instead of writing a black image.
+fn check_finite(t: &Tensor, stage: &str) -> Result<()> {
+    let sum = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+    if !sum.is_finite() {
+        anyhow::bail!(
+            "the {stage} produced NaN or Inf values; in float16 try --dtype bf16 or f32 \
+             (half precision can overflow), or check the model weights"
+        );
+    }
+    Ok(())
+}
+
+/// The denoising loop both stages share: `model(x_batch, r_batch)` predicts the noise for
+/// the (possibly doubled, with guidance) batch.
+#[allow(clippy::too_many_arguments)]
+fn sample(
+    mut latents: Tensor,
+    timesteps: &[f32],
+    guidance: Option<f64>,
+    scheduler: &DdpmWuerstchen,
+    rt: &Runtime,
+    noise: &mut dyn NoiseSource,
+    progress: &mut dyn Progress,
+    stage: &str,
+    model: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let n = latents.dim(0)?;
+    let shape = latents.dims().to_vec();
+    progress.start(stage, timesteps.len().saturating_sub(1));
+    for pair in timesteps.windows(2) {
+        let (t, t_prev) = (pair[0], pair[1]);
+        let ratio = Tensor::full(t, n, &rt.device)?.to_dtype(rt.dtype)?;
+        let pred = match guidance {
+            Some(w) => {
+                let both = model(&Tensor::cat(&[&latents, &latents], 0)?, &Tensor::cat(&[&ratio, &ratio], 0)?)?;
+                lerp(&both.narrow(0, n, n)?, &both.narrow(0, 0, n)?, w)?
+            }
+            None => model(&latents, &ratio)?,
+        };
+        let eps = draw(noise, &shape, rt)?;
+        latents = scheduler.step(&pred, t, t_prev, &latents, &eps)?;
+        progress.step();
+    }
+    progress.finish();
+    Ok(latents)
+}
+
+/// What the prior stage needs to know about one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PriorParams {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    /// descending, ending at 0 (the last value is where sampling stops)
+    pub timesteps: Vec<f32>,
+    pub guidance: f64,
+    pub num_images: usize,
+}
+
+/// Stage C: text -> image embeddings.
+pub struct PriorPipeline {
+    pub text_encoder: TextEncoder,
+    pub prior: WuerstchenPrior,
+    pub prior_config: PriorConfig,
+    pub scheduler: DdpmWuerstchen,
+    pub config: PriorPipelineConfig,
+    pub runtime: Runtime,
+}
+
+impl PriorPipeline {
+    /// Loads a `warp-ai/wuerstchen-prior`-layout source; `stage_c` replaces only the Stage C
+    /// network (a folder or repo holding `config.json` + `diffusion_pytorch_model.safetensors`).
+    pub fn load(src: &dyn FileSource, stage_c: Option<&dyn FileSource>, rt: &Runtime) -> Result<Self> {
+        let config: PriorPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
+        config.validate()?;
+        let prior_src = match stage_c {
+            Some(s) => Component { src: s, folder: "", name: "prior" },
+            None => Component::new(src, "prior"),
+        };
+        let prior_config: PriorConfig = prior_src.config("config.json")?;
+        prior_config.validate()?;
+        let scheduler_config: SchedulerConfig = Component::new(src, "scheduler").config("scheduler_config.json")?;
+        scheduler_config.validate()?;
+        let text_encoder = TextEncoder::load(src, rt)?;
+        let prior = WuerstchenPrior::new(&prior_config, prior_src.weights("diffusion_pytorch_model", rt)?)
+            .context("loading prior")?;
+        Ok(Self {
+            text_encoder,
+            prior,
+            prior_config,
+            scheduler: DdpmWuerstchen::new(&scheduler_config),
+            config,
+            runtime: rt.clone(),
+        })
+    }
+
+    /// The embedding's (h, w) for an image of (height, width): `ceil(size / resolution_multiple)`.
+    pub fn latent_size(&self, height: usize, width: usize) -> (usize, usize) {
+        let m = self.config.resolution_multiple;
+        ((height as f64 / m).ceil() as usize, (width as f64 / m).ceil() as usize)
+    }
+
+    /// Image embeddings (N, c_in, h, w), denormalised (`latents * latent_mean - latent_std`).
+    pub fn run(&self, p: &PriorParams, noise: &mut dyn NoiseSource, progress: &mut dyn Progress) -> Result<Tensor> {
+        let rt = &self.runtime;
+        let guidance = (p.guidance > 1.0).then_some(p.guidance);
+        let text = self
+            .text_encoder
+            .conditioning(&p.prompt, &p.negative_prompt, p.num_images, guidance.is_some())?;
+        let cond = self.prior.condition(&text)?;
+        let (h, w) = self.latent_size(p.height, p.width);
+        let latents = draw(noise, &[p.num_images, self.prior_config.c_in, h, w], rt)?;
+        let latents = sample(latents, &p.timesteps, guidance, &self.scheduler, rt, noise, progress, "prior", |x, r| {
+            Ok(self.prior.forward(x, r, &cond)?)
+        })?;
+        check_finite(&latents, "prior")?;
+        Ok(latents.affine(self.config.latent_mean, -self.config.latent_std)?)
+    }
+}
+
+/// What the decoder stage needs to know about one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderParams {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub timesteps: Vec<f32>,
+    pub guidance: f64,
+}
+
+/// Stage B + Stage A: image embeddings (+ text) -> images.
+pub struct DecoderPipeline {
+    pub text_encoder: TextEncoder,
+    pub decoder: WuerstchenDiffNeXt,
+    pub decoder_config: DecoderConfig,
+    pub vqgan: PaellaVqDecoder,
+    pub vqgan_config: VqganConfig,
+    pub scheduler: DdpmWuerstchen,
+    pub config: DecoderPipelineConfig,
+    pub runtime: Runtime,
+}
+
+impl DecoderPipeline {
+    /// Loads a `warp-ai/wuerstchen`-layout source.
+    pub fn load(src: &dyn FileSource, rt: &Runtime) -> Result<Self> {
+        let config: DecoderPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
+        config.validate()?;
+        let dec = Component::new(src, "decoder");
+        let decoder_config: DecoderConfig = dec.config("config.json")?;
+        decoder_config.validate()?;
+        let vq = Component::new(src, "vqgan");
+        let vqgan_config: VqganConfig = vq.config("config.json")?;
+        vqgan_config.validate()?;
+        let scheduler_config: SchedulerConfig = Component::new(src, "scheduler").config("scheduler_config.json")?;
+        scheduler_config.validate()?;
+        let text_encoder = TextEncoder::load(src, rt)?;
+        let decoder = WuerstchenDiffNeXt::new(&decoder_config, dec.weights("diffusion_pytorch_model", rt)?)
+            .context("loading decoder")?;
+        let vqgan = PaellaVqDecoder::new(&vqgan_config, vq.weights("diffusion_pytorch_model", rt)?)
+            .context("loading vqgan")?;
+        Ok(Self {
+            text_encoder,
+            decoder,
+            decoder_config,
+            vqgan,
+            vqgan_config,
+            scheduler: DdpmWuerstchen::new(&scheduler_config),
+            config,
+            runtime: rt.clone(),
+        })
+    }
+
+    /// The VQGAN latent's (H, W) for an embedding of (h, w): `int(size * latent_dim_scale)`.
+    pub fn latent_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let s = self.config.latent_dim_scale;
+        ((h as f64 * s) as usize, (w as f64 * s) as usize)
+    }
+
+    /// Images (N, 3, H, W) in [0, 1], f32, from image embeddings (N, c, h, w).
+    pub fn run(
+        &self,
+        embeddings: &Tensor,
+        p: &DecoderParams,
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn Progress,
+    ) -> Result<Tensor> {
+        let rt = &self.runtime;
+        let embeddings = embeddings.to_device(&rt.device)?.to_dtype(rt.dtype)?;
+        let (n, _, h, w) = embeddings.dims4()?;
+        let guidance = (p.guidance > 1.0).then_some(p.guidance);
+        let text = self.text_encoder.conditioning(&p.prompt, &p.negative_prompt, n, guidance.is_some())?;
+        // the unconditional half sees zeros instead of the image embeddings
+        let effnet = match guidance {
+            Some(_) => Tensor::cat(&[&embeddings, &embeddings.zeros_like()?], 0)?,
+            None => embeddings,
+        };
+        let size = self.latent_size(h, w);
+        let cond = self.decoder.condition(&effnet, &text, size)?;
+        let latents = draw(noise, &[n, self.decoder_config.c_in, size.0, size.1], rt)?;
+        let latents = sample(latents, &p.timesteps, guidance, &self.scheduler, rt, noise, progress, "decoder", |x, r| {
+            Ok(self.decoder.forward(x, r, &cond)?)
+        })?;
+        check_finite(&latents, "decoder")?;
+        progress.start("vqgan", 1);
+        let images = self
+            .vqgan
+            .decode(&(latents * self.vqgan.scale_factor())?)?
+            .to_dtype(DType::F32)?
+            .clamp(0f32, 1f32)?;
+        progress.step();
+        progress.finish();
+        Ok(images)
+    }
+}
+
+/// The default decoder schedule: `steps` equal steps from 1 to 0.
+pub fn decoder_timesteps(steps: usize) -> Vec<f32> {
+    scheduler::linear_timesteps(steps)
+}

@@ -1,0 +1,61 @@
+//! Helpers shared by the integration tests: fixture paths, reference tensors, error measures.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use wuerstchen::hub::LocalDir;
+use wuerstchen::pipeline::Runtime;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// `tests/fixtures/<pipeline>/prior` and `.../decoder` as sources.
+pub fn sources(pipeline: &str) -> (LocalDir, LocalDir) {
+    let root = fixtures().join(pipeline);
+    (LocalDir::new(root.join("prior")), LocalDir::new(root.join("decoder")))
+}
+
+/// The tensors diffusers computed for `pipeline` (reference.safetensors), on the CPU.
+pub fn reference(pipeline: &str) -> HashMap<String, Tensor> {
+    let path = fixtures().join(pipeline).join("reference.safetensors");
+    candle_core::safetensors::load(&path, &Device::Cpu).expect("reading reference.safetensors")
+}
+
+pub fn reference_json(pipeline: &str) -> serde_json::Value {
+    let path = fixtures().join(pipeline).join("reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("reading reference.json")).expect("parsing reference.json")
+}
+
+pub fn cpu_f32() -> Runtime {
+    Runtime { device: Device::Cpu, dtype: DType::F32 }
+}
+
+/// ||a - b|| / ||b||, in f64.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F64).unwrap();
+    let b = b.to_dtype(DType::F64).unwrap();
+    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    (num / den).sqrt()
+}
+
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    d.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// Rows of an (n, len) integer tensor as u32 vectors.
+pub fn rows_u32(t: &Tensor) -> Vec<Vec<u32>> {
+    t.to_dtype(DType::I64)
+        .unwrap()
+        .to_vec2::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v as u32).collect())
+        .collect()
+}
