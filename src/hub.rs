@@ -209,9 +209,9 @@ pub enum HubError {
     },
     #[error(
         "{repo}: `{file}` has {got} bytes after downloading, but the Hub announced {expected}; \
-         the partial copy was removed, run again to retry"
+         the bad copy was removed, run again to retry"
     )]
-    Truncated {
+    SizeMismatch {
         repo: String,
         file: String,
         expected: u64,
@@ -355,7 +355,6 @@ impl HubRepo {
         };
         let err = match err {
             E::EntryNotFound { .. } if self.absence_recorded(rel_path) => return Ok(None),
-            E::EntryNotFound { .. } if self.options.offline => return Ok(None),
             // hf-hub turns every 404 of the HEAD request into EntryNotFound, dropping the
             // `X-Error-Code`; without a recorded commit it was the repo or revision that is
             // missing, and hf-hub's "Entry not found" would only mislead.
@@ -401,9 +400,10 @@ impl HubRepo {
         Err(err.into())
     }
 
-    /// hf-hub does not compare a finished download with the size the HEAD request announced
-    /// (huggingface_hub does); a body cut short without a Content-Length, or an error page
-    /// served with 200, would otherwise stay in the cache as the file.
+    /// hf-hub neither checks the GET's status nor compares the finished download with the
+    /// size the HEAD announced (huggingface_hub does the latter): an error page (a 503 after
+    /// the retries) or a body cut short without a Content-Length would otherwise stay in the
+    /// cache as the file.
     fn check_size(&self, rel_path: &str, path: &Path, bridge: &ProgressBridge) -> Result<()> {
         let Some(expected) = bridge.downloaded_size() else {
             return Ok(());
@@ -418,7 +418,7 @@ impl HubRepo {
             let _ = std::fs::remove_file(blob);
         }
         let _ = std::fs::remove_file(path);
-        Err(HubError::Truncated {
+        Err(HubError::SizeMismatch {
             repo: self.describe(),
             file: rel_path.to_string(),
             expected,

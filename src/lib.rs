@@ -13,3 +13,6 @@ pub mod scheduler;
 pub mod pipeline;
 pub mod progress;
 pub mod output;
+pub mod cli;
+pub mod generate;
+pub mod request;

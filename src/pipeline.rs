@@ -332,3 +332,124 @@ impl DecoderPipeline {
 pub fn decoder_timesteps(steps: usize) -> Vec<f32> {
     scheduler::linear_timesteps(steps)
 }
+
+/// Which image sizes the two stages produce, from the files: diffusers sizes the prior's
+/// latent `ceil(px / resolution_multiple)`, the decoder's `int(that * latent_dim_scale)`, which
+/// must divide by the decoder's downscale, and the image is that times the VQGAN's upscale.
+/// Other sizes come out at another size (1000 -> 1024) or crash diffusers' decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SizeRule {
+    pub resolution_multiple: f64,
+    pub latent_dim_scale: f64,
+    pub decoder_downscale: usize,
+    pub vqgan_upscale: usize,
+}
+
+impl SizeRule {
+    /// Reads the four small JSON files involved (no weights).
+    pub fn read(prior: &dyn FileSource, decoder: &dyn FileSource) -> Result<Self> {
+        let p: PriorPipelineConfig = read_json(prior, "model_index.json", "model_index.json")?;
+        p.validate()?;
+        let d: DecoderPipelineConfig = read_json(decoder, "model_index.json", "model_index.json")?;
+        d.validate()?;
+        let dec: DecoderConfig = Component::new(decoder, "decoder").config("config.json")?;
+        dec.validate()?;
+        let vq: VqganConfig = Component::new(decoder, "vqgan").config("config.json")?;
+        vq.validate()?;
+        Ok(Self {
+            resolution_multiple: p.resolution_multiple,
+            latent_dim_scale: d.latent_dim_scale,
+            decoder_downscale: dec.downscale(),
+            vqgan_upscale: vq.upscale(),
+        })
+    }
+
+    /// The side length diffusers would produce when asked for `px`, or `None` where its
+    /// decoder cannot run (a latent side that does not divide by the decoder's downscale).
+    pub fn produced(&self, px: usize) -> Option<usize> {
+        let prior = (px as f64 / self.resolution_multiple).ceil();
+        let latent = (prior * self.latent_dim_scale) as usize;
+        (latent > 0 && latent % self.decoder_downscale == 0).then_some(latent * self.vqgan_upscale)
+    }
+
+    pub fn is_valid(&self, px: usize) -> bool {
+        px > 0 && self.produced(px) == Some(px)
+    }
+
+    /// The nearest valid sizes below and above `px` (searching a bounded window).
+    pub fn nearest(&self, px: usize) -> (Option<usize>, Option<usize>) {
+        const WINDOW: usize = 4096;
+        let below = (1..px).rev().take(WINDOW).find(|&v| self.is_valid(v));
+        let above = (px + 1..px + WINDOW).find(|&v| self.is_valid(v));
+        (below, above)
+    }
+
+    /// `Ok` for a size the model produces exactly; otherwise an input error naming the
+    /// nearest valid sizes.
+    pub fn check(&self, what: &str, px: usize) -> std::result::Result<(), crate::error::InputError> {
+        if self.is_valid(px) {
+            return Ok(());
+        }
+        let (below, above) = self.nearest(px);
+        let options: Vec<String> = [below, above].iter().flatten().map(|v| v.to_string()).collect();
+        let hint = match options.len() {
+            0 => "no valid size nearby".to_string(),
+            _ => format!("use {}", options.join(" or ")),
+        };
+        let why = match self.produced(px) {
+            _ if px == 0 => "must be greater than 0".to_string(),
+            Some(other) => format!("would come out at {other} px"),
+            None => "is not a size this model can produce".to_string(),
+        };
+        Err(crate::error::InputError::new(format!(
+            "{what} {px} {why} (sizes must be multiples of {} px for this model); {hint}",
+            self.step()
+        )))
+    }
+
+    /// The spacing of valid sizes, for messages (128 for the published models).
+    pub fn step(&self) -> usize {
+        let first: Vec<usize> = (1..100_000).filter(|&v| self.is_valid(v)).take(2).collect();
+        match first.as_slice() {
+            [a, b] => b - a,
+            [a] => *a,
+            _ => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn published() -> SizeRule {
+        SizeRule { resolution_multiple: 42.67, latent_dim_scale: 10.67, decoder_downscale: 16, vqgan_upscale: 4 }
+    }
+
+    #[test]
+    fn published_models_take_multiples_of_128() {
+        let r = published();
+        for k in 1..=40 {
+            assert!(r.is_valid(128 * k), "{}", 128 * k);
+        }
+        assert_eq!(r.produced(1000), Some(1024));
+        assert_eq!(r.produced(1100), None); // diffusers' decoder would crash
+        assert!(!r.is_valid(1000));
+        assert_eq!(r.nearest(1000), (Some(896), Some(1024)));
+        assert_eq!(r.step(), 128);
+        let msg = r.check("--width", 1000).unwrap_err().to_string();
+        assert!(msg.contains("896") && msg.contains("1024") && msg.contains("multiples of 128"), "{msg}");
+        assert!(r.check("--height", 0).unwrap_err().to_string().contains("greater than 0"));
+    }
+
+    #[test]
+    fn lerp_is_torchs_two_sided_formula() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::new(&[1f32, -2.0], &dev)?;
+        let b = Tensor::new(&[3f32, 5.0], &dev)?;
+        assert_eq!(lerp(&a, &b, 4.0)?.to_vec1::<f32>()?, vec![9.0, 26.0]);
+        assert_eq!(lerp(&a, &b, 0.25)?.to_vec1::<f32>()?, vec![1.5, -0.25]);
+        assert_eq!(lerp(&a, &b, 1.0)?.to_vec1::<f32>()?, vec![3.0, 5.0]);
+        Ok(())
+    }
+}

@@ -374,12 +374,29 @@ fn a_body_shorter_than_announced_is_rejected() {
 
     let err = repo.get("vqgan/model.safetensors").unwrap_err();
     match err.downcast_ref::<HubError>() {
-        Some(HubError::Truncated { expected, got, .. }) => {
+        Some(HubError::SizeMismatch { expected, got, .. }) => {
             assert_eq!((*expected, *got), (100_000, 50_000));
         }
-        _ => panic!("expected Truncated, got {err:#}"),
+        _ => panic!("expected SizeMismatch, got {err:#}"),
     }
     let folder = repo_folder(cache.path());
+    assert_eq!(
+        files_under(&folder.join("snapshots")),
+        Vec::<PathBuf>::new()
+    );
+    assert_eq!(files_under(&folder.join("blobs")), Vec::<PathBuf>::new());
+
+    // hf-hub does not check the GET's status: an error page would become the file.
+    server.add_file(REPO, "vqgan/config.json", &payload(5_000), Serve::GetFails);
+    let err = repo.get("vqgan/config.json").unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<HubError>(),
+            Some(HubError::SizeMismatch { .. })
+        ),
+        "{err:#}"
+    );
+    assert!(err_text(&err).contains("vqgan/config.json"));
     assert_eq!(
         files_under(&folder.join("snapshots")),
         Vec::<PathBuf>::new()

@@ -9,6 +9,7 @@
 //! - `ETag` or `X-Linked-ETag` (preferred): names the blob in `blobs/`;
 //! - `Content-Length` or `X-Linked-Size` (preferred): the size announced to progress handlers;
 //! - no `X-Xet-Hash`, or the download goes through the Xet protocol instead of plain HTTP.
+//!
 //! The HEAD is sent without following redirects (an absolute one is taken as is, its linked
 //! headers read); the GET follows them.
 #![allow(dead_code)]
@@ -33,6 +34,8 @@ pub enum Serve {
     /// Every GET sends only the first half, with a matching `Content-Length` (so HTTP sees
     /// nothing wrong), while the HEAD announced the full size.
     ShortBody,
+    /// The HEAD is fine, every GET answers 503 with a small JSON body.
+    GetFails,
 }
 
 #[derive(Debug, Clone)]
@@ -298,6 +301,10 @@ fn respond(req: &Request, port: u16, st: &mut State) -> Response {
                         r.announced_len = Some(len);
                     }
                     Serve::ShortBody => r.body.truncate(len / 2),
+                    Serve::GetFails => {
+                        r.status = "503 Service Unavailable";
+                        r.body = br#"{"error":"try again later"}"#.to_vec();
+                    }
                     _ => {}
                 }
             }
