@@ -167,7 +167,7 @@ pub enum HubError {
         repo: String,
         file: String,
         cache_dir: PathBuf,
-        /// Set when the spec could also have been a local folder, which does not exist.
+        /// The spec, when it looks meant as a local folder that does not exist.
         no_local_folder: Option<String>,
     },
     #[error(
@@ -245,7 +245,8 @@ pub struct HubRepo {
     revision: String,
     options: HubOptions,
     progress: Option<Arc<dyn DownloadProgress>>,
-    /// The spec this repo came from, when it could also have named a local folder.
+    /// The spec this repo came from, when it could also have named a local folder (set by
+    /// `resolve`, which found no such folder).
     no_local_folder: Option<String>,
 }
 
@@ -345,7 +346,16 @@ impl HubRepo {
         let repo = self.describe();
         let file = rel_path.to_string();
         let endpoint = self.options.endpoint.clone();
+        // A repo that is not found may well have been meant as a folder; for a cache miss
+        // that is likely only when the folder's parent exists (`models/` for `models/tiny`),
+        // and would be noise for the default `warp-ai/...` ids.
         let no_local_folder = self.no_local_folder.clone();
+        let parent_exists = |spec: &String| {
+            Path::new(spec)
+                .parent()
+                .is_some_and(|p| !p.as_os_str().is_empty() && p.is_dir())
+        };
+        let cache_miss_hint = self.no_local_folder.clone().filter(parent_exists);
         let repo_not_found = |source| HubError::RepoNotFound {
             repo: repo.clone(),
             file: file.clone(),
@@ -364,7 +374,7 @@ impl HubRepo {
                 repo,
                 file,
                 cache_dir: self.options.cache_dir.clone(),
-                no_local_folder,
+                no_local_folder: cache_miss_hint,
             },
             E::Request { ref source, .. } if source.is_connect() || source.is_timeout() => {
                 HubError::Unreachable {
@@ -372,7 +382,7 @@ impl HubRepo {
                     file,
                     endpoint,
                     cache_dir: self.options.cache_dir.clone(),
-                    no_local_folder,
+                    no_local_folder: cache_miss_hint,
                     source: err,
                 }
             }
@@ -632,8 +642,9 @@ fn looks_like_path(spec: &str) -> bool {
     spec.starts_with(['.', '/', '~']) || spec.contains('\\') || spec.matches('/').count() > 1
 }
 
-/// A model spec -> its files: an existing folder is a [`LocalDir`], `owner/name` a
-/// [`HubRepo`] at `revision` (settings from the environment, see [`HubOptions::from_env`]).
+/// A model spec -> its files: an existing folder is a [`LocalDir`] (`revision` ignored),
+/// `owner/name` a [`HubRepo`] at `revision` (settings from the environment, see
+/// [`HubOptions::from_env`]); anything else is an [`InputError`]. Makes no request.
 pub fn resolve(
     spec: &str,
     revision: Option<&str>,
@@ -657,9 +668,7 @@ pub fn resolve_with(
     }
     let path = Path::new(spec);
     if path.is_dir() {
-        if let Some(rev) = revision {
-            tracing::warn!("`{spec}` is a local folder; ignoring revision `{rev}`");
-        }
+        // A revision only means something for Hub repos (the CLI always passes one).
         return Ok(Box::new(LocalDir::new(path)));
     }
     if path.exists() {

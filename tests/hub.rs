@@ -572,9 +572,17 @@ fn an_ambiguous_spec_says_there_is_no_such_folder() {
     ] {
         assert!(text.contains(needle), "{needle:?} missing from: {text}");
     }
+    // A cache miss mentions the folder only when its parent exists (tests/ does, relative to
+    // the crate root where tests run; models/ does not).
+    let offline_src = resolve_with("tests/tiny", None, &offline(&opts), None).unwrap();
+    let text = err_text(&offline_src.get("model_index.json").unwrap_err());
+    assert!(text.contains("no local folder `tests/tiny`"), "{text}");
     let offline_src = resolve_with("models/tiny", None, &offline(&opts), None).unwrap();
     let text = err_text(&offline_src.get("model_index.json").unwrap_err());
-    assert!(text.contains("no local folder `models/tiny`"), "{text}");
+    assert!(
+        text.contains("not in the local cache") && !text.contains("no local folder"),
+        "{text}"
+    );
 }
 
 /// How long hf-hub's default retry policy takes to give up on a refused connection and on a
