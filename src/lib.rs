@@ -14,5 +14,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod output;
 pub mod cli;
-pub mod generate;
+pub mod commands;
 pub mod request;
+pub mod tiny;
+pub mod prompts;

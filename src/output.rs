@@ -126,27 +126,28 @@ pub fn slug(prompt: &str, max_len: usize) -> String {
     out
 }
 
-const FIELDS: [&str; 4] = ["{index}", "{n}", "{seed}", "{prompt}"];
-
-/// Whether `template` names each image itself (uses one of the fields).
-pub fn is_template(template: &str) -> bool {
-    FIELDS.iter().any(|f| template.contains(f))
-}
-
-/// Fills `{index}`, `{n}`, `{seed}` and `{prompt}` (a slug) in `template`. A path without
-/// fields that must name several images gets `-{n}` before its extension.
-pub fn output_path(template: &str, fields: &NameFields, several: bool) -> PathBuf {
-    let template = if !is_template(template) && several {
+/// Fills `{index}`, `{n}`, `{seed}` and `{prompt}` (a slug) in `template`. So that names stay
+/// unique, a template that must name several images of one request but lacks `{n}` gets
+/// `-{n}` before its extension, and one used for a batch without `{index}` gets `-{index}`.
+pub fn output_path(template: &str, fields: &NameFields, several: bool, batch: bool) -> PathBuf {
+    let mut missing = String::new();
+    if batch && !template.contains("{index}") {
+        missing.push_str("-{index}");
+    }
+    if several && !template.contains("{n}") {
+        missing.push_str("-{n}");
+    }
+    let template = if missing.is_empty() {
+        template.to_string()
+    } else {
         let p = Path::new(template);
         match (p.file_stem(), p.extension()) {
             (Some(stem), Some(ext)) => p
-                .with_file_name(format!("{}-{{n}}.{}", stem.to_string_lossy(), ext.to_string_lossy()))
+                .with_file_name(format!("{}{missing}.{}", stem.to_string_lossy(), ext.to_string_lossy()))
                 .to_string_lossy()
                 .into_owned(),
-            _ => format!("{template}-{{n}}"),
+            _ => format!("{template}{missing}"),
         }
-    } else {
-        template.to_string()
     };
     PathBuf::from(
         template
@@ -207,10 +208,12 @@ mod tests {
     #[test]
     fn names_from_templates() {
         let f = NameFields { index: 3, n: 1, seed: 42, prompt: "A Cat, dressed as a FIRE fighter!" };
-        assert_eq!(output_path("out.png", &f, false), PathBuf::from("out.png"));
-        assert_eq!(output_path("dir/out.png", &f, true), PathBuf::from("dir/out-1.png"));
+        assert_eq!(output_path("out.png", &f, false, false), PathBuf::from("out.png"));
+        assert_eq!(output_path("dir/out.png", &f, true, false), PathBuf::from("dir/out-1.png"));
+        assert_eq!(output_path("out.png", &f, true, true), PathBuf::from("out-3-1.png"));
+        assert_eq!(output_path("out-{seed}", &f, false, true), PathBuf::from("out-42-3"));
         assert_eq!(
-            output_path("{index}-{seed}-{n}-{prompt}.png", &f, true),
+            output_path("{index}-{seed}-{n}-{prompt}.png", &f, true, true),
             PathBuf::from("3-42-1-a-cat-dressed-as-a-fire-fighter.png")
         );
         assert_eq!(slug("東京 🙂", 20), "image");

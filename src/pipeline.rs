@@ -51,6 +51,37 @@ impl<'a> Component<'a> {
     }
 }
 
+fn required(src: &dyn FileSource, component: &str, rel: &str) -> Result<std::path::PathBuf> {
+    src.get(rel)?.ok_or_else(|| {
+        crate::error::ModelError::MissingFile {
+            component: component.to_string(),
+            path: std::path::Path::new(&src.describe()).join(rel),
+        }
+        .into()
+    })
+}
+
+/// Every file a stage loads from `src`: `model_index.json`, the scheduler config, the
+/// tokenizer, and each `(folder, weights stem)` component's config and weights. Fetches them
+/// (for a Hub source) without loading anything; `stage_c` replaces the `prior` folder.
+fn locate(src: &dyn FileSource, parts: &[(&str, &str)], stage_c: Option<&dyn FileSource>) -> Result<Vec<std::path::PathBuf>> {
+    let mut files = vec![required(src, "model_index.json", "model_index.json")?];
+    files.push(required(src, "scheduler", "scheduler/scheduler_config.json")?);
+    for (folder, stem) in parts {
+        let (s, f) = match stage_c {
+            Some(s) if *folder == "prior" => (s, ""),
+            _ => (src, *folder),
+        };
+        files.push(required(s, folder, &join(f, "config.json"))?);
+        files.extend(component_weight_files(s, f, folder, stem)?);
+    }
+    ClipTokenizer::load(src, "tokenizer")?;
+    for name in ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+        files.extend(src.get(&format!("tokenizer/{name}"))?);
+    }
+    Ok(files)
+}
+
 /// A CLIP tokenizer and text encoder pair.
 pub struct TextEncoder {
     pub tokenizer: ClipTokenizer,
@@ -155,6 +186,9 @@ fn sample(
         let eps = draw(noise, &shape, rt)?;
         latents = scheduler.step(&pred, t, t_prev, &latents, &eps)?;
         progress.step();
+        if progress.cancelled() {
+            return Err(crate::error::Interrupted.into());
+        }
     }
     progress.finish();
     Ok(latents)
@@ -208,6 +242,11 @@ impl PriorPipeline {
             config,
             runtime: rt.clone(),
         })
+    }
+
+    /// Fetches every file `load` reads (see `locate`), returning their paths.
+    pub fn locate(src: &dyn FileSource, stage_c: Option<&dyn FileSource>) -> Result<Vec<std::path::PathBuf>> {
+        locate(src, &[("text_encoder", "model"), ("prior", "diffusion_pytorch_model")], stage_c)
     }
 
     /// The embedding's (h, w) for an image of (height, width): `ceil(size / resolution_multiple)`.
@@ -283,6 +322,12 @@ impl DecoderPipeline {
             config,
             runtime: rt.clone(),
         })
+    }
+
+    /// Fetches every file `load` reads (see `locate`), returning their paths.
+    pub fn locate(src: &dyn FileSource) -> Result<Vec<std::path::PathBuf>> {
+        let parts = [("text_encoder", "model"), ("decoder", "diffusion_pytorch_model"), ("vqgan", "diffusion_pytorch_model")];
+        locate(src, &parts, None)
     }
 
     /// The VQGAN latent's (H, W) for an embedding of (h, w): `int(size * latent_dim_scale)`.
@@ -452,4 +497,47 @@ mod tests {
         assert_eq!(lerp(&a, &b, 1.0)?.to_vec1::<f32>()?, vec![3.0, 5.0]);
         Ok(())
     }
+}
+
+/// Free memory on a CUDA device (`None` for the CPU, or when it cannot be read).
+pub fn free_device_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        return candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+            .ok()
+            .map(|(free, _total)| free as u64);
+    }
+    let _ = device;
+    None
+}
+
+/// Roughly the bytes a component's weights take in `dtype`: the file sizes, assuming f32
+/// storage as in the published repos.
+pub fn weight_bytes(src: &dyn FileSource, folder: &str, stem: &str, dtype: DType) -> Option<u64> {
+    let files = component_weight_files(src, folder, folder, stem).ok()?;
+    let stored: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    Some(stored / 4 * dtype.size_in_bytes() as u64)
+}
+
+/// For decoding stored embeddings: whether the decoder can run on an embedding of (h, w)
+/// (its latent, `int(size * latent_dim_scale)`, must divide by the decoder's downscale).
+pub fn check_embedding_size(decoder: &dyn FileSource, h: usize, w: usize) -> Result<()> {
+    let d: DecoderPipelineConfig = read_json(decoder, "model_index.json", "model_index.json")?;
+    d.validate()?;
+    let dec: DecoderConfig = Component::new(decoder, "decoder").config("config.json")?;
+    dec.validate()?;
+    for side in [h, w] {
+        let latent = (side as f64 * d.latent_dim_scale) as usize;
+        if latent == 0 || latent % dec.downscale() != 0 {
+            return Err(crate::error::InputError::new(format!(
+                "embeddings of {h}x{w} give a decoder latent of {}x{}, which this decoder cannot run \
+                 (sides must divide by {}); were they made for another model?",
+                (h as f64 * d.latent_dim_scale) as usize,
+                (w as f64 * d.latent_dim_scale) as usize,
+                dec.downscale()
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }

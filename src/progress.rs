@@ -9,6 +9,10 @@ pub trait Progress {
     fn step(&mut self);
     /// The current stage is done.
     fn finish(&mut self);
+    /// Whether the user asked to stop (the pipeline checks after every step).
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// Reports nothing.
@@ -26,20 +30,28 @@ pub struct TerminalProgress {
     bar: Option<indicatif::ProgressBar>,
     hidden: bool,
     started: std::time::Instant,
-    /// (stage, seconds) of the finished stages
-    pub timings: Vec<(String, f64)>,
+    interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// (stage, seconds) of the stages since the last `take_timings`
+    timings: Vec<(String, f64)>,
 }
 
 impl TerminalProgress {
     /// `quiet` hides the bars; so does a stderr that is not a terminal.
-    pub fn new(quiet: bool) -> Self {
+    /// `interrupt`: set (by a Ctrl-C handler) when the user wants to stop.
+    pub fn new(quiet: bool, interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) -> Self {
         use std::io::IsTerminal;
         Self {
             bar: None,
             hidden: quiet || !std::io::stderr().is_terminal(),
             started: std::time::Instant::now(),
+            interrupt,
             timings: Vec::new(),
         }
+    }
+
+    /// The (stage, seconds) pairs recorded since the last call.
+    pub fn take_timings(&mut self) -> Vec<(String, f64)> {
+        std::mem::take(&mut self.timings)
     }
 }
 
@@ -75,19 +87,72 @@ impl Progress for TerminalProgress {
             last.1 = self.started.elapsed().as_secs_f64();
         }
     }
+
+    fn cancelled(&self) -> bool {
+        self.interrupt.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+/// Download bars on stderr, one per file, for `hub::DownloadProgress`.
+pub struct DownloadBars {
+    multi: indicatif::MultiProgress,
+    bars: std::sync::Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>,
+}
+
+impl DownloadBars {
+    pub fn new(quiet: bool) -> Self {
+        use std::io::IsTerminal;
+        let target = if quiet || !std::io::stderr().is_terminal() {
+            indicatif::ProgressDrawTarget::hidden()
+        } else {
+            indicatif::ProgressDrawTarget::stderr()
+        };
+        Self {
+            multi: indicatif::MultiProgress::with_draw_target(target),
+            bars: Default::default(),
+        }
+    }
+}
+
+impl crate::hub::DownloadProgress for DownloadBars {
+    fn start(&self, file: &str, total_bytes: u64) {
+        let bar = self.multi.add(indicatif::ProgressBar::new(total_bytes));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg:>40} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message(file.to_string());
+        tracing::info!("downloading {file} ({:.1} MB)", total_bytes as f64 / 1e6);
+        if let Ok(mut bars) = self.bars.lock() {
+            bars.insert(file.to_string(), bar);
+        }
+    }
+
+    fn advance(&self, file: &str, bytes: u64) {
+        if let Some(bar) = self.bars.lock().ok().and_then(|b| b.get(file).cloned()) {
+            bar.inc(bytes);
+        }
+    }
+
+    fn finish(&self, file: &str) {
+        if let Some(bar) = self.bars.lock().ok().and_then(|mut b| b.remove(file)) {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// Diagnostics go to stderr through `tracing`: info by default, warnings only with `--quiet`,
 /// debug/trace with -v/-vv; `RUST_LOG` overrides.
 pub fn init_logging(quiet: bool, verbose: u8) {
-    let level = match (quiet, verbose) {
-        (true, _) => "warn",
-        (false, 0) => "info",
-        (false, 1) => "debug",
-        _ => "trace",
+    let directives = match (quiet, verbose) {
+        (true, _) => "warn,hf_hub=off",
+        (false, 0) => "warn,hf_hub=off,wuerstchen=info",
+        (false, 1) => "info,wuerstchen=debug",
+        _ => "debug,wuerstchen=trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,wuerstchen={level}")));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(directives));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

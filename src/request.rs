@@ -5,6 +5,8 @@ use candle_core::DType;
 
 use crate::error::InputError;
 use crate::pipeline::{DecoderParams, PriorParams};
+use crate::prompts::{Entry, PromptLine};
+use crate::rng::BoxMuller;
 use crate::scheduler;
 
 type Result<T> = std::result::Result<T, InputError>;
@@ -59,6 +61,82 @@ pub struct SamplingInput {
     pub decoder_timesteps: Option<Vec<f64>>,
     pub decoder_guidance: f64,
     pub num_images: usize,
+}
+
+impl SamplingInput {
+    /// These options with a prompts-file line's overrides applied (a line's steps replace
+    /// the command line's explicit schedule and the other way round).
+    pub fn with_line(&self, l: &PromptLine) -> SamplingInput {
+        let mut s = self.clone();
+        if l.prior_steps.is_some() || l.prior_timesteps.is_some() {
+            s.prior_steps = l.prior_steps;
+            s.prior_timesteps = l.prior_timesteps.clone();
+        }
+        s.width = l.width.unwrap_or(s.width);
+        s.height = l.height.unwrap_or(s.height);
+        s.prior_guidance = l.prior_guidance.unwrap_or(s.prior_guidance);
+        s.decoder_steps = l.decoder_steps.or(s.decoder_steps);
+        s.decoder_guidance = l.decoder_guidance.unwrap_or(s.decoder_guidance);
+        s.num_images = l.num_images.unwrap_or(s.num_images);
+        s
+    }
+}
+
+/// One request of a run: a command-line prompt (index 0) or a prompts-file line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// position among the prompts (`{index}`)
+    pub index: usize,
+    /// where it came from, for messages: `prompts.txt:12` or `--prompt`
+    pub origin: String,
+    pub req: GenerateRequest,
+    /// the line's own output template, if it has one
+    pub output: Option<String>,
+}
+
+/// A job from a prompts-file line: the command line's options with the line's overrides; a
+/// line without a seed gets `base_seed + index`. Errors name `file:line`.
+pub fn job_from_entry(
+    file: &str,
+    entry: &Entry,
+    sampling: &SamplingInput,
+    negative_prompt: &str,
+    base_seed: u64,
+) -> Result<Job> {
+    let l = &entry.fields;
+    let origin = format!("{file}:{}", entry.line);
+    let seed = l.seed.unwrap_or_else(|| base_seed.wrapping_add(entry.index as u64));
+    let negative = l.negative_prompt.as_deref().unwrap_or(negative_prompt);
+    let req = generate_request(&l.prompt, negative, &sampling.with_line(l), seed)
+        .map_err(|e| InputError::new(format!("{origin}: {e}")))?;
+    Ok(Job { index: entry.index, origin, req, output: l.output.clone() })
+}
+
+/// A seed option: a given value, or one picked at random (`true` when picked).
+pub fn seed_or_random(seed: Option<Option<u64>>) -> (u64, bool) {
+    match seed.flatten() {
+        Some(s) => (s, false),
+        None => (random_seed(), true),
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // std's RandomState is seeded from the OS per process; 32 bits keep seeds short to type
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish() & 0xffff_ffff
+}
+
+/// `--rng`: which torch CPU kernel the noise reproduces.
+pub fn parse_rng(s: &str) -> Result<BoxMuller> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "cpu" => Ok(BoxMuller::Vectorized),
+        "cpu-scalar" => Ok(BoxMuller::Scalar),
+        _ => Err(InputError::new(format!(
+            "unknown --rng {s:?}: use cpu (torch on x86-64) or cpu-scalar (torch's default-capability build, e.g. ARM)"
+        ))),
+    }
 }
 
 /// The schedule from either a step count (`linspace(1, 0, steps + 1)`), an explicit list, or
@@ -236,6 +314,31 @@ mod tests {
         let r = generate_request("x", "", &s, 0).unwrap();
         assert_eq!(r.prior_timesteps, vec![0.9, 0.5, 0.2, 0.0]);
         assert_eq!(r.decoder_timesteps, vec![1.0, 0.75, 0.5, 0.25, 0.0]);
+    }
+
+    #[test]
+    fn prompts_file_lines_override_the_command_line() {
+        let entries = crate::prompts::parse(
+            "p.jsonl",
+            b"plain\n{\"prompt\": \"b\", \"seed\": 9, \"width\": 512, \"steps\": 3, \"negative_prompt\": \"n\"}\n{\"prompt\": \"c\", \"num_images\": 0}",
+        );
+        let s = SamplingInput { prior_timesteps: Some(vec![1.0, 0.0]), ..input() };
+        let a = job_from_entry("p.jsonl", entries[0].as_ref().unwrap(), &s, "neg", 100).unwrap();
+        assert_eq!((a.req.seed, a.req.negative_prompt.as_str(), a.req.prior_timesteps.len()), (100, "neg", 2));
+        let b = job_from_entry("p.jsonl", entries[1].as_ref().unwrap(), &s, "neg", 100).unwrap();
+        assert_eq!((b.req.seed, b.req.width, b.req.prior_timesteps.len()), (9, 512, 4));
+        assert_eq!(b.req.negative_prompt, "n");
+        let c = job_from_entry("p.jsonl", entries[2].as_ref().unwrap(), &s, "neg", 100).unwrap_err();
+        assert!(c.to_string().starts_with("p.jsonl:3: --num-images"), "{c}");
+    }
+
+    #[test]
+    fn rng_kernels() {
+        assert_eq!(parse_rng("cpu").unwrap(), BoxMuller::Vectorized);
+        assert_eq!(parse_rng("cpu-scalar").unwrap(), BoxMuller::Scalar);
+        assert!(parse_rng("cuda").is_err());
+        assert_eq!(seed_or_random(Some(Some(5))), (5, false));
+        assert!(seed_or_random(None).1);
     }
 
     #[test]

@@ -1,0 +1,404 @@
+//! `wuerstchen generate`: validate everything, resolve the models and check sizes against
+//! them, load once, run every job, write each PNG atomically as soon as it is done, print the
+//! written paths (or JSON) on stdout.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use super::{check_interrupt, dtype_name, install_interrupt, log_peak_memory, plan_jobs, plan_outputs, runtime_spec, source};
+use crate::cli::{GenerateArgs, LogArgs};
+use crate::error::{InputError, Interrupted};
+use crate::hub::FileSource;
+use crate::output;
+use crate::pipeline::{DecoderPipeline, PriorPipeline, Runtime, SizeRule};
+use crate::progress::TerminalProgress;
+use crate::request::{self, GenerateRequest, Job};
+use crate::rng::{BoxMuller, TorchCpuGenerator};
+
+/// What a written file records about its models and run.
+pub struct RunInfo {
+    pub prior: String,
+    pub decoder: String,
+    pub stage_c: Option<String>,
+    pub dtype: DType,
+    pub rng: BoxMuller,
+}
+
+/// The generation record of one request, as JSON: in every PNG and embeddings file.
+pub fn record(req: &GenerateRequest, info: &RunInfo) -> serde_json::Value {
+    serde_json::json!({
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt,
+        "seed": req.seed,
+        "rng": match info.rng { BoxMuller::Vectorized => "cpu", BoxMuller::Scalar => "cpu-scalar" },
+        "num_images": req.num_images,
+        "width": req.width,
+        "height": req.height,
+        "prior_timesteps": req.prior_timesteps,
+        "prior_guidance": req.prior_guidance,
+        "decoder_timesteps": req.decoder_timesteps,
+        "decoder_guidance": req.decoder_guidance,
+        "prior": info.prior,
+        "decoder": info.decoder,
+        "stage_c": info.stage_c,
+        "dtype": dtype_name(info.dtype),
+        "program": format!("wuerstchen {}", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+/// PNG text chunks: `parameters` in the layout the Stable Diffusion web UIs write (image
+/// browsers show it), and the JSON record under `wuerstchen`.
+pub fn png_metadata(req: &GenerateRequest, info: &RunInfo, n: usize) -> output::TextChunks {
+    let mut a1111 = format!(
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: DDPMWuerstchen, CFG scale: {}, Seed: {}, Size: {}x{}, \
+         Model: {}, Decoder: {}, Decoder steps: {}, Decoder CFG scale: {}, Dtype: {}, Version: wuerstchen {}",
+        req.prompt,
+        req.negative_prompt,
+        req.prior_timesteps.len() - 1,
+        req.prior_guidance,
+        req.seed,
+        req.width,
+        req.height,
+        info.prior,
+        info.decoder,
+        req.decoder_timesteps.len() - 1,
+        req.decoder_guidance,
+        dtype_name(info.dtype),
+        env!("CARGO_PKG_VERSION"),
+    );
+    if let Some(s) = &info.stage_c {
+        a1111.push_str(&format!(", Stage C: {s}"));
+    }
+    if req.num_images > 1 {
+        a1111.push_str(&format!(", Batch pos: {n}"));
+    }
+    let mut json = record(req, info);
+    json["image_index"] = n.into();
+    vec![("parameters".to_string(), a1111), ("wuerstchen".to_string(), json.to_string())]
+}
+
+/// The file that holds one request's image embeddings: tensor `image_embeddings`
+/// (N, C, h, w) f32, the JSON record in the metadata under `wuerstchen`, and how many noise
+/// draws the prior made (so `decode` can continue the same random stream).
+pub fn embeddings_file(embeddings: &Tensor, req: &GenerateRequest, info: &RunInfo) -> Result<Vec<u8>> {
+    let t = embeddings.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+    let mut json = record(req, info);
+    json["prior_noise_draws"] = serde_json::json!({
+        "count": req.prior_timesteps.len(),
+        "numel": t.elem_count(),
+    });
+    let data: Vec<u8> = t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.dims().to_vec(), &data)?;
+    let meta = std::collections::HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("wuerstchen".to_string(), json.to_string()),
+    ]);
+    Ok(safetensors::serialize([("image_embeddings", view)], Some(meta))?)
+}
+
+/// Writes a request's images and prints what it wrote.
+pub struct Writer {
+    pub overwrite: bool,
+    pub json: bool,
+}
+
+impl Writer {
+    pub fn images(
+        &self,
+        job: &Job,
+        images: &[output::RgbImage],
+        paths: &[PathBuf],
+        info: &RunInfo,
+        timings: &[(String, f64)],
+    ) -> Result<()> {
+        for (n, (img, path)) in images.iter().zip(paths).enumerate() {
+            let png = output::encode_png(img, &png_metadata(&job.req, info, n))?;
+            output::write_atomic(path, &png, self.overwrite)?;
+            self.report(path, job, n, timings);
+        }
+        Ok(())
+    }
+
+    pub fn report(&self, path: &std::path::Path, job: &Job, n: usize, timings: &[(String, f64)]) {
+        if self.json {
+            let t: serde_json::Map<String, serde_json::Value> =
+                timings.iter().map(|(k, v)| (k.clone(), ((v * 1000.0).round() / 1000.0).into())).collect();
+            let line = serde_json::json!({
+                "path": path.display().to_string(),
+                "index": job.index,
+                "n": n,
+                "seed": job.req.seed,
+                "prompt": job.req.prompt,
+                "width": job.req.width,
+                "height": job.req.height,
+                "timings_s": t,
+            });
+            println!("{line}");
+        } else {
+            println!("{}", path.display());
+        }
+    }
+}
+
+/// How the jobs of a run went.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub done: usize,
+    pub failed: Vec<(String, anyhow::Error)>,
+}
+
+impl Summary {
+    /// Interruption stops the run; other failures stop it too unless `keep_going`.
+    fn fail(&mut self, job: &Job, err: anyhow::Error, keep_going: bool) -> Result<()> {
+        if err.chain().any(|e| e.is::<Interrupted>()) || !keep_going {
+            return Err(err.context(job.origin.clone()));
+        }
+        tracing::error!("{}: {err:#}", job.origin);
+        self.failed.push((job.origin.clone(), err));
+        Ok(())
+    }
+}
+
+/// The noise for one request: the torch-compatible generator seeded with its seed.
+fn generator(req: &GenerateRequest, kernel: BoxMuller) -> TorchCpuGenerator {
+    TorchCpuGenerator::with_kernel(req.seed, kernel)
+}
+
+/// Whether to hold one stage at a time: asked for, or needed because the GPU cannot hold
+/// both stages' weights (estimated from the file sizes) with room to run.
+fn staged(asked: bool, rt: &Runtime, prior: &dyn FileSource, decoder: &dyn FileSource) -> bool {
+    if asked {
+        return true;
+    }
+    let Some(free) = crate::pipeline::free_device_memory(&rt.device) else {
+        return false;
+    };
+    let parts: [(&dyn FileSource, &str, &str); 5] = [
+        (prior, "text_encoder", "model"),
+        (prior, "prior", "diffusion_pytorch_model"),
+        (decoder, "text_encoder", "model"),
+        (decoder, "decoder", "diffusion_pytorch_model"),
+        (decoder, "vqgan", "diffusion_pytorch_model"),
+    ];
+    let bytes: u64 = parts
+        .iter()
+        .map(|(src, folder, stem)| crate::pipeline::weight_bytes(*src, folder, stem, rt.dtype).unwrap_or(0))
+        .sum();
+    const HEADROOM: u64 = 3 << 30; // activations at 1024x1024, batch 2 with guidance
+    let low = bytes + HEADROOM > free;
+    if low {
+        tracing::info!(
+            "{:.1} GiB free on the GPU, both stages need ~{:.1} GiB: loading one stage at a time",
+            free as f64 / (1u64 << 30) as f64,
+            (bytes + HEADROOM) as f64 / (1u64 << 30) as f64
+        );
+    }
+    low
+}
+
+pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
+    let interrupt = install_interrupt();
+    // everything the user typed, checked before any model file is read
+    let sampling = args.prior_sampling.input(Some(&args.decoder_sampling));
+    let kernel = request::parse_rng(&args.prior_sampling.rng)?;
+    let (mut jobs, mut bad) = plan_jobs(&args.prompt, &args.batch, &sampling, args.prior_sampling.seed)?;
+    let spec = runtime_spec(&args.runtime)?;
+    let batch = args.prompt.prompts.is_some();
+
+    // the size rule comes from the models' small JSON files
+    let prior_src = source(&args.prior_model.prior, &args.hub, log.quiet)?;
+    let decoder_src = source(&args.decoder_model.decoder, &args.hub, log.quiet)?;
+    let stage_c = args.prior_model.stage_c.as_deref().map(|s| source(s, &args.hub, log.quiet)).transpose()?;
+    let rule = SizeRule::read(prior_src.as_ref(), decoder_src.as_ref())?;
+    jobs.retain(|job| {
+        let checked = rule
+            .check("--width", job.req.width)
+            .and_then(|_| rule.check("--height", job.req.height))
+            .map_err(|e| InputError::new(format!("{}: {e}", job.origin)));
+        match checked {
+            Ok(()) => true,
+            Err(e) => {
+                bad.push(e);
+                false
+            }
+        }
+    });
+    if !args.batch.keep_going {
+        if let Some(e) = bad.into_iter().next() {
+            return Err(e.into());
+        }
+        bad = Vec::new();
+    }
+    for e in &bad {
+        tracing::warn!("skipped: {e}");
+    }
+    let outputs = plan_outputs(&jobs, &args.output.output, batch, args.output.overwrite)?;
+    let emb_outputs = match &args.save_embeddings {
+        Some(t) => Some(super::stages::plan_embedding_outputs(&jobs, t, batch, args.output.overwrite)?),
+        None => None,
+    };
+    check_interrupt(&interrupt)?;
+
+    let rt = spec.open()?;
+    let info = RunInfo {
+        prior: prior_src.describe(),
+        decoder: decoder_src.describe(),
+        stage_c: stage_c.as_ref().map(|s| s.describe()),
+        dtype: rt.dtype,
+        rng: kernel,
+    };
+    let writer = Writer { overwrite: args.output.overwrite, json: args.output.json };
+    let mut progress = TerminalProgress::new(log.quiet, Some(interrupt.clone()));
+    let staged = staged(args.runtime.low_memory, &rt, prior_src.as_ref(), decoder_src.as_ref());
+    let ctx = Ctx {
+        jobs: &jobs,
+        outputs: &outputs,
+        emb_outputs: emb_outputs.as_deref(),
+        info: &info,
+        writer: &writer,
+        kernel,
+        keep_going: args.batch.keep_going,
+        interrupt: &interrupt,
+    };
+    let load_prior = || -> Result<PriorPipeline> {
+        let t = Instant::now();
+        let p = PriorPipeline::load(prior_src.as_ref(), stage_c.as_deref(), &rt)
+            .with_context(|| format!("loading the prior from {}", prior_src.describe()))?;
+        tracing::info!("prior loaded in {:.2}s", t.elapsed().as_secs_f64());
+        Ok(p)
+    };
+    let load_decoder = || -> Result<DecoderPipeline> {
+        let t = Instant::now();
+        let d = DecoderPipeline::load(decoder_src.as_ref(), &rt)
+            .with_context(|| format!("loading the decoder from {}", decoder_src.describe()))?;
+        tracing::info!("decoder loaded in {:.2}s", t.elapsed().as_secs_f64());
+        Ok(d)
+    };
+    let summary = if staged {
+        ctx.run_staged(load_prior, load_decoder, &mut progress)?
+    } else {
+        let (prior, decoder) = (load_prior()?, load_decoder()?);
+        ctx.run_together(&prior, &decoder, &mut progress)?
+    };
+    log_peak_memory();
+    if batch {
+        tracing::info!("{} of {} prompts done", summary.done, jobs.len() + bad.len());
+    }
+    if !summary.failed.is_empty() {
+        anyhow::bail!("{} prompt(s) failed: {}", summary.failed.len(), summary.failed.iter().map(|(o, _)| o.as_str()).collect::<Vec<_>>().join(", "));
+    }
+    if !bad.is_empty() {
+        return Err(InputError::new(format!("{} prompts-file line(s) skipped (see the warnings above)", bad.len())).into());
+    }
+    Ok(())
+}
+
+struct Ctx<'a> {
+    jobs: &'a [Job],
+    outputs: &'a [Vec<PathBuf>],
+    emb_outputs: Option<&'a [PathBuf]>,
+    info: &'a RunInfo,
+    writer: &'a Writer,
+    kernel: BoxMuller,
+    keep_going: bool,
+    interrupt: &'a AtomicBool,
+}
+
+impl Ctx<'_> {
+    fn log_job(&self, i: usize, job: &Job) {
+        tracing::info!(
+            "[{}/{}] seed {} {}x{}: {:?}",
+            i + 1,
+            self.jobs.len(),
+            job.req.seed,
+            job.req.width,
+            job.req.height,
+            job.req.prompt
+        );
+    }
+
+    fn save_embeddings(&self, i: usize, emb: &Tensor) -> Result<()> {
+        if let Some(paths) = self.emb_outputs {
+            let bytes = embeddings_file(emb, &self.jobs[i].req, self.info)?;
+            output::write_atomic(&paths[i], &bytes, self.writer.overwrite)?;
+            tracing::info!("embeddings written to {}", paths[i].display());
+        }
+        Ok(())
+    }
+
+    fn finish_job(&self, i: usize, images: &Tensor, progress: &mut TerminalProgress) -> Result<()> {
+        let timings = progress.take_timings();
+        let job = &self.jobs[i];
+        let t: Vec<String> = timings.iter().map(|(s, t)| format!("{s} {t:.2}s")).collect();
+        tracing::info!("seed {}: {}", job.req.seed, t.join(", "));
+        self.writer.images(job, &output::to_rgb8(images)?, &self.outputs[i], self.info, &timings)
+    }
+
+    /// Both stages resident: each job runs start to finish.
+    fn run_together(&self, prior: &PriorPipeline, decoder: &DecoderPipeline, progress: &mut TerminalProgress) -> Result<Summary> {
+        let mut summary = Summary::default();
+        for (i, job) in self.jobs.iter().enumerate() {
+            check_interrupt(self.interrupt)?;
+            self.log_job(i, job);
+            let result = (|| {
+                let mut noise = generator(&job.req, self.kernel);
+                let emb = prior.run(&job.req.prior_params(), &mut noise, progress)?;
+                self.save_embeddings(i, &emb)?;
+                let images = decoder.run(&emb, &job.req.decoder_params(), &mut noise, progress)?;
+                self.finish_job(i, &images, progress)
+            })();
+            match result {
+                Ok(()) => summary.done += 1,
+                Err(e) => summary.fail(job, e, self.keep_going)?,
+            }
+        }
+        Ok(summary)
+    }
+
+    /// One stage at a time: every prior, then (prior weights freed) every decode, each job
+    /// continuing its own random stream, so the images equal `run_together`'s.
+    fn run_staged(
+        &self,
+        load_prior: impl FnOnce() -> Result<PriorPipeline>,
+        load_decoder: impl FnOnce() -> Result<DecoderPipeline>,
+        progress: &mut TerminalProgress,
+    ) -> Result<Summary> {
+        let mut summary = Summary::default();
+        let mut pending = Vec::new();
+        {
+            let prior = load_prior()?;
+            for (i, job) in self.jobs.iter().enumerate() {
+                check_interrupt(self.interrupt)?;
+                self.log_job(i, job);
+                let result = (|| {
+                    let mut noise = generator(&job.req, self.kernel);
+                    let emb = prior.run(&job.req.prior_params(), &mut noise, progress)?;
+                    self.save_embeddings(i, &emb)?;
+                    Ok((emb.to_device(&Device::Cpu)?, noise))
+                })();
+                match result {
+                    Ok((emb, noise)) => pending.push((i, emb, noise)),
+                    Err(e) => summary.fail(job, e, self.keep_going)?,
+                }
+            }
+        }
+        let decoder = load_decoder()?;
+        for (i, emb, mut noise) in pending {
+            check_interrupt(self.interrupt)?;
+            let job = &self.jobs[i];
+            let result = (|| {
+                let images = decoder.run(&emb, &job.req.decoder_params(), &mut noise, progress)?;
+                self.finish_job(i, &images, progress)
+            })();
+            match result {
+                Ok(()) => summary.done += 1,
+                Err(e) => summary.fail(job, e, self.keep_going)?,
+            }
+        }
+        Ok(summary)
+    }
+}

@@ -1,0 +1,193 @@
+//! The subcommands, and what they share: device choice, model sources, batches of jobs,
+//! Ctrl-C, and writing results.
+
+pub mod download;
+pub mod generate;
+pub mod stages;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+
+use crate::cli::{BatchArgs, HubArgs, PromptArgs, RuntimeArgs, TinyModelArgs};
+use crate::error::{InputError, Interrupted};
+use crate::hub::{self, DownloadProgress, FileSource};
+use crate::output::{self, NameFields};
+use crate::pipeline::Runtime;
+use crate::prompts::{self, Shard};
+use crate::request::{self, DeviceSpec, Job, SamplingInput};
+
+/// Device and dtype as requested, validated but not yet opened.
+pub struct RuntimeSpec {
+    pub device: DeviceSpec,
+    pub dtype: DType,
+}
+
+pub fn runtime_spec(args: &RuntimeArgs) -> Result<RuntimeSpec> {
+    let device = match &args.device {
+        Some(d) => request::parse_device(d)?,
+        None if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() => DeviceSpec::Cuda(0),
+        None => DeviceSpec::Cpu,
+    };
+    let dtype = match &args.dtype {
+        Some(d) => request::parse_dtype(d)?,
+        None if device == DeviceSpec::Cpu => DType::F32,
+        None => DType::BF16,
+    };
+    Ok(RuntimeSpec { device, dtype })
+}
+
+impl RuntimeSpec {
+    pub fn open(&self) -> Result<Runtime> {
+        let device = match self.device {
+            DeviceSpec::Cpu => Device::Cpu,
+            DeviceSpec::Cuda(i) => Device::new_cuda(i)
+                .with_context(|| format!("cannot open CUDA device {i} (is a GPU present and the driver loaded?)"))?,
+        };
+        tracing::info!("running on {:?} in {}", device, dtype_name(self.dtype));
+        Ok(Runtime { device, dtype: self.dtype })
+    }
+}
+
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "other",
+    }
+}
+
+/// Resolves a model option to its source, with download bars.
+pub fn source(spec: &str, hub: &HubArgs, quiet: bool) -> Result<Box<dyn FileSource>> {
+    let bars: Arc<dyn DownloadProgress> = Arc::new(crate::progress::DownloadBars::new(quiet));
+    hub::resolve(spec, Some(&hub.revision), Some(bars))
+}
+
+/// Ctrl-C: the first press asks the running work to stop after the current step (finished
+/// files are kept, exit code 130); a second press exits at once.
+pub fn install_interrupt() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let handler_flag = flag.clone();
+    let installed = ctrlc::set_handler(move || {
+        if handler_flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: stopping after the current step (Ctrl-C again to quit now)");
+    });
+    if let Err(e) = installed {
+        tracing::debug!("no Ctrl-C handler: {e}");
+    }
+    flag
+}
+
+pub fn check_interrupt(flag: &AtomicBool) -> Result<()> {
+    if flag.load(Ordering::SeqCst) {
+        Err(Interrupted.into())
+    } else {
+        Ok(())
+    }
+}
+
+/// The requests of a run: the `--prompt`, or the `--prompts` file's lines (sharded). Bad
+/// lines are errors; with `--keep-going` they are returned beside the good jobs instead.
+pub fn plan_jobs(
+    prompt: &PromptArgs,
+    batch: &BatchArgs,
+    sampling: &SamplingInput,
+    seed: Option<Option<u64>>,
+) -> Result<(Vec<Job>, Vec<InputError>)> {
+    let (base_seed, picked) = request::seed_or_random(seed);
+    if picked {
+        tracing::info!("seed {base_seed} (picked at random; pass --seed {base_seed} to repeat)");
+    }
+    let shard = batch.shard.as_deref().map(Shard::parse).transpose()?;
+    let Some(file) = &prompt.prompts else {
+        if shard.is_some() {
+            return Err(InputError::new("--shard needs --prompts").into());
+        }
+        let text = prompt.prompt.as_deref().unwrap_or_default();
+        let req = request::generate_request(text, &prompt.negative_prompt, sampling, base_seed)?;
+        return Ok((vec![Job { index: 0, origin: "--prompt".into(), req, output: None }], vec![]));
+    };
+    let bytes = if file == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading prompts from stdin")?;
+        buf
+    } else {
+        std::fs::read(file).map_err(|e| InputError::new(format!("cannot read prompts file {file}: {e}")))?
+    };
+    let name = if file == "-" { "<stdin>" } else { file.as_str() };
+    let mut jobs = Vec::new();
+    let mut bad = Vec::new();
+    for entry in prompts::parse(name, &bytes) {
+        let job = entry.and_then(|e| request::job_from_entry(name, &e, sampling, &prompt.negative_prompt, base_seed));
+        match job {
+            Ok(j) if shard.is_none_or(|s| s.takes(j.index)) => jobs.push(j),
+            Ok(_) => {}
+            Err(e) if batch.keep_going => bad.push(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if jobs.is_empty() && bad.is_empty() {
+        tracing::warn!("{name}: no prompts{}", if shard.is_some() { " in this shard" } else { "" });
+    }
+    Ok((jobs, bad))
+}
+
+/// Where each job's files go: computed, checked (folder writable, nothing overwritten without
+/// `--overwrite`, no two files with one name) before any model loads.
+pub fn plan_outputs(jobs: &[Job], template: &str, batch: bool, overwrite: bool) -> Result<Vec<Vec<PathBuf>>> {
+    let mut all: std::collections::HashMap<PathBuf, String> = Default::default();
+    let mut out = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let t = job.output.as_deref().unwrap_or(template);
+        let paths: Vec<PathBuf> = (0..job.req.num_images)
+            .map(|n| {
+                let fields = NameFields { index: job.index, n, seed: job.req.seed, prompt: &job.req.prompt };
+                output::output_path(t, &fields, job.req.num_images > 1, batch && job.output.is_none())
+            })
+            .collect();
+        for p in &paths {
+            output::check_writable(p, overwrite).map_err(|e| InputError::new(format!("{}: {e}", job.origin)))?;
+            if let Some(other) = all.insert(p.clone(), job.origin.clone()) {
+                return Err(InputError::new(format!(
+                    "{} and {} would both write {}; use {{index}} or {{seed}} in the output name",
+                    other,
+                    job.origin,
+                    p.display()
+                ))
+                .into());
+            }
+        }
+        out.push(paths);
+    }
+    Ok(out)
+}
+
+/// Peak resident memory of this process, from /proc (Linux); `None` elsewhere.
+pub fn peak_host_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn log_peak_memory() {
+    if let Some(b) = peak_host_memory() {
+        tracing::info!("peak host memory {:.2} GiB", b as f64 / (1u64 << 30) as f64);
+    }
+}
+
+pub fn tiny_model(args: &TinyModelArgs) -> Result<()> {
+    let paths = crate::tiny::write_tiny_model(
+        &args.out,
+        &crate::tiny::TinyModelOptions { seed: args.seed, overwrite: args.overwrite },
+    )?;
+    println!("{}", paths.prior.display());
+    println!("{}", paths.decoder.display());
+    Ok(())
+}
