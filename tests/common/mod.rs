@@ -4,6 +4,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use std::path::Path;
+
+use assert_cmd::Command;
 use candle_core::{DType, Device, Tensor};
 use wuerstchen::hub::LocalDir;
 use wuerstchen::pipeline::Runtime;
@@ -59,3 +62,42 @@ pub fn rows_u32(t: &Tensor) -> Vec<Vec<u32>> {
         .map(|r| r.into_iter().map(|v| v as u32).collect())
         .collect()
 }
+
+/// The binary with a scrubbed environment: no HF_* from the caller, offline, a private HOME.
+pub fn wuerstchen(home: &Path) -> Command {
+    let mut cmd = Command::cargo_bin("wuerstchen").unwrap();
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RUST_BACKTRACE", "0");
+    cmd
+}
+
+pub fn model_args(pipeline: &str) -> Vec<String> {
+    let root = fixtures().join(pipeline);
+    vec![
+        "--prior".into(),
+        root.join("prior").display().to_string(),
+        "--decoder".into(),
+        root.join("decoder").display().to_string(),
+    ]
+}
+
+/// (width, height, RGB8 pixels, text chunks) of a PNG file.
+pub fn read_png(path: &Path) -> (u32, u32, Vec<u8>, Vec<(String, String)>) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let frame = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(frame.buffer_size());
+    assert_eq!(frame.color_type, png::ColorType::Rgb, "{}", path.display());
+    let info = reader.info();
+    let mut text: Vec<(String, String)> =
+        info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    for t in &info.utf8_text {
+        text.push((t.keyword.clone(), t.get_text().unwrap()));
+    }
+    (frame.width, frame.height, buf, text)
+}
+

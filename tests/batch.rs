@@ -1,0 +1,339 @@
+//! The binary as scripts use it: prompts files, shards, JSON output, the two stages apart,
+//! staged loading, Ctrl-C, and the Hub through a local server.
+
+mod common;
+mod hub_support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const FAST: [&str; 4] = ["--prior-steps", "2", "--decoder-steps", "2"];
+
+fn stdout(a: &assert_cmd::assert::Assert) -> String {
+    String::from_utf8(a.get_output().stdout.clone()).unwrap()
+}
+
+fn stderr(a: &assert_cmd::assert::Assert) -> String {
+    String::from_utf8(a.get_output().stderr.clone()).unwrap()
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_prompts_file_with_overrides_runs_every_line_and_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "a lighthouse at dawn\n\n{\"prompt\": \"a red fox\", \"seed\": 9, \"width\": 256, \"steps\": 3}\n\
+         {\"prompt\": \"two cats\", \"num_images\": 2, \"output\": \"cats-{n}.png\", \"negative_prompt\": \"dogs\"}\n",
+    )
+    .unwrap();
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let run = |extra: &[&str]| {
+        let mut cmd = wuerstchen(dir.path());
+        cmd.current_dir(&out_dir).arg("generate").args(model_args("tiny-a"));
+        cmd.args(["--prompts", prompts.to_str().unwrap(), "--width", "128", "--height", "128", "--seed", "100"]);
+        cmd.args(FAST).args(["--output", "img-{seed}.png", "--json"]).args(extra);
+        cmd.assert()
+    };
+    let a = run(&[]).success();
+    let lines: Vec<serde_json::Value> = stdout(&a).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4, "{}", stdout(&a));
+    // line 1: base seed + index 0; line 3: its own seed and width; line 4: two images, own names
+    assert_eq!((lines[0]["seed"].as_u64(), lines[0]["path"].as_str()), (Some(100), Some("img-100-0.png")));
+    assert_eq!((lines[1]["seed"].as_u64(), lines[1]["width"].as_u64()), (Some(9), Some(256)));
+    assert_eq!(lines[1]["path"], "img-9-1.png");
+    assert_eq!((lines[2]["seed"].as_u64(), lines[2]["path"].as_str()), (Some(102), Some("cats-0.png")));
+    assert_eq!(lines[3]["path"], "cats-1.png");
+    assert!(lines[0]["timings_s"]["prior"].as_f64().is_some());
+    assert_eq!(files_in(&out_dir), vec!["cats-0.png", "cats-1.png", "img-100-0.png", "img-9-1.png"]);
+    let (w, h, _, text) = read_png(&out_dir.join("img-9-1.png"));
+    assert_eq!((w, h), (256, 128));
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.starts_with("a red fox\n") && params.contains("Steps: 3,") && params.contains("Seed: 9"), "{params}");
+    let (_, _, _, text) = read_png(&out_dir.join("cats-1.png"));
+    assert!(text[0].1.contains("Negative prompt: dogs\n"), "{}", text[0].1);
+
+    // the same run again: every output exists, so it stops before loading anything
+    let before = std::fs::read(out_dir.join("img-100-0.png")).unwrap();
+    let a = run(&[]).code(2);
+    assert!(stderr(&a).contains("already exists") && stderr(&a).contains("--overwrite"), "{}", stderr(&a));
+    assert_eq!(std::fs::read(out_dir.join("img-100-0.png")).unwrap(), before);
+    run(&["--overwrite"]).success();
+}
+
+#[test]
+fn shards_split_the_file_and_stdin_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut names = Vec::new();
+    for shard in ["0/2", "1/2"] {
+        let a = wuerstchen(dir.path())
+            .current_dir(dir.path())
+            .arg("generate")
+            .args(model_args("tiny-a"))
+            .args(["--prompts", "-", "--shard", shard, "--width", "128", "--height", "128", "--seed", "1"])
+            .args(FAST)
+            .args(["--output", "s-{index}.png"])
+            .write_stdin("p0\np1\np2\n")
+            .assert()
+            .success();
+        names.push(stdout(&a));
+    }
+    assert_eq!(names, vec!["s-0.png\ns-2.png\n", "s-1.png\n"]);
+    // seeds follow the index, not the shard: s-1 has seed 1 + 1
+    let (_, _, _, text) = read_png(&dir.path().join("s-1.png"));
+    assert!(text[0].1.contains("Seed: 2,"), "{}", text[0].1);
+}
+
+#[test]
+fn a_bad_line_stops_the_batch_before_any_work_unless_keep_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(&prompts, "good one\n{\"prompt\": \"x\", \"stpes\": 4}\n{\"prompt\": \"y\", \"width\": 200}\nlast\n").unwrap();
+    let run = |extra: &[&str]| {
+        wuerstchen(dir.path())
+            .current_dir(dir.path())
+            .arg("generate")
+            .args(model_args("tiny-a"))
+            .args(["--prompts", prompts.to_str().unwrap(), "--width", "128", "--height", "128", "--seed", "3"])
+            .args(FAST)
+            .args(extra)
+            .assert()
+    };
+    let a = run(&[]).code(2);
+    assert!(stderr(&a).contains("p.jsonl:2:") && stderr(&a).contains("stpes"), "{}", stderr(&a));
+    assert_eq!(files_in(dir.path()), vec!["p.jsonl"], "nothing written");
+    // keep going: lines 1 and 4 run, 2 and 3 are reported, and the exit code says so
+    let a = run(&["--keep-going"]).code(2);
+    let err = stderr(&a);
+    assert!(err.contains("p.jsonl:2:") && err.contains("p.jsonl:3:") && err.contains("--width 200"), "{err}");
+    assert_eq!(stdout(&a).lines().count(), 2);
+    assert_eq!(files_in(dir.path()).len(), 3);
+}
+
+#[test]
+fn prior_then_decode_gives_the_same_image_as_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let common_args = ["--prompt", "a tiny house", "--width", "256", "--height", "128", "--seed", "11"];
+    wuerstchen(d)
+        .arg("generate")
+        .args(model_args("tiny-b"))
+        .args(common_args)
+        .args(["--num-images", "2", "--decoder-guidance", "2.0", "--negative-prompt", "fog"])
+        .args(["--output", d.join("gen.png").to_str().unwrap()])
+        .args(["--save-embeddings", d.join("gen.safetensors").to_str().unwrap()])
+        .assert()
+        .success();
+    wuerstchen(d)
+        .arg("prior")
+        .args(&model_args("tiny-b")[..2])
+        .args(common_args)
+        .args(["--num-images", "2", "--negative-prompt", "fog", "--out", d.join("emb.safetensors").to_str().unwrap()])
+        .assert()
+        .success();
+    assert_eq!(
+        safetensors_tensor(&d.join("gen.safetensors")),
+        safetensors_tensor(&d.join("emb.safetensors")),
+        "generate --save-embeddings and prior agree"
+    );
+    let a = wuerstchen(d)
+        .arg("decode")
+        .args(&model_args("tiny-b")[2..])
+        .args(["--embeddings", d.join("emb.safetensors").to_str().unwrap(), "--decoder-guidance", "2.0"])
+        .args(["--output", d.join("dec.png").to_str().unwrap()])
+        .assert()
+        .success();
+    assert_eq!(stdout(&a).lines().count(), 2);
+    for n in 0..2 {
+        let (_, _, a, _) = read_png(&d.join(format!("gen-{n}.png")));
+        let (_, _, b, text) = read_png(&d.join(format!("dec-{n}.png")));
+        assert_eq!(a, b, "image {n}: prior + decode == generate");
+        assert!(text[0].1.starts_with("a tiny house\nNegative prompt: fog\n"), "{}", text[0].1);
+    }
+    // decode --seed starts a fresh stream: a different image
+    wuerstchen(d)
+        .arg("decode")
+        .args(&model_args("tiny-b")[2..])
+        .args(["--embeddings", d.join("emb.safetensors").to_str().unwrap(), "--seed", "12"])
+        .args(["--output", d.join("other.png").to_str().unwrap()])
+        .assert()
+        .success();
+    assert_ne!(read_png(&d.join("other-0.png")).2, read_png(&d.join("dec-0.png")).2);
+}
+
+/// (shape, raw bytes) of the `image_embeddings` tensor.
+fn safetensors_tensor(path: &Path) -> (Vec<usize>, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("image_embeddings").unwrap();
+    (t.shape().to_vec(), t.data().to_vec())
+}
+
+#[test]
+fn low_memory_mode_gives_the_same_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, "one\ntwo\n").unwrap();
+    for (name, extra) in [("a", None), ("b", Some("--low-memory"))] {
+        let mut cmd = wuerstchen(dir.path());
+        cmd.current_dir(dir.path()).arg("generate").args(model_args("tiny-a"));
+        cmd.args(["--prompts", "p.txt", "--width", "128", "--height", "128", "--seed", "5"]).args(FAST);
+        cmd.args(["--output", &format!("{name}-{{index}}.png")]).args(extra);
+        cmd.assert().success();
+    }
+    for i in 0..2 {
+        assert_eq!(read_png(&dir.path().join(format!("a-{i}.png"))).2, read_png(&dir.path().join(format!("b-{i}.png"))).2);
+    }
+}
+
+#[test]
+fn progress_bars_stay_off_when_stderr_is_not_a_terminal_and_quiet_is_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        wuerstchen(dir.path())
+            .current_dir(dir.path())
+            .arg("generate")
+            .args(model_args("tiny-a"))
+            .args(["--prompt", "x", "--width", "128", "--height", "128", "--overwrite", "--seed", "1"])
+            .args(FAST)
+            .args(extra)
+            .assert()
+            .success()
+    };
+    let err = stderr(&run(&[]));
+    assert!(!err.contains('\r') && !err.contains("=>"), "no bars: {err:?}");
+    assert!(err.contains("seed 1") && err.contains("prior"), "timings and seed are logged: {err}");
+    assert_eq!(stderr(&run(&["--quiet"])), "");
+    // a picked seed is logged and recorded
+    let a = wuerstchen(dir.path())
+        .current_dir(dir.path())
+        .arg("generate")
+        .args(model_args("tiny-a"))
+        .args(["--prompt", "x", "--width", "128", "--height", "128", "--seed"])
+        .args(FAST)
+        .assert()
+        .success();
+    let path = stdout(&a).trim().to_string();
+    let seed = path.trim_start_matches("wuerstchen-").trim_end_matches(".png");
+    assert!(stderr(&a).contains(&format!("pass --seed {seed} to repeat")), "{}", stderr(&a));
+}
+
+#[test]
+fn ctrl_c_keeps_finished_images_and_leaves_no_partial_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, (0..40).map(|i| format!("prompt {i}\n")).collect::<String>()).unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("wuerstchen");
+    let mut child = std::process::Command::new(bin)
+        .current_dir(dir.path())
+        .env_clear()
+        .env("HOME", dir.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .arg("generate")
+        .args(model_args("tiny-a"))
+        .args(["--prompts", "p.txt", "--width", "128", "--height", "128", "--seed", "1", "--output", "c-{index}.png"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = dir.path().join("c-0.png");
+    let start = Instant::now();
+    while !first.exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no image after 120 s");
+        assert!(child.try_wait().unwrap().is_none(), "exited early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let files = files_in(dir.path());
+    assert!(files.len() < 41, "stopped early: {files:?}");
+    for f in files.iter().filter(|f| f.ends_with(".png")) {
+        let (w, h, _, _) = read_png(&dir.path().join(f));
+        assert_eq!((w, h), (128, 128), "{f} is complete");
+    }
+    assert!(files.iter().all(|f| f == "p.txt" || (f.starts_with("c-") && f.ends_with(".png"))), "stray files: {files:?}");
+}
+
+/// Serves a fixture pipeline folder as a Hub repo (the tokenizer symlink followed).
+fn serve_folder(server: &hub_support::HubServer, repo: &str, root: &Path, cut: Option<&str>) {
+    server.add_repo(repo);
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in std::fs::read_dir(root.join(&rel)).unwrap() {
+            let entry = entry.unwrap();
+            let rel = rel.join(entry.file_name());
+            let path = root.join(&rel);
+            if path.is_dir() {
+                stack.push(rel);
+            } else {
+                let name = rel.to_string_lossy().replace('\\', "/");
+                let serve = match cut {
+                    Some(c) if c == name => hub_support::Serve::CutOnce,
+                    _ if name.ends_with(".safetensors") => hub_support::Serve::Lfs,
+                    _ => hub_support::Serve::Plain,
+                };
+                server.add_file(repo, &name, &std::fs::read(&path).unwrap(), serve);
+            }
+        }
+    }
+}
+
+#[test]
+fn download_from_a_hub_then_generate_offline() {
+    let server = hub_support::HubServer::start();
+    let fixtures = fixtures().join("tiny-a");
+    serve_folder(&server, "acme/tiny-prior", &fixtures.join("prior"), None);
+    serve_folder(&server, "acme/tiny-decoder", &fixtures.join("decoder"), Some("decoder/diffusion_pytorch_model.safetensors"));
+    let dir = tempfile::tempdir().unwrap();
+    let hf_home = dir.path().join("hf");
+    let online = |args: &[&str]| {
+        let mut cmd = wuerstchen(dir.path());
+        cmd.env_remove("HF_HUB_OFFLINE").env("HF_ENDPOINT", server.url()).env("HF_HOME", &hf_home);
+        cmd.args(args).args(["--prior", "acme/tiny-prior", "--decoder", "acme/tiny-decoder"]);
+        cmd.assert()
+    };
+    // the decoder weights break off half-way the first time: an error naming repo and file
+    let a = online(&["download"]).code(1);
+    let err = stderr(&a);
+    assert!(err.contains("acme/tiny-decoder") && err.contains("decoder/diffusion_pytorch_model.safetensors"), "{err}");
+    let a = online(&["download"]).success();
+    assert!(stdout(&a).lines().count() >= 12, "{}", stdout(&a));
+    // everything is cached now: generate works offline with the repo ids
+    let out = dir.path().join("hub.png");
+    wuerstchen(dir.path())
+        .env("HF_HOME", &hf_home)
+        .args(["generate", "--prior", "acme/tiny-prior", "--decoder", "acme/tiny-decoder", "--prompt", "x"])
+        .args(["--width", "128", "--height", "128", "--seed", "4", "--output", out.to_str().unwrap()])
+        .args(FAST)
+        .assert()
+        .success();
+    // and gives the image the local folders give
+    let local = dir.path().join("local.png");
+    wuerstchen(dir.path())
+        .arg("generate")
+        .args(model_args("tiny-a"))
+        .args(["--prompt", "x", "--width", "128", "--height", "128", "--seed", "4", "--output", local.to_str().unwrap()])
+        .args(FAST)
+        .assert()
+        .success();
+    assert_eq!(read_png(&out).2, read_png(&local).2);
+    // offline with a repo that was never downloaded: an error naming it
+    let a = wuerstchen(dir.path())
+        .env("HF_HOME", &hf_home)
+        .args(["download", "--prior", "acme/never-seen", "--decoder", "acme/tiny-decoder"])
+        .assert()
+        .code(1);
+    assert!(stderr(&a).contains("acme/never-seen") && stderr(&a).contains("HF_HUB_OFFLINE"), "{}", stderr(&a));
+}
