@@ -17,6 +17,8 @@ impl InputError {
 /// A problem with the model files: which component, which file, which key.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    #[error("model folder {path} does not exist{hint}")]
+    MissingFolder { path: PathBuf, hint: String },
     #[error("{component}: missing file {path}")]
     MissingFile { component: String, path: PathBuf },
     #[error("{component}: {path}: {message}")]

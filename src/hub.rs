@@ -679,14 +679,20 @@ pub fn resolve_with(
         repo.no_local_folder = Some(spec.to_string());
         return Ok(Box::new(repo));
     }
-    let msg = if looks_like_path(spec) {
+    if looks_like_path(spec) {
+        // a model problem (exit 1) rather than bad usage: the folder named is not there
         let tilde = if spec.starts_with('~') {
             " (`~` is not expanded here)"
         } else {
             ""
         };
-        format!("`{spec}` is not a Hub repo id (owner/name), and the folder does not exist{tilde}")
-    } else {
+        return Err(crate::error::ModelError::MissingFolder {
+            path: path.to_path_buf(),
+            hint: format!(", and `{spec}` is not a Hub repo id (owner/name){tilde}"),
+        }
+        .into());
+    }
+    let msg = {
         let why = check_repo_id(spec).err().unwrap_or("invalid");
         format!("`{spec}` is not a folder and not a Hub repo id (owner/name): {why}")
     };

@@ -12,6 +12,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
+            if let Some(hint) = hint(&err) {
+                eprintln!("hint: {hint}");
+            }
             exit_code(&err)
         }
     }
@@ -25,5 +28,18 @@ fn exit_code(err: &anyhow::Error) -> ExitCode {
         ExitCode::from(2)
     } else {
         ExitCode::from(1)
+    }
+}
+
+/// What to try next, for failures with a known remedy.
+fn hint(err: &anyhow::Error) -> Option<&'static str> {
+    let text = format!("{err:#}").to_ascii_lowercase();
+    if text.contains("out of memory") || text.contains("out_of_memory") {
+        Some(
+            "the device ran out of memory: try --dtype bf16 (or f16), --low-memory to hold one stage \
+             at a time, or a smaller size / fewer --num-images",
+        )
+    } else {
+        None
     }
 }

@@ -424,8 +424,8 @@ impl SizeRule {
     /// The nearest valid sizes below and above `px` (searching a bounded window).
     pub fn nearest(&self, px: usize) -> (Option<usize>, Option<usize>) {
         const WINDOW: usize = 4096;
-        let below = (1..px).rev().take(WINDOW).find(|&v| self.is_valid(v));
-        let above = (px + 1..px + WINDOW).find(|&v| self.is_valid(v));
+        let below = (1..px.min(1 << 20)).rev().find(|&v| self.is_valid(v));
+        let above = (px + 1..px.saturating_add(WINDOW)).find(|&v| self.is_valid(v));
         (below, above)
     }
 
@@ -485,6 +485,9 @@ mod tests {
         let msg = r.check("--width", 1000).unwrap_err().to_string();
         assert!(msg.contains("896") && msg.contains("1024") && msg.contains("multiples of 128"), "{msg}");
         assert!(r.check("--height", 0).unwrap_err().to_string().contains("greater than 0"));
+        // beyond the largest size the rule can produce (12672 px), the message names it
+        let msg = r.check("--width", 20000).unwrap_err().to_string();
+        assert!(msg.contains("use 12672"), "{msg}");
     }
 
     #[test]

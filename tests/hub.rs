@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hub_support::{HubServer, Serve};
-use wuerstchen::error::InputError;
+use wuerstchen::error::{InputError, ModelError};
 use wuerstchen::hub::{
     resolve, resolve_with, DownloadProgress, FileSource, HubError, HubOptions, HubRepo,
 };
@@ -530,10 +530,16 @@ fn resolve_picks_folder_or_repo() {
     assert_eq!(hub.describe(), "owner/name@v1.0");
     assert_eq!(server.count(), 0, "resolving must not touch the network");
 
+    // a folder that is not there is a model problem (exit 1), not bad usage
+    for spec in ["./nope/x/y", "/nope/at/all", "~/models/x"] {
+        let err = resolve(spec, None, None).err().unwrap_or_else(|| panic!("{spec:?} resolved"));
+        assert!(
+            matches!(err.downcast_ref::<ModelError>(), Some(ModelError::MissingFolder { .. })),
+            "{spec:?}: {err:#}"
+        );
+        assert!(err_text(&err).contains("does not exist"), "{spec:?}: {err:#}");
+    }
     for (spec, needle) in [
-        ("./nope/x/y", "does not exist"),
-        ("/nope/at/all", "does not exist"),
-        ("~/models/x", "does not exist"),
         ("nope", "not a folder and not a Hub repo id"),
         ("a b/c", "not a folder and not a Hub repo id"),
         ("", "empty"),

@@ -202,45 +202,39 @@ fn staged(asked: bool, rt: &Runtime, prior: &dyn FileSource, decoder: &dyn FileS
 
 pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
     let interrupt = install_interrupt();
-    // everything the user typed, checked before any model file is read
+    // everything the user typed, output names included, is checked before any model file is read
     let sampling = args.prior_sampling.input(Some(&args.decoder_sampling));
     let kernel = request::parse_rng(&args.prior_sampling.rng)?;
-    let (mut jobs, mut bad) = plan_jobs(&args.prompt, &args.batch, &sampling, args.prior_sampling.seed)?;
+    let (jobs, mut bad) = plan_jobs(&args.prompt, &args.batch, &sampling, args.prior_sampling.seed)?;
     let spec = runtime_spec(&args.runtime)?;
     let batch = args.prompt.prompts.is_some();
+    let outputs = plan_outputs(&jobs, &args.output.output, batch, args.output.overwrite)?;
+    let emb_outputs = match &args.save_embeddings {
+        Some(t) => super::stages::plan_embedding_outputs(&jobs, t, batch, args.output.overwrite)?.into_iter().map(Some).collect(),
+        None => vec![None; jobs.len()],
+    };
 
-    // the size rule comes from the models' small JSON files
+    // the size rule needs only the models' small JSON files
     let prior_src = source(&args.prior_model.prior, &args.hub, log.quiet)?;
     let decoder_src = source(&args.decoder_model.decoder, &args.hub, log.quiet)?;
     let stage_c = args.prior_model.stage_c.as_deref().map(|s| source(s, &args.hub, log.quiet)).transpose()?;
     let rule = SizeRule::read(prior_src.as_ref(), decoder_src.as_ref())?;
-    jobs.retain(|job| {
-        let checked = rule
-            .check("--width", job.req.width)
-            .and_then(|_| rule.check("--height", job.req.height))
-            .map_err(|e| InputError::new(format!("{}: {e}", job.origin)));
+    let mut planned = Vec::with_capacity(jobs.len());
+    for ((job, images), embeddings) in jobs.into_iter().zip(outputs).zip(emb_outputs) {
+        let checked = rule.check("--width", job.req.width).and_then(|_| rule.check("--height", job.req.height));
         match checked {
-            Ok(()) => true,
+            Ok(()) => planned.push(Planned { job, images, embeddings }),
+            Err(e) if !batch => return Err(e.into()),
             Err(e) => {
+                let e = InputError::new(format!("{}: {e}", job.origin));
+                if !args.batch.keep_going {
+                    return Err(e.into());
+                }
+                tracing::warn!("skipped: {e}");
                 bad.push(e);
-                false
             }
         }
-    });
-    if !args.batch.keep_going {
-        if let Some(e) = bad.into_iter().next() {
-            return Err(e.into());
-        }
-        bad = Vec::new();
     }
-    for e in &bad {
-        tracing::warn!("skipped: {e}");
-    }
-    let outputs = plan_outputs(&jobs, &args.output.output, batch, args.output.overwrite)?;
-    let emb_outputs = match &args.save_embeddings {
-        Some(t) => Some(super::stages::plan_embedding_outputs(&jobs, t, batch, args.output.overwrite)?),
-        None => None,
-    };
     check_interrupt(&interrupt)?;
 
     let rt = spec.open()?;
@@ -255,9 +249,7 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
     let mut progress = TerminalProgress::new(log.quiet, Some(interrupt.clone()));
     let staged = staged(args.runtime.low_memory, &rt, prior_src.as_ref(), decoder_src.as_ref());
     let ctx = Ctx {
-        jobs: &jobs,
-        outputs: &outputs,
-        emb_outputs: emb_outputs.as_deref(),
+        planned: &planned,
         info: &info,
         writer: &writer,
         kernel,
@@ -286,7 +278,7 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
     };
     log_peak_memory();
     if batch {
-        tracing::info!("{} of {} prompts done", summary.done, jobs.len() + bad.len());
+        tracing::info!("{} of {} prompts done", summary.done, planned.len() + bad.len());
     }
     if !summary.failed.is_empty() {
         anyhow::bail!("{} prompt(s) failed: {}", summary.failed.len(), summary.failed.iter().map(|(o, _)| o.as_str()).collect::<Vec<_>>().join(", "));
@@ -297,10 +289,15 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
     Ok(())
 }
 
+/// A job with the files it will write.
+struct Planned {
+    job: Job,
+    images: Vec<PathBuf>,
+    embeddings: Option<PathBuf>,
+}
+
 struct Ctx<'a> {
-    jobs: &'a [Job],
-    outputs: &'a [Vec<PathBuf>],
-    emb_outputs: Option<&'a [PathBuf]>,
+    planned: &'a [Planned],
     info: &'a RunInfo,
     writer: &'a Writer,
     kernel: BoxMuller,
@@ -313,7 +310,7 @@ impl Ctx<'_> {
         tracing::info!(
             "[{}/{}] seed {} {}x{}: {:?}",
             i + 1,
-            self.jobs.len(),
+            self.planned.len(),
             job.req.seed,
             job.req.width,
             job.req.height,
@@ -321,35 +318,34 @@ impl Ctx<'_> {
         );
     }
 
-    fn save_embeddings(&self, i: usize, emb: &Tensor) -> Result<()> {
-        if let Some(paths) = self.emb_outputs {
-            let bytes = embeddings_file(emb, &self.jobs[i].req, self.info)?;
-            output::write_atomic(&paths[i], &bytes, self.writer.overwrite)?;
-            tracing::info!("embeddings written to {}", paths[i].display());
+    fn save_embeddings(&self, p: &Planned, emb: &Tensor) -> Result<()> {
+        if let Some(path) = &p.embeddings {
+            output::write_atomic(path, &embeddings_file(emb, &p.job.req, self.info)?, self.writer.overwrite)?;
+            tracing::info!("embeddings written to {}", path.display());
         }
         Ok(())
     }
 
-    fn finish_job(&self, i: usize, images: &Tensor, progress: &mut TerminalProgress) -> Result<()> {
+    fn finish_job(&self, p: &Planned, images: &Tensor, progress: &mut TerminalProgress) -> Result<()> {
         let timings = progress.take_timings();
-        let job = &self.jobs[i];
         let t: Vec<String> = timings.iter().map(|(s, t)| format!("{s} {t:.2}s")).collect();
-        tracing::info!("seed {}: {}", job.req.seed, t.join(", "));
-        self.writer.images(job, &output::to_rgb8(images)?, &self.outputs[i], self.info, &timings)
+        tracing::info!("seed {}: {}", p.job.req.seed, t.join(", "));
+        self.writer.images(&p.job, &output::to_rgb8(images)?, &p.images, self.info, &timings)
     }
 
     /// Both stages resident: each job runs start to finish.
     fn run_together(&self, prior: &PriorPipeline, decoder: &DecoderPipeline, progress: &mut TerminalProgress) -> Result<Summary> {
         let mut summary = Summary::default();
-        for (i, job) in self.jobs.iter().enumerate() {
+        for (i, p) in self.planned.iter().enumerate() {
+            let job = &p.job;
             check_interrupt(self.interrupt)?;
             self.log_job(i, job);
             let result = (|| {
                 let mut noise = generator(&job.req, self.kernel);
                 let emb = prior.run(&job.req.prior_params(), &mut noise, progress)?;
-                self.save_embeddings(i, &emb)?;
+                self.save_embeddings(p, &emb)?;
                 let images = decoder.run(&emb, &job.req.decoder_params(), &mut noise, progress)?;
-                self.finish_job(i, &images, progress)
+                self.finish_job(p, &images, progress)
             })();
             match result {
                 Ok(()) => summary.done += 1,
@@ -371,28 +367,29 @@ impl Ctx<'_> {
         let mut pending = Vec::new();
         {
             let prior = load_prior()?;
-            for (i, job) in self.jobs.iter().enumerate() {
+            for (i, p) in self.planned.iter().enumerate() {
+                let job = &p.job;
                 check_interrupt(self.interrupt)?;
                 self.log_job(i, job);
                 let result = (|| {
                     let mut noise = generator(&job.req, self.kernel);
                     let emb = prior.run(&job.req.prior_params(), &mut noise, progress)?;
-                    self.save_embeddings(i, &emb)?;
+                    self.save_embeddings(p, &emb)?;
                     Ok((emb.to_device(&Device::Cpu)?, noise))
                 })();
                 match result {
-                    Ok((emb, noise)) => pending.push((i, emb, noise)),
+                    Ok((emb, noise)) => pending.push((p, emb, noise)),
                     Err(e) => summary.fail(job, e, self.keep_going)?,
                 }
             }
         }
         let decoder = load_decoder()?;
-        for (i, emb, mut noise) in pending {
+        for (p, emb, mut noise) in pending {
             check_interrupt(self.interrupt)?;
-            let job = &self.jobs[i];
+            let job = &p.job;
             let result = (|| {
                 let images = decoder.run(&emb, &job.req.decoder_params(), &mut noise, progress)?;
-                self.finish_job(i, &images, progress)
+                self.finish_job(p, &images, progress)
             })();
             match result {
                 Ok(()) => summary.done += 1,

@@ -128,7 +128,10 @@ pub fn plan_jobs(
         match job {
             Ok(j) if shard.is_none_or(|s| s.takes(j.index)) => jobs.push(j),
             Ok(_) => {}
-            Err(e) if batch.keep_going => bad.push(e),
+            Err(e) if batch.keep_going => {
+                tracing::warn!("skipped: {e}");
+                bad.push(e);
+            }
             Err(e) => return Err(e.into()),
         }
     }

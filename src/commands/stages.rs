@@ -39,9 +39,6 @@ pub fn run_prior(args: &PriorArgs, log: &LogArgs) -> Result<()> {
     let sampling = args.prior_sampling.input(None);
     let kernel = request::parse_rng(&args.prior_sampling.rng)?;
     let (jobs, bad) = plan_jobs(&args.prompt, &args.batch, &sampling, args.prior_sampling.seed)?;
-    for e in &bad {
-        tracing::warn!("skipped: {e}");
-    }
     let spec = runtime_spec(&args.runtime)?;
     let batch = args.prompt.prompts.is_some();
     let paths = plan_embedding_outputs(&jobs, &args.out, batch, args.overwrite)?;
