@@ -413,8 +413,9 @@ impl SizeRule {
     /// decoder cannot run (a latent side that does not divide by the decoder's downscale).
     pub fn produced(&self, px: usize) -> Option<usize> {
         let prior = (px as f64 / self.resolution_multiple).ceil();
-        let latent = (prior * self.latent_dim_scale) as usize;
-        (latent > 0 && latent % self.decoder_downscale == 0).then_some(latent * self.vqgan_upscale)
+        let latent = (prior * self.latent_dim_scale) as usize; // saturates, as a cast does
+        let divides = self.decoder_downscale > 0 && latent % self.decoder_downscale == 0;
+        (latent > 0 && divides).then(|| latent.checked_mul(self.vqgan_upscale)).flatten()
     }
 
     pub fn is_valid(&self, px: usize) -> bool {
