@@ -8,7 +8,11 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use crate::request::SamplingInput;
 
 #[derive(Debug, Parser)]
-#[command(name = "wuerstchen", version, about = "Würstchen v2 text-to-image, diffusers' numbers without Python")]
+#[command(
+    name = "wuerstchen",
+    version,
+    about = "Würstchen v2 text-to-image, diffusers' numbers without Python"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -78,7 +82,13 @@ pub struct PriorArgs {
     #[command(flatten)]
     pub hub: HubArgs,
     /// Output path (template: {seed}, {index}, {prompt}) of the embeddings
-    #[arg(long, visible_alias = "output", short = 'o', default_value = "wuerstchen-{seed}.safetensors", help_heading = "Output")]
+    #[arg(
+        long,
+        visible_alias = "output",
+        short = 'o',
+        default_value = "wuerstchen-{seed}.safetensors",
+        help_heading = "Output"
+    )]
     pub out: String,
     /// Replace existing files
     #[arg(long, help_heading = "Output")]

@@ -62,9 +62,7 @@ impl Default for PriorPipelineConfig {
 
 impl PriorPipelineConfig {
     pub fn validate(&self) -> Result<(), ModelError> {
-        let ok = [self.latent_mean, self.latent_std]
-            .iter()
-            .all(|v| v.is_finite())
+        let ok = [self.latent_mean, self.latent_std].iter().all(|v| v.is_finite())
             && self.resolution_multiple.is_finite()
             && self.resolution_multiple > 0.0;
         if !ok {
@@ -301,10 +299,7 @@ impl Default for VqganConfig {
 impl VqganConfig {
     /// Channels per level, finest first: `embed_dim // 2**i` for i = levels-1 .. 0.
     pub fn c_levels(&self) -> Vec<usize> {
-        (0..self.levels)
-            .rev()
-            .map(|i| self.embed_dim >> i)
-            .collect()
+        (0..self.levels).rev().map(|i| self.embed_dim >> i).collect()
     }
 
     /// Image pixels per latent pixel.
@@ -341,10 +336,7 @@ pub struct SchedulerConfig {
 impl Default for SchedulerConfig {
     // DDPMWuerstchenScheduler.__init__ defaults (scheduling_ddpm_wuerstchen.py)
     fn default() -> Self {
-        Self {
-            scaler: 1.0,
-            s: 0.008,
-        }
+        Self { scaler: 1.0, s: 0.008 }
     }
 }
 
@@ -423,8 +415,7 @@ mod tests {
 
     #[test]
     fn missing_keys_take_diffusers_defaults_and_extra_keys_are_ignored() {
-        let c: DecoderConfig =
-            serde_json::from_str(r#"{"_class_name": "WuerstchenDiffNeXt", "c_cond": 32}"#).unwrap();
+        let c: DecoderConfig = serde_json::from_str(r#"{"_class_name": "WuerstchenDiffNeXt", "c_cond": 32}"#).unwrap();
         assert_eq!(c.c_cond, 32);
         assert_eq!(c.c_hidden, vec![320, 640, 1280, 1280]);
         assert_eq!(c.downscale(), 16);

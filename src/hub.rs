@@ -112,9 +112,7 @@ impl HubOptions {
         // ~/.cache/huggingface; HF_HUB_CACHE (legacy HUGGINGFACE_HUB_CACHE) to $HF_HOME/hub.
         let hf_home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
             let cache = var("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
-                let home = var("HOME")
-                    .or_else(|| var("USERPROFILE"))
-                    .unwrap_or_else(|| ".".into());
+                let home = var("HOME").or_else(|| var("USERPROFILE")).unwrap_or_else(|| ".".into());
                 Path::new(&home).join(".cache")
             });
             cache.join("huggingface")
@@ -136,10 +134,7 @@ impl HubOptions {
 
 /// huggingface_hub's `_is_true`: `1`, `true`, `yes`, `on`, in any case.
 fn is_truthy(value: &str) -> bool {
-    matches!(
-        value.trim().to_ascii_lowercase().as_str(),
-        "1" | "true" | "yes" | "on"
-    )
+    matches!(value.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
 }
 
 /// Told about each file download. Called from hf-hub's runtime thread while bytes arrive, so
@@ -336,9 +331,7 @@ impl HubRepo {
                 .ok()
                 .map(|s| s.trim().to_string())
         };
-        commit.is_some_and(|c| {
-            !c.is_empty() && folder.join(".no_exist").join(c).join(rel_path).exists()
-        })
+        commit.is_some_and(|c| !c.is_empty() && folder.join(".no_exist").join(c).join(rel_path).exists())
     }
 
     fn classify(&self, rel_path: &str, err: hf_hub::HFError) -> Result<Option<PathBuf>> {
@@ -376,36 +369,23 @@ impl HubRepo {
                 cache_dir: self.options.cache_dir.clone(),
                 no_local_folder: cache_miss_hint,
             },
-            E::Request { ref source, .. } if source.is_connect() || source.is_timeout() => {
-                HubError::Unreachable {
-                    repo,
-                    file,
-                    endpoint,
-                    cache_dir: self.options.cache_dir.clone(),
-                    no_local_folder: cache_miss_hint,
-                    source: err,
-                }
-            }
+            E::Request { ref source, .. } if source.is_connect() || source.is_timeout() => HubError::Unreachable {
+                repo,
+                file,
+                endpoint,
+                cache_dir: self.options.cache_dir.clone(),
+                no_local_folder: cache_miss_hint,
+                source: err,
+            },
             // Anonymous requests for a missing repo get 401 with `X-Error-Code: RepoNotFound`.
             // (The type of `context` is not exported by hf-hub, hence the inline test.)
             E::AuthRequired { ref context }
-                if matches!(
-                    context.error_code.as_deref(),
-                    Some("RepoNotFound" | "RevisionNotFound")
-                ) =>
+                if matches!(context.error_code.as_deref(), Some("RepoNotFound" | "RevisionNotFound")) =>
             {
                 repo_not_found(Some(err))
             }
-            e @ E::AuthRequired { .. } | e @ E::Forbidden { .. } => HubError::AccessDenied {
-                repo,
-                file,
-                source: e,
-            },
-            e => HubError::Download {
-                repo,
-                file,
-                source: e,
-            },
+            e @ E::AuthRequired { .. } | e @ E::Forbidden { .. } => HubError::AccessDenied { repo, file, source: e },
+            e => HubError::Download { repo, file, source: e },
         };
         Err(err.into())
     }
@@ -440,9 +420,8 @@ impl HubRepo {
 
 impl FileSource for HubRepo {
     fn get(&self, rel_path: &str) -> Result<Option<PathBuf>> {
-        check_rel_path(rel_path).map_err(|why| {
-            anyhow::anyhow!("{}: refusing to fetch `{rel_path}`: {why}", self.describe())
-        })?;
+        check_rel_path(rel_path)
+            .map_err(|why| anyhow::anyhow!("{}: refusing to fetch `{rel_path}`: {why}", self.describe()))?;
         let bridge = Arc::new(ProgressBridge::new(self.progress.clone()));
         let result = self
             .repo
@@ -494,9 +473,7 @@ impl ProgressBridge {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BridgeState> {
         // A panicking sink poisons the lock; the counts inside stay usable.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn file_event(&self, st: &mut BridgeState, file: &hf_hub::progress::FileProgress) {
@@ -661,10 +638,7 @@ pub fn resolve_with(
     progress: Option<Arc<dyn DownloadProgress>>,
 ) -> Result<Box<dyn FileSource>> {
     if spec.trim().is_empty() {
-        return Err(InputError::new(
-            "the model is empty: give a folder or a Hub repo id (owner/name)",
-        )
-        .into());
+        return Err(InputError::new("the model is empty: give a folder or a Hub repo id (owner/name)").into());
     }
     let path = Path::new(spec);
     if path.is_dir() {
@@ -754,12 +728,7 @@ mod tests {
     #[test]
     fn options_from_vars() {
         let vars = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| v.to_string())
-            }
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
         };
         let o = HubOptions::from_vars(vars(&[("HOME", "/home/u")]));
         assert_eq!(o.cache_dir, Path::new("/home/u/.cache/huggingface/hub"));
@@ -770,10 +739,7 @@ mod tests {
         assert_eq!(o.cache_dir, Path::new("/xdg/huggingface/hub"));
         let o = HubOptions::from_vars(vars(&[("HF_HOME", "/hf"), ("XDG_CACHE_HOME", "/xdg")]));
         assert_eq!(o.cache_dir, Path::new("/hf/hub"));
-        let o = HubOptions::from_vars(vars(&[
-            ("HF_HOME", "/hf"),
-            ("HUGGINGFACE_HUB_CACHE", "/legacy"),
-        ]));
+        let o = HubOptions::from_vars(vars(&[("HF_HOME", "/hf"), ("HUGGINGFACE_HUB_CACHE", "/legacy")]));
         assert_eq!(o.cache_dir, Path::new("/legacy"));
         let o = HubOptions::from_vars(vars(&[
             ("HF_HOME", "/hf"),
@@ -786,11 +752,7 @@ mod tests {
         assert_eq!(o.endpoint, "http://127.0.0.1:9");
         assert!(o.offline);
         // Empty means unset, as in the shell idiom `HF_HOME= cmd`.
-        let o = HubOptions::from_vars(vars(&[
-            ("HOME", "/h"),
-            ("HF_HOME", ""),
-            ("HF_HUB_OFFLINE", ""),
-        ]));
+        let o = HubOptions::from_vars(vars(&[("HOME", "/h"), ("HF_HOME", ""), ("HF_HUB_OFFLINE", "")]));
         assert_eq!(o.cache_dir, Path::new("/h/.cache/huggingface/hub"));
         assert!(!o.offline);
     }
@@ -821,9 +783,7 @@ mod tests {
 
     #[test]
     fn path_like_specs() {
-        for p in [
-            "./x", "../x", "/abs", "~/models", "a/b/c", "a\\b", ".hidden",
-        ] {
+        for p in ["./x", "../x", "/abs", "~/models", "a/b/c", "a\\b", ".hidden"] {
             assert!(looks_like_path(p), "{p}");
         }
         for p in ["owner/name", "name", "a b/c"] {
@@ -833,10 +793,7 @@ mod tests {
 
     #[test]
     fn cache_folder_names() {
-        assert_eq!(
-            repo_folder_name("warp-ai/wuerstchen"),
-            "models--warp-ai--wuerstchen"
-        );
+        assert_eq!(repo_folder_name("warp-ai/wuerstchen"), "models--warp-ai--wuerstchen");
         assert!(is_commit_hash("0123456789abcdef0123456789abcdef01234567"));
         assert!(!is_commit_hash("main"));
     }

@@ -30,7 +30,10 @@ pub fn to_rgb8(images: &Tensor) -> Result<Vec<RgbImage>> {
         .map(|img| RgbImage {
             width: w,
             height: h,
-            pixels: img.iter().map(|v| (v * 255.0).round_ties_even().clamp(0.0, 255.0) as u8).collect(),
+            pixels: img
+                .iter()
+                .map(|v| (v * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
+                .collect(),
         })
         .collect())
 }
@@ -77,7 +80,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
         .and_then(|_| tmp.as_file().sync_all())
         .with_context(|| format!("writing {}", path.display()))?;
     if overwrite {
-        tmp.persist(path).map_err(|e| e.error).with_context(|| format!("writing {}", path.display()))?;
+        tmp.persist(path)
+            .map_err(|e| e.error)
+            .with_context(|| format!("writing {}", path.display()))?;
     } else {
         tmp.persist_noclobber(path).map_err(|e| {
             if e.error.kind() == std::io::ErrorKind::AlreadyExists {
@@ -172,7 +177,10 @@ pub fn check_writable(path: &Path, overwrite: bool) -> Result<(), InputError> {
         )));
     }
     if let Err(e) = tempfile::Builder::new().prefix(".wuerstchen-check-").tempfile_in(dir) {
-        return Err(InputError::new(format!("output folder {} is not writable: {e}", dir.display())));
+        return Err(InputError::new(format!(
+            "output folder {} is not writable: {e}",
+            dir.display()
+        )));
     }
     if !overwrite && path.exists() {
         return Err(InputError::new(format!(
@@ -207,9 +215,17 @@ mod tests {
 
     #[test]
     fn names_from_templates() {
-        let f = NameFields { index: 3, n: 1, seed: 42, prompt: "A Cat, dressed as a FIRE fighter!" };
+        let f = NameFields {
+            index: 3,
+            n: 1,
+            seed: 42,
+            prompt: "A Cat, dressed as a FIRE fighter!",
+        };
         assert_eq!(output_path("out.png", &f, false, false), PathBuf::from("out.png"));
-        assert_eq!(output_path("dir/out.png", &f, true, false), PathBuf::from("dir/out-1.png"));
+        assert_eq!(
+            output_path("dir/out.png", &f, true, false),
+            PathBuf::from("dir/out-1.png")
+        );
         assert_eq!(output_path("out.png", &f, true, true), PathBuf::from("out-3-1.png"));
         assert_eq!(output_path("out-{seed}", &f, false, true), PathBuf::from("out-42-3"));
         assert_eq!(

@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{
-    read_json, ClipTextConfig, DecoderConfig, DecoderPipelineConfig, PriorConfig, PriorPipelineConfig,
-    SchedulerConfig, VqganConfig,
+    read_json, ClipTextConfig, DecoderConfig, DecoderPipelineConfig, PriorConfig, PriorPipelineConfig, SchedulerConfig,
+    VqganConfig,
 };
 use crate::hub::FileSource;
 use crate::models::{ClipTextModel, PaellaVqDecoder, WuerstchenDiffNeXt, WuerstchenPrior};
@@ -38,7 +38,11 @@ pub struct Component<'a> {
 
 impl<'a> Component<'a> {
     pub fn new(src: &'a dyn FileSource, folder: &'a str) -> Self {
-        Self { src, folder, name: folder }
+        Self {
+            src,
+            folder,
+            name: folder,
+        }
     }
 
     fn config<T: serde::de::DeserializeOwned>(&self, file: &str) -> Result<T> {
@@ -64,7 +68,11 @@ fn required(src: &dyn FileSource, component: &str, rel: &str) -> Result<std::pat
 /// Every file a stage loads from `src`: `model_index.json`, the scheduler config, the
 /// tokenizer, and each `(folder, weights stem)` component's config and weights. Fetches them
 /// (for a Hub source) without loading anything; `stage_c` replaces the `prior` folder.
-fn locate(src: &dyn FileSource, parts: &[(&str, &str)], stage_c: Option<&dyn FileSource>) -> Result<Vec<std::path::PathBuf>> {
+fn locate(
+    src: &dyn FileSource,
+    parts: &[(&str, &str)],
+    stage_c: Option<&dyn FileSource>,
+) -> Result<Vec<std::path::PathBuf>> {
     let mut files = vec![required(src, "model_index.json", "model_index.json")?];
     files.push(required(src, "scheduler", "scheduler/scheduler_config.json")?);
     for (folder, stem) in parts {
@@ -76,7 +84,13 @@ fn locate(src: &dyn FileSource, parts: &[(&str, &str)], stage_c: Option<&dyn Fil
         files.extend(component_weight_files(s, f, folder, stem)?);
     }
     ClipTokenizer::load(src, "tokenizer")?;
-    for name in ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"] {
+    for name in [
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
         files.extend(src.get(&format!("tokenizer/{name}"))?);
     }
     Ok(files)
@@ -178,7 +192,10 @@ fn sample(
         let ratio = Tensor::full(t, n, &rt.device)?.to_dtype(rt.dtype)?;
         let pred = match guidance {
             Some(w) => {
-                let both = model(&Tensor::cat(&[&latents, &latents], 0)?, &Tensor::cat(&[&ratio, &ratio], 0)?)?;
+                let both = model(
+                    &Tensor::cat(&[&latents, &latents], 0)?,
+                    &Tensor::cat(&[&ratio, &ratio], 0)?,
+                )?;
                 lerp(&both.narrow(0, n, n)?, &both.narrow(0, 0, n)?, w)?
             }
             None => model(&latents, &ratio)?,
@@ -224,7 +241,11 @@ impl PriorPipeline {
         let config: PriorPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
         config.validate()?;
         let prior_src = match stage_c {
-            Some(s) => Component { src: s, folder: "", name: "prior" },
+            Some(s) => Component {
+                src: s,
+                folder: "",
+                name: "prior",
+            },
             None => Component::new(src, "prior"),
         };
         let prior_config: PriorConfig = prior_src.config("config.json")?;
@@ -246,7 +267,11 @@ impl PriorPipeline {
 
     /// Fetches every file `load` reads (see `locate`), returning their paths.
     pub fn locate(src: &dyn FileSource, stage_c: Option<&dyn FileSource>) -> Result<Vec<std::path::PathBuf>> {
-        locate(src, &[("text_encoder", "model"), ("prior", "diffusion_pytorch_model")], stage_c)
+        locate(
+            src,
+            &[("text_encoder", "model"), ("prior", "diffusion_pytorch_model")],
+            stage_c,
+        )
     }
 
     /// The embedding's (h, w) for an image of (height, width): `ceil(size / resolution_multiple)`.
@@ -265,9 +290,17 @@ impl PriorPipeline {
         let cond = self.prior.condition(&text)?;
         let (h, w) = self.latent_size(p.height, p.width);
         let latents = draw(noise, &[p.num_images, self.prior_config.c_in, h, w], rt)?;
-        let latents = sample(latents, &p.timesteps, guidance, &self.scheduler, rt, noise, progress, "prior", |x, r| {
-            Ok(self.prior.forward(x, r, &cond)?)
-        })?;
+        let latents = sample(
+            latents,
+            &p.timesteps,
+            guidance,
+            &self.scheduler,
+            rt,
+            noise,
+            progress,
+            "prior",
+            |x, r| Ok(self.prior.forward(x, r, &cond)?),
+        )?;
         check_finite(&latents, "prior")?;
         Ok(latents.affine(self.config.latent_mean, -self.config.latent_std)?)
     }
@@ -310,8 +343,8 @@ impl DecoderPipeline {
         let text_encoder = TextEncoder::load(src, rt)?;
         let decoder = WuerstchenDiffNeXt::new(&decoder_config, dec.weights("diffusion_pytorch_model", rt)?)
             .context("loading decoder")?;
-        let vqgan = PaellaVqDecoder::new(&vqgan_config, vq.weights("diffusion_pytorch_model", rt)?)
-            .context("loading vqgan")?;
+        let vqgan =
+            PaellaVqDecoder::new(&vqgan_config, vq.weights("diffusion_pytorch_model", rt)?).context("loading vqgan")?;
         Ok(Self {
             text_encoder,
             decoder,
@@ -326,7 +359,11 @@ impl DecoderPipeline {
 
     /// Fetches every file `load` reads (see `locate`), returning their paths.
     pub fn locate(src: &dyn FileSource) -> Result<Vec<std::path::PathBuf>> {
-        let parts = [("text_encoder", "model"), ("decoder", "diffusion_pytorch_model"), ("vqgan", "diffusion_pytorch_model")];
+        let parts = [
+            ("text_encoder", "model"),
+            ("decoder", "diffusion_pytorch_model"),
+            ("vqgan", "diffusion_pytorch_model"),
+        ];
         locate(src, &parts, None)
     }
 
@@ -348,7 +385,9 @@ impl DecoderPipeline {
         let embeddings = embeddings.to_device(&rt.device)?.to_dtype(rt.dtype)?;
         let (n, _, h, w) = embeddings.dims4()?;
         let guidance = (p.guidance > 1.0).then_some(p.guidance);
-        let text = self.text_encoder.conditioning(&p.prompt, &p.negative_prompt, n, guidance.is_some())?;
+        let text = self
+            .text_encoder
+            .conditioning(&p.prompt, &p.negative_prompt, n, guidance.is_some())?;
         // the unconditional half sees zeros instead of the image embeddings
         let effnet = match guidance {
             Some(_) => Tensor::cat(&[&embeddings, &embeddings.zeros_like()?], 0)?,
@@ -357,9 +396,17 @@ impl DecoderPipeline {
         let size = self.latent_size(h, w);
         let cond = self.decoder.condition(&effnet, &text, size)?;
         let latents = draw(noise, &[n, self.decoder_config.c_in, size.0, size.1], rt)?;
-        let latents = sample(latents, &p.timesteps, guidance, &self.scheduler, rt, noise, progress, "decoder", |x, r| {
-            Ok(self.decoder.forward(x, r, &cond)?)
-        })?;
+        let latents = sample(
+            latents,
+            &p.timesteps,
+            guidance,
+            &self.scheduler,
+            rt,
+            noise,
+            progress,
+            "decoder",
+            |x, r| Ok(self.decoder.forward(x, r, &cond)?),
+        )?;
         check_finite(&latents, "decoder")?;
         progress.start("vqgan", 1);
         let images = self
@@ -415,7 +462,9 @@ impl SizeRule {
         let prior = (px as f64 / self.resolution_multiple).ceil();
         let latent = (prior * self.latent_dim_scale) as usize; // saturates, as a cast does
         let divides = self.decoder_downscale > 0 && latent % self.decoder_downscale == 0;
-        (latent > 0 && divides).then(|| latent.checked_mul(self.vqgan_upscale)).flatten()
+        (latent > 0 && divides)
+            .then(|| latent.checked_mul(self.vqgan_upscale))
+            .flatten()
     }
 
     pub fn is_valid(&self, px: usize) -> bool {
@@ -469,7 +518,12 @@ mod tests {
     use super::*;
 
     fn published() -> SizeRule {
-        SizeRule { resolution_multiple: 42.67, latent_dim_scale: 10.67, decoder_downscale: 16, vqgan_upscale: 4 }
+        SizeRule {
+            resolution_multiple: 42.67,
+            latent_dim_scale: 10.67,
+            decoder_downscale: 16,
+            vqgan_upscale: 4,
+        }
     }
 
     #[test]
@@ -484,8 +538,15 @@ mod tests {
         assert_eq!(r.nearest(1000), (Some(896), Some(1024)));
         assert_eq!(r.step(), 128);
         let msg = r.check("--width", 1000).unwrap_err().to_string();
-        assert!(msg.contains("896") && msg.contains("1024") && msg.contains("multiples of 128"), "{msg}");
-        assert!(r.check("--height", 0).unwrap_err().to_string().contains("greater than 0"));
+        assert!(
+            msg.contains("896") && msg.contains("1024") && msg.contains("multiples of 128"),
+            "{msg}"
+        );
+        assert!(r
+            .check("--height", 0)
+            .unwrap_err()
+            .to_string()
+            .contains("greater than 0"));
         // beyond the largest size the rule can produce (12672 px), the message names it
         let msg = r.check("--width", 20000).unwrap_err().to_string();
         assert!(msg.contains("use 12672"), "{msg}");
@@ -519,7 +580,11 @@ pub fn free_device_memory(device: &Device) -> Option<u64> {
 /// storage as in the published repos.
 pub fn weight_bytes(src: &dyn FileSource, folder: &str, stem: &str, dtype: DType) -> Option<u64> {
     let files = component_weight_files(src, folder, folder, stem).ok()?;
-    let stored: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let stored: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
     Some(stored / 4 * dtype.size_in_bytes() as u64)
 }
 

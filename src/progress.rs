@@ -89,7 +89,9 @@ impl Progress for TerminalProgress {
     }
 
     fn cancelled(&self) -> bool {
-        self.interrupt.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+        self.interrupt
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
     }
 }
 

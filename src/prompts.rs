@@ -66,7 +66,10 @@ pub fn parse(name: &str, bytes: &[u8]) -> Vec<Result<Entry, InputError>> {
             serde_json::from_str::<PromptLine>(text)
                 .map_err(|e| InputError::new(format!("{name}:{line}: invalid JSON line: {e}")))
         } else {
-            Ok(PromptLine { prompt: text.to_string(), ..Default::default() })
+            Ok(PromptLine {
+                prompt: text.to_string(),
+                ..Default::default()
+            })
         };
         out.push(fields.map(|fields| Entry { line, index, fields }));
         index += 1;
@@ -85,7 +88,10 @@ impl Shard {
     pub fn parse(s: &str) -> Result<Self, InputError> {
         let bad = || InputError::new(format!("--shard {s:?}: expected I/N with 0 <= I < N, e.g. 0/4"));
         let (i, n) = s.split_once('/').ok_or_else(bad)?;
-        let (index, count): (usize, usize) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        let (index, count): (usize, usize) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
         if count == 0 || index >= count {
             return Err(bad());
         }
@@ -107,7 +113,10 @@ mod tests {
         let file = b"a cat\n\n  {\"prompt\": \"a dog\", \"seed\": 5, \"steps\": 3, \"guidance\": 2.5}\r\nlast line";
         let entries: Vec<Entry> = parse("p.txt", file).into_iter().map(Result::unwrap).collect();
         assert_eq!(entries.len(), 3);
-        assert_eq!((entries[0].line, entries[0].index, entries[0].fields.prompt.as_str()), (1, 0, "a cat"));
+        assert_eq!(
+            (entries[0].line, entries[0].index, entries[0].fields.prompt.as_str()),
+            (1, 0, "a cat")
+        );
         assert_eq!((entries[1].line, entries[1].index), (3, 1));
         assert_eq!(entries[1].fields.seed, Some(5));
         assert_eq!(entries[1].fields.prior_steps, Some(3));
@@ -121,8 +130,16 @@ mod tests {
         let r = parse("p.jsonl", file);
         assert!(r[0].is_ok());
         let msgs: Vec<String> = r[1..].iter().map(|e| e.as_ref().unwrap_err().to_string()).collect();
-        assert!(msgs[0].starts_with("p.jsonl:2:") && msgs[0].contains("stpes"), "{}", msgs[0]);
-        assert!(msgs[1].starts_with("p.jsonl:3:") && msgs[1].contains("UTF-8"), "{}", msgs[1]);
+        assert!(
+            msgs[0].starts_with("p.jsonl:2:") && msgs[0].contains("stpes"),
+            "{}",
+            msgs[0]
+        );
+        assert!(
+            msgs[1].starts_with("p.jsonl:3:") && msgs[1].contains("UTF-8"),
+            "{}",
+            msgs[1]
+        );
         assert!(msgs[2].starts_with("p.jsonl:4:"), "{}", msgs[2]);
     }
 

@@ -109,7 +109,12 @@ pub fn job_from_entry(
     let negative = l.negative_prompt.as_deref().unwrap_or(negative_prompt);
     let req = generate_request(&l.prompt, negative, &sampling.with_line(l), seed)
         .map_err(|e| InputError::new(format!("{origin}: {e}")))?;
-    Ok(Job { index: entry.index, origin, req, output: l.output.clone() })
+    Ok(Job {
+        index: entry.index,
+        origin,
+        req,
+        output: l.output.clone(),
+    })
 }
 
 /// A seed option: a given value, or one picked at random (`true` when picked).
@@ -124,7 +129,11 @@ fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // std's RandomState is seeded from the OS per process; 32 bits keep seeds short to type
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     h.finish() & 0xffff_ffff
 }
 
@@ -191,12 +200,7 @@ pub fn check_guidance(flag: &str, v: f64) -> Result<f64> {
 }
 
 /// Validates everything but the model-dependent size rule.
-pub fn generate_request(
-    prompt: &str,
-    negative_prompt: &str,
-    s: &SamplingInput,
-    seed: u64,
-) -> Result<GenerateRequest> {
+pub fn generate_request(prompt: &str, negative_prompt: &str, s: &SamplingInput, seed: u64) -> Result<GenerateRequest> {
     for (flag, v) in [("--width", s.width), ("--height", s.height)] {
         if v == 0 {
             return Err(InputError::new(format!("{flag} must be greater than 0")));
@@ -291,16 +295,77 @@ mod tests {
     fn bad_values_are_input_errors() {
         let cases: Vec<(SamplingInput, &str)> = vec![
             (SamplingInput { width: 0, ..input() }, "--width"),
-            (SamplingInput { num_images: 0, ..input() }, "--num-images"),
-            (SamplingInput { prior_steps: Some(0), ..input() }, "--prior-steps"),
-            (SamplingInput { decoder_steps: Some(0), ..input() }, "--decoder-steps"),
-            (SamplingInput { prior_guidance: f64::NAN, ..input() }, "--prior-guidance"),
-            (SamplingInput { decoder_guidance: f64::INFINITY, ..input() }, "--decoder-guidance"),
-            (SamplingInput { prior_timesteps: Some(vec![0.5, 0.7, 0.0]), ..input() }, "descending"),
-            (SamplingInput { prior_timesteps: Some(vec![1.5, 0.0]), ..input() }, "[0, 1]"),
-            (SamplingInput { prior_timesteps: Some(vec![f64::NAN, 0.0]), ..input() }, "[0, 1]"),
-            (SamplingInput { prior_timesteps: Some(vec![1.0]), ..input() }, "two values"),
-            (SamplingInput { prior_steps: Some(3), prior_timesteps: Some(vec![1.0, 0.0]), ..input() }, "not both"),
+            (
+                SamplingInput {
+                    num_images: 0,
+                    ..input()
+                },
+                "--num-images",
+            ),
+            (
+                SamplingInput {
+                    prior_steps: Some(0),
+                    ..input()
+                },
+                "--prior-steps",
+            ),
+            (
+                SamplingInput {
+                    decoder_steps: Some(0),
+                    ..input()
+                },
+                "--decoder-steps",
+            ),
+            (
+                SamplingInput {
+                    prior_guidance: f64::NAN,
+                    ..input()
+                },
+                "--prior-guidance",
+            ),
+            (
+                SamplingInput {
+                    decoder_guidance: f64::INFINITY,
+                    ..input()
+                },
+                "--decoder-guidance",
+            ),
+            (
+                SamplingInput {
+                    prior_timesteps: Some(vec![0.5, 0.7, 0.0]),
+                    ..input()
+                },
+                "descending",
+            ),
+            (
+                SamplingInput {
+                    prior_timesteps: Some(vec![1.5, 0.0]),
+                    ..input()
+                },
+                "[0, 1]",
+            ),
+            (
+                SamplingInput {
+                    prior_timesteps: Some(vec![f64::NAN, 0.0]),
+                    ..input()
+                },
+                "[0, 1]",
+            ),
+            (
+                SamplingInput {
+                    prior_timesteps: Some(vec![1.0]),
+                    ..input()
+                },
+                "two values",
+            ),
+            (
+                SamplingInput {
+                    prior_steps: Some(3),
+                    prior_timesteps: Some(vec![1.0, 0.0]),
+                    ..input()
+                },
+                "not both",
+            ),
         ];
         for (s, needle) in cases {
             let e = generate_request("x", "", &s, 0).unwrap_err().to_string();
@@ -310,7 +375,11 @@ mod tests {
 
     #[test]
     fn explicit_schedules_and_steps() {
-        let s = SamplingInput { prior_timesteps: Some(vec![0.9, 0.5, 0.2, 0.0]), decoder_steps: Some(4), ..input() };
+        let s = SamplingInput {
+            prior_timesteps: Some(vec![0.9, 0.5, 0.2, 0.0]),
+            decoder_steps: Some(4),
+            ..input()
+        };
         let r = generate_request("x", "", &s, 0).unwrap();
         assert_eq!(r.prior_timesteps, vec![0.9, 0.5, 0.2, 0.0]);
         assert_eq!(r.decoder_timesteps, vec![1.0, 0.75, 0.5, 0.25, 0.0]);
@@ -322,9 +391,15 @@ mod tests {
             "p.jsonl",
             b"plain\n{\"prompt\": \"b\", \"seed\": 9, \"width\": 512, \"steps\": 3, \"negative_prompt\": \"n\"}\n{\"prompt\": \"c\", \"num_images\": 0}",
         );
-        let s = SamplingInput { prior_timesteps: Some(vec![1.0, 0.0]), ..input() };
+        let s = SamplingInput {
+            prior_timesteps: Some(vec![1.0, 0.0]),
+            ..input()
+        };
         let a = job_from_entry("p.jsonl", entries[0].as_ref().unwrap(), &s, "neg", 100).unwrap();
-        assert_eq!((a.req.seed, a.req.negative_prompt.as_str(), a.req.prior_timesteps.len()), (100, "neg", 2));
+        assert_eq!(
+            (a.req.seed, a.req.negative_prompt.as_str(), a.req.prior_timesteps.len()),
+            (100, "neg", 2)
+        );
         let b = job_from_entry("p.jsonl", entries[1].as_ref().unwrap(), &s, "neg", 100).unwrap();
         assert_eq!((b.req.seed, b.req.width, b.req.prior_timesteps.len()), (9, 512, 4));
         assert_eq!(b.req.negative_prompt, "n");

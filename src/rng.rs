@@ -452,10 +452,7 @@ mod tests {
     use safetensors::{Dtype, SafeTensors};
     use sha2::{Digest, Sha256};
 
-    const KERNELS: [(&str, BoxMuller); 2] = [
-        ("avx2", BoxMuller::Vectorized),
-        ("default", BoxMuller::Scalar),
-    ];
+    const KERNELS: [(&str, BoxMuller); 2] = [("avx2", BoxMuller::Vectorized), ("default", BoxMuller::Scalar)];
 
     struct Fixtures {
         bytes: Vec<u8>,
@@ -465,8 +462,7 @@ mod tests {
     impl Fixtures {
         fn load() -> Self {
             let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-            let bytes =
-                std::fs::read(format!("{dir}/rng.safetensors")).expect("read rng.safetensors");
+            let bytes = std::fs::read(format!("{dir}/rng.safetensors")).expect("read rng.safetensors");
             let json = std::fs::read_to_string(format!("{dir}/rng.json")).expect("read rng.json");
             let meta = serde_json::from_str(&json).expect("parse rng.json");
             Self { bytes, meta }
@@ -475,9 +471,7 @@ mod tests {
         /// `(shape, values)` of one recorded tensor.
         fn tensor(&self, key: &str) -> (Vec<usize>, Vec<f32>) {
             let st = SafeTensors::deserialize(&self.bytes).expect("parse rng.safetensors");
-            let view = st
-                .tensor(key)
-                .unwrap_or_else(|e| panic!("fixture {key}: {e}"));
+            let view = st.tensor(key).unwrap_or_else(|e| panic!("fixture {key}: {e}"));
             assert_eq!(view.dtype(), Dtype::F32, "fixture {key}");
             let values = view
                 .data()
@@ -488,8 +482,7 @@ mod tests {
         }
 
         fn seeds(&self) -> Vec<u64> {
-            let seeds: Vec<u64> =
-                serde_json::from_value(self.meta["seeds"].clone()).expect("seeds");
+            let seeds: Vec<u64> = serde_json::from_value(self.meta["seeds"].clone()).expect("seeds");
             assert!(
                 seeds.iter().any(|&s| s > u32::MAX as u64),
                 "fixtures should cover seeds above 32 bits"
@@ -498,8 +491,7 @@ mod tests {
         }
 
         fn shapes(&self, key: &str) -> Vec<Vec<usize>> {
-            let shapes: Vec<Vec<usize>> =
-                serde_json::from_value(self.meta[key].clone()).expect(key);
+            let shapes: Vec<Vec<usize>> = serde_json::from_value(self.meta[key].clone()).expect(key);
             assert!(!shapes.is_empty());
             shapes
         }
@@ -517,26 +509,14 @@ mod tests {
     }
 
     fn shape_key(shape: &[usize]) -> String {
-        shape
-            .iter()
-            .map(usize::to_string)
-            .collect::<Vec<_>>()
-            .join("x")
+        shape.iter().map(usize::to_string).collect::<Vec<_>>().join("x")
     }
 
     /// Asserts bit-identical values, reporting the first difference.
     fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
         assert_eq!(got.len(), want.len(), "{what}: length");
-        let differ = got
-            .iter()
-            .zip(want)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
-        if let Some(i) = got
-            .iter()
-            .zip(want)
-            .position(|(a, b)| a.to_bits() != b.to_bits())
-        {
+        let differ = got.iter().zip(want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        if let Some(i) = got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits()) {
             panic!(
                 "{what}: {differ}/{} values differ; first at {i}: got {:e} ({:#010x}), torch {:e} ({:#010x})",
                 got.len(),
@@ -553,11 +533,7 @@ mod tests {
         for v in values {
             hasher.update(v.to_le_bytes());
         }
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]
@@ -641,11 +617,7 @@ mod tests {
                 let (_, head) = fx.tensor(&format!("{key}.head"));
                 assert_eq!(head.len(), 64);
                 assert_bits_eq(&format!("{key}.head"), &got[..64], &head);
-                assert_eq!(
-                    le_sha256(&got),
-                    fx.string(&format!("{key}.sha256")),
-                    "{key}.sha256"
-                );
+                assert_eq!(le_sha256(&got), fx.string(&format!("{key}.sha256")), "{key}.sha256");
             }
         }
     }
@@ -656,17 +628,10 @@ mod tests {
         assert_eq!(TorchCpuGenerator::new(3).kernel(), BoxMuller::Vectorized);
         let fx = Fixtures::load();
         let (_, want) = fx.tensor("avx2.42.100");
-        assert_bits_eq(
-            "new(42).randn(100)",
-            &TorchCpuGenerator::new(42).randn(100),
-            &want,
-        );
+        assert_bits_eq("new(42).randn(100)", &TorchCpuGenerator::new(42).randn(100), &want);
         // The two kernels really are different (else the kernel tests would prove nothing).
         let (_, scalar) = fx.tensor("default.42.100");
-        assert!(want
-            .iter()
-            .zip(&scalar)
-            .any(|(a, b)| a.to_bits() != b.to_bits()));
+        assert!(want.iter().zip(&scalar).any(|(a, b)| a.to_bits() != b.to_bits()));
         // ... but they share the uniforms and the small-draw path.
         let (_, a) = fx.tensor("avx2.42.7");
         let (_, b) = fx.tensor("default.42.7");
@@ -712,9 +677,7 @@ mod tests {
         let (_, want) = Fixtures::load().tensor("avx2.1.1");
         assert_bits_eq(
             "shape []",
-            &TorchCpuGenerator::new(1)
-                .standard_normal(&[])
-                .expect("draw"),
+            &TorchCpuGenerator::new(1).standard_normal(&[]).expect("draw"),
             &want,
         );
         assert!(g.standard_normal(&[usize::MAX, 2]).is_err());
@@ -765,12 +728,7 @@ mod tests {
             for ((_, kernel), hash) in KERNELS.into_iter().zip(hashes) {
                 let got = TorchCpuGenerator::with_kernel(seed, kernel).randn(1 << 20);
                 for i in zeros {
-                    assert_eq!(
-                        got[i].to_bits(),
-                        0,
-                        "{kernel:?} seed {seed} [{i}] = {:e}",
-                        got[i]
-                    );
+                    assert_eq!(got[i].to_bits(), 0, "{kernel:?} seed {seed} [{i}] = {:e}", got[i]);
                 }
                 assert_eq!(le_sha256(&got), hash, "{kernel:?} seed {seed}");
             }
@@ -799,38 +757,25 @@ mod tests {
             replay.standard_normal(&[2, 2]).expect("draw 0"),
             vec![1.0, 2.0, 3.0, 4.0]
         );
-        assert_eq!(
-            replay.standard_normal(&[3]).expect("draw 1"),
-            vec![5.0, 6.0, 7.0]
-        );
+        assert_eq!(replay.standard_normal(&[3]).expect("draw 1"), vec![5.0, 6.0, 7.0]);
         assert_eq!(replay.remaining(), 0);
-        let err = replay
-            .standard_normal(&[3])
-            .expect_err("exhausted")
-            .to_string();
+        let err = replay.standard_normal(&[3]).expect_err("exhausted").to_string();
         assert!(err.contains("exhausted") && err.contains("draw 2"), "{err}");
     }
 
     #[test]
     fn replay_rejects_a_different_shape() {
-        let mut replay =
-            ReplayNoise::new(vec![(vec![4], vec![0.0; 4]), (vec![2, 3], vec![0.0; 6])]);
+        let mut replay = ReplayNoise::new(vec![(vec![4], vec![0.0; 4]), (vec![2, 3], vec![0.0; 6])]);
         replay.standard_normal(&[4]).expect("draw 0");
         // Same element count, different shape: still an error naming the draw.
-        let err = replay
-            .standard_normal(&[3, 2])
-            .expect_err("shape mismatch")
-            .to_string();
+        let err = replay.standard_normal(&[3, 2]).expect_err("shape mismatch").to_string();
         assert!(
             err.contains("draw 1") && err.contains("[3, 2]") && err.contains("[2, 3]"),
             "{err}"
         );
         // A recording whose values do not fill its shape is an error too.
         let mut bad = ReplayNoise::new(vec![(vec![5], vec![0.0; 4])]);
-        let err = bad
-            .standard_normal(&[5])
-            .expect_err("short recording")
-            .to_string();
+        let err = bad.standard_normal(&[5]).expect_err("short recording").to_string();
         assert!(err.contains("draw 0"), "{err}");
     }
 
@@ -838,9 +783,7 @@ mod tests {
     fn replay_of_torch_draws_through_noise_source() {
         // The way pipeline tests use it: recorded torch noise, requested by shape.
         let fx = Fixtures::load();
-        let draws: Vec<_> = (0..3)
-            .map(|i| fx.tensor(&format!("avx2.0.seq.{i}")))
-            .collect();
+        let draws: Vec<_> = (0..3).map(|i| fx.tensor(&format!("avx2.0.seq.{i}"))).collect();
         let mut replay = ReplayNoise::new(draws.clone());
         let mut generator = TorchCpuGenerator::new(0);
         for (i, (shape, _)) in draws.iter().enumerate() {

@@ -31,8 +31,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::config::{
-    Activation, ClipTextConfig, DecoderConfig, DecoderPipelineConfig, PriorConfig,
-    PriorPipelineConfig, SchedulerConfig, VqganConfig,
+    Activation, ClipTextConfig, DecoderConfig, DecoderPipelineConfig, PriorConfig, PriorPipelineConfig,
+    SchedulerConfig, VqganConfig,
 };
 use crate::error::InputError;
 use crate::models::{ClipTextModel, PaellaVqDecoder, WuerstchenDiffNeXt, WuerstchenPrior};
@@ -216,14 +216,8 @@ fn tiny_a() -> TinyArch {
             scale_factor: 0.3764,
         },
         num_vq_embeddings: 64,
-        prior_scheduler: SchedulerConfig {
-            scaler: 1.0,
-            s: 0.008,
-        },
-        decoder_scheduler: SchedulerConfig {
-            scaler: 1.0,
-            s: 0.008,
-        },
+        prior_scheduler: SchedulerConfig { scaler: 1.0, s: 0.008 },
+        decoder_scheduler: SchedulerConfig { scaler: 1.0, s: 0.008 },
         dropout: 0.1,
         projection_dim: 8,
     }
@@ -274,10 +268,7 @@ fn pipeline_files(seed: u64) -> Result<(Files, Files)> {
         ),
         (
             "scheduler/scheduler_config.json".into(),
-            config_json(
-                &arch.prior_scheduler,
-                diffusers_meta("DDPMWuerstchenScheduler"),
-            )?,
+            config_json(&arch.prior_scheduler, diffusers_meta("DDPMWuerstchenScheduler"))?,
         ),
     ];
     prior.extend(text_encoder_files(
@@ -305,8 +296,7 @@ fn pipeline_files(seed: u64) -> Result<(Files, Files)> {
             "vqgan/config.json".into(),
             config_json(
                 &arch.vqgan,
-                diffusers_meta("PaellaVQModel")
-                    .chain([("num_vq_embeddings", json!(arch.num_vq_embeddings))]),
+                diffusers_meta("PaellaVQModel").chain([("num_vq_embeddings", json!(arch.num_vq_embeddings))]),
             )?,
         ),
         (
@@ -315,10 +305,7 @@ fn pipeline_files(seed: u64) -> Result<(Files, Files)> {
         ),
         (
             "scheduler/scheduler_config.json".into(),
-            config_json(
-                &arch.decoder_scheduler,
-                diffusers_meta("DDPMWuerstchenScheduler"),
-            )?,
+            config_json(&arch.decoder_scheduler, diffusers_meta("DDPMWuerstchenScheduler"))?,
         ),
     ];
     decoder.extend(text_encoder_files(
@@ -340,10 +327,7 @@ fn diffusers_meta(class: &'static str) -> impl Iterator<Item = (&'static str, Va
 }
 
 /// `config`'s serde fields plus `extra` keys, sorted, indented by 2 like diffusers' files.
-fn config_json<'a>(
-    config: &impl Serialize,
-    extra: impl IntoIterator<Item = (&'a str, Value)>,
-) -> Result<Vec<u8>> {
+fn config_json<'a>(config: &impl Serialize, extra: impl IntoIterator<Item = (&'a str, Value)>) -> Result<Vec<u8>> {
     let Value::Object(fields) = serde_json::to_value(config)? else {
         bail!("a config struct did not serialize to a JSON object");
     };
@@ -452,14 +436,8 @@ fn tokenizer_files(max_len: usize) -> Result<Files> {
     let json = crate::tokenizer::clip_tokenizer_json(&clip_vocab_json()?, CLIP_MERGES_TXT)?;
     Ok(vec![
         ("tokenizer/tokenizer.json".into(), json.into_bytes()),
-        (
-            "tokenizer/tokenizer_config.json".into(),
-            pretty_json(&config)?,
-        ),
-        (
-            "tokenizer/special_tokens_map.json".into(),
-            pretty_json(&special())?,
-        ),
+        ("tokenizer/tokenizer_config.json".into(), pretty_json(&config)?),
+        ("tokenizer/special_tokens_map.json".into(), pretty_json(&special())?),
     ])
 }
 
@@ -479,9 +457,7 @@ fn readme(part: &str, seed: u64, decoder: bool) -> Vec<u8> {
 /// The 256 byte symbols in openai/CLIP's `bytes_to_unicode` order: the printable Latin-1
 /// bytes map to themselves, then the others to U+0100 onwards.
 fn bytes_to_unicode() -> Vec<char> {
-    let printable = |b: u32| {
-        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
-    };
+    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
     let mut chars: Vec<char> = (0..256u32)
         .filter(|&b| printable(b))
         .filter_map(char::from_u32)
@@ -614,12 +590,7 @@ fn randomize(
 fn safetensors_file(tensors: BTreeMap<String, Stored>) -> Result<Vec<u8>> {
     let views = tensors
         .iter()
-        .map(|(name, t)| {
-            Ok((
-                name.as_str(),
-                TensorView::new(t.dtype, t.shape.clone(), &t.bytes)?,
-            ))
-        })
+        .map(|(name, t)| Ok((name.as_str(), TensorView::new(t.dtype, t.shape.clone(), &t.bytes)?)))
         .collect::<Result<Vec<_>>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     Ok(safetensors::tensor::serialize(views, Some(metadata))?)
@@ -684,14 +655,8 @@ fn vqgan_weights(arch: &TinyArch, seed: u64) -> Result<Vec<u8>> {
     let mut stored = all_f32(values);
     // the BatchNorm2d's buffers, at their initial values
     let (bn, c) = vqgan_batch_norm(cfg);
-    stored.insert(
-        format!("{bn}.running_mean"),
-        Stored::f32(vec![c], &vec![0.0; c]),
-    );
-    stored.insert(
-        format!("{bn}.running_var"),
-        Stored::f32(vec![c], &vec![1.0; c]),
-    );
+    stored.insert(format!("{bn}.running_mean"), Stored::f32(vec![c], &vec![0.0; c]));
+    stored.insert(format!("{bn}.running_var"), Stored::f32(vec![c], &vec![1.0; c]));
     stored.insert(
         format!("{bn}.num_batches_tracked"),
         Stored {
@@ -713,19 +678,10 @@ fn vqgan_batch_norm(cfg: &VqganConfig) -> (String, usize) {
 
 /// Requests the parameters of `PaellaVQModel`'s encoder half and codebook
 /// (modeling_paella_vq_model.py), which diffusers loads but our decoder-only VQGAN never reads.
-fn request_vqgan_encoder(
-    cfg: &VqganConfig,
-    num_vq_embeddings: usize,
-    vb: &VarBuilder,
-) -> candle_core::Result<()> {
+fn request_vqgan_encoder(cfg: &VqganConfig, num_vq_embeddings: usize, vb: &VarBuilder) -> candle_core::Result<()> {
     let c = cfg.c_levels();
     let f = cfg.up_down_scale_factor;
-    let conv = |vb: VarBuilder,
-                c_in: usize,
-                c_out: usize,
-                k: usize,
-                bias: bool|
-     -> candle_core::Result<()> {
+    let conv = |vb: VarBuilder, c_in: usize, c_out: usize, k: usize, bias: bool| -> candle_core::Result<()> {
         vb.get((c_out, c_in, k, k), "weight")?;
         if bias {
             vb.get(c_out, "bias")?;
@@ -754,20 +710,11 @@ fn request_vqgan_encoder(
     }
     // Sequential(Conv2d(c[-1], latent_channels, 1, bias=False), BatchNorm2d(latent_channels))
     let last = down.pp(index);
-    conv(
-        last.pp("0"),
-        c[cfg.levels - 1],
-        cfg.latent_channels,
-        1,
-        false,
-    )?;
+    conv(last.pp("0"), c[cfg.levels - 1], cfg.latent_channels, 1, false)?;
     last.get(cfg.latent_channels, "1.weight")?;
     last.get(cfg.latent_channels, "1.bias")?;
     // VectorQuantizer: nn.Embedding(num_vq_embeddings, latent_channels)
-    vb.get(
-        (num_vq_embeddings, cfg.latent_channels),
-        "vquantizer.embedding.weight",
-    )?;
+    vb.get((num_vq_embeddings, cfg.latent_channels), "vquantizer.embedding.weight")?;
     Ok(())
 }
 
@@ -783,9 +730,7 @@ fn check_target(target: &Path, overwrite: bool) -> Result<()> {
     let meta = match std::fs::symlink_metadata(target) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => {
-            return Err(anyhow::Error::new(e).context(format!("checking {}", target.display())))
-        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("checking {}", target.display()))),
     };
     let empty_dir = meta.is_dir()
         && std::fs::read_dir(target)
@@ -821,11 +766,9 @@ fn write_folder(root: &Path, files: &Files) -> Result<()> {
     for (rel, bytes) in files {
         let path = root.join(rel);
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("creating {}", parent.display()))?;
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
-        let mut file =
-            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         file.write_all(bytes)
             .and_then(|_| file.sync_all())
             .with_context(|| format!("writing {}", path.display()))?;
@@ -848,10 +791,7 @@ mod tests {
         assert_eq!(scaled("up_blocks.1.gammas", &[6]), 0.1);
         assert_eq!(scaled("blocks.0.attention.to_q.bias", &[8]), 0.02);
         assert_eq!(scaled("text_model.final_layer_norm.weight", &[8]), 1.02);
-        assert_eq!(
-            scaled("text_model.encoder.layers.0.layer_norm1.weight", &[8]),
-            1.02
-        );
+        assert_eq!(scaled("text_model.encoder.layers.0.layer_norm1.weight", &[8]), 1.02);
         assert_eq!(scaled("clf.1.weight", &[32, 8, 1, 1]), 1.0 / 8f32.sqrt());
         assert_eq!(scaled("down_blocks.3.1.weight", &[4]), 0.02); // BatchNorm: not a "norm" name
     }

@@ -30,8 +30,8 @@ use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokenizers::{
-    PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
-    TruncationParams, TruncationStrategy,
+    PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection, TruncationParams,
+    TruncationStrategy,
 };
 
 use crate::error::ModelError;
@@ -121,8 +121,7 @@ impl ClipTokenizer {
         let (tables, file_added, source_path) = match src.get(&rel("tokenizer.json"))? {
             Some(path) => {
                 let text = read_text(&path).map_err(|m| bad(&path, m))?;
-                let (tables, added) =
-                    tables_from_tokenizer_json(&text).map_err(|m| bad(&path, m))?;
+                let (tables, added) = tables_from_tokenizer_json(&text).map_err(|m| bad(&path, m))?;
                 (tables, added, path)
             }
             None => {
@@ -135,9 +134,7 @@ impl ClipTokenizer {
                             component: component.to_string(),
                             path: PathBuf::from(format!(
                                 "{} (nor {} + {})",
-                                Path::new(&src.describe())
-                                    .join(rel("tokenizer.json"))
-                                    .display(),
+                                Path::new(&src.describe()).join(rel("tokenizer.json")).display(),
                                 rel("vocab.json"),
                                 rel("merges.txt"),
                             )),
@@ -178,12 +175,8 @@ impl ClipTokenizer {
             return Err(bad(names.unwrap_or(&source_path), message).into());
         }
         let json = build_tokenizer_json(&tables, &settings).map_err(|m| bad(&source_path, m))?;
-        let untruncated = Tokenizer::from_str(&json).map_err(|e| {
-            bad(
-                &source_path,
-                format!("cannot build the CLIP tokenizer: {e}"),
-            )
-        })?;
+        let untruncated = Tokenizer::from_str(&json)
+            .map_err(|e| bad(&source_path, format!("cannot build the CLIP tokenizer: {e}")))?;
         let pad_id = untruncated.token_to_id(&settings.pad).ok_or_else(|| {
             bad(
                 &source_path,
@@ -312,8 +305,7 @@ struct BpeTables {
 
 /// `vocab.json`: a JSON object token -> id.
 fn parse_vocab_json(text: &str) -> std::result::Result<Vec<(String, u32)>, String> {
-    let map: BTreeMap<String, u32> =
-        serde_json::from_str(text).map_err(|e| format!("expected {{token: id}}: {e}"))?;
+    let map: BTreeMap<String, u32> = serde_json::from_str(text).map_err(|e| format!("expected {{token: id}}: {e}"))?;
     Ok(sorted_vocab(map))
 }
 
@@ -327,11 +319,7 @@ fn sorted_vocab(map: BTreeMap<String, u32>) -> Vec<(String, u32)> {
 /// to): every line starting with `#version` skipped, every other line exactly `a b`.
 fn parse_merges_txt(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
     let mut merges = Vec::new();
-    for (rank, line) in text
-        .lines()
-        .filter(|l| !l.starts_with("#version"))
-        .enumerate()
-    {
+    for (rank, line) in text.lines().filter(|l| !l.starts_with("#version")).enumerate() {
         match line.split(' ').collect::<Vec<_>>().as_slice() {
             [a, b] => merges.push((a.to_string(), b.to_string())),
             _ => {
@@ -390,11 +378,8 @@ fn default_true() -> bool {
 
 /// Vocab, merges and added tokens of a `tokenizer.json` (transformers 5's
 /// `convert_to_native_format` keeps exactly these for a class with its own `__init__`).
-fn tables_from_tokenizer_json(
-    text: &str,
-) -> std::result::Result<(BpeTables, Vec<(u32, AddedTokenSpec)>), String> {
-    let file: TokenizerJsonFile =
-        serde_json::from_str(text).map_err(|e| format!("not a BPE tokenizer.json: {e}"))?;
+fn tables_from_tokenizer_json(text: &str) -> std::result::Result<(BpeTables, Vec<(u32, AddedTokenSpec)>), String> {
+    let file: TokenizerJsonFile = serde_json::from_str(text).map_err(|e| format!("not a BPE tokenizer.json: {e}"))?;
     if let Some(kind) = file.model.kind.as_deref() {
         if kind != "BPE" {
             return Err(format!("model type is {kind:?}, CLIP needs \"BPE\""));
@@ -465,10 +450,7 @@ impl AddedTokenSpec {
 
     /// An `AddedToken(**dict)` from a config file; `special` as the caller forces it or the dict
     /// says (default false), `normalized` defaulting to `not special` like `AddedToken`'s.
-    fn from_dict(
-        map: &Map<String, Value>,
-        force_special: Option<bool>,
-    ) -> std::result::Result<Self, String> {
+    fn from_dict(map: &Map<String, Value>, force_special: Option<bool>) -> std::result::Result<Self, String> {
         let flag = |key: &str| -> std::result::Result<Option<bool>, String> {
             match map.get(key) {
                 None | Some(Value::Null) => Ok(None),
@@ -513,9 +495,7 @@ fn named_token(
         Some(Value::Object(map)) => AddedTokenSpec::from_dict(map, force_special)
             .map(Some)
             .map_err(|m| format!("`{key}`: {m}")),
-        Some(other) => Err(format!(
-            "`{key}` is {other}, expected a string or an object"
-        )),
+        Some(other) => Err(format!("`{key}` is {other}, expected a string or an object")),
     }
 }
 
@@ -563,22 +543,14 @@ fn resolve_settings(
                     .map_err(|_| format!("added_tokens_decoder key {id:?} is not an id"))?;
                 let spec = match token {
                     Value::Object(map) => AddedTokenSpec::from_dict(map, None)?,
-                    other => {
-                        return Err(format!(
-                            "added_tokens_decoder[{id}] is {other}, expected an object"
-                        ))
-                    }
+                    other => return Err(format!("added_tokens_decoder[{id}] is {other}, expected an object")),
                 };
                 table.push((id, spec));
             }
             table
         }
         Some(Value::Null) | None => file_added,
-        Some(other) => {
-            return Err(format!(
-                "`added_tokens_decoder` is {other}, expected an object"
-            ))
-        }
+        Some(other) => return Err(format!("`added_tokens_decoder` is {other}, expected an object")),
     };
     table.sort_by_key(|(id, _)| *id);
     let use_special_map = !matches!(config.get("added_tokens_decoder"), Some(Value::Object(_)));
@@ -586,9 +558,7 @@ fn resolve_settings(
     let mut added: Vec<AddedTokenSpec> = table.into_iter().map(|(_, spec)| spec).collect();
     let mut names = Vec::with_capacity(NAMED_TOKENS.len());
     for (key, default) in NAMED_TOKENS {
-        let from_map = special_map
-            .filter(|_| use_special_map)
-            .and_then(|m| m.get(key));
+        let from_map = special_map.filter(|_| use_special_map).and_then(|m| m.get(key));
         let spec = match from_map {
             // `special_tokens_map.json` dicts become `AddedToken(**value, special=True)`.
             Some(v) if !v.is_null() => named_token(Some(v), key, Some(true))?,
@@ -600,10 +570,7 @@ fn resolve_settings(
                 .iter()
                 .find(|t| t.content == spec.content)
                 .cloned()
-                .unwrap_or(AddedTokenSpec {
-                    special: true,
-                    ..spec
-                }),
+                .unwrap_or(AddedTokenSpec { special: true, ..spec }),
             None => AddedTokenSpec::special(default),
         };
         names.push(spec.content.clone());
@@ -634,10 +601,7 @@ fn model_max_length(value: Option<&Value>) -> std::result::Result<usize, String>
         Some(other) => return Err(format!("`model_max_length` is {other}, expected a number")),
     };
     if n > MAX_SANE_MAX_LEN {
-        tracing::debug!(
-            model_max_length = n,
-            "model_max_length unset; using {DEFAULT_MAX_LEN}"
-        );
+        tracing::debug!(model_max_length = n, "model_max_length unset; using {DEFAULT_MAX_LEN}");
         return Ok(DEFAULT_MAX_LEN);
     }
     if n.fract() != 0.0 || n < 2.0 {
@@ -720,10 +684,7 @@ fn check_named_tokens(tables: &BpeTables, settings: &Settings) -> std::result::R
     Ok(())
 }
 
-fn build_tokenizer_json(
-    tables: &BpeTables,
-    settings: &Settings,
-) -> std::result::Result<String, String> {
+fn build_tokenizer_json(tables: &BpeTables, settings: &Settings) -> std::result::Result<String, String> {
     let mut ids: BTreeMap<&str, u32> = BTreeMap::new();
     for (token, id) in &tables.vocab {
         ids.insert(token, *id);
@@ -836,8 +797,7 @@ mod tests {
     fn reference(tiny: &str) -> (Reference, Vec<Vec<u32>>, Vec<Vec<u32>>) {
         let dir = fixtures().join(tiny);
         let meta: Reference =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
         let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let rows = |key: &str| -> Vec<Vec<u32>> {
@@ -880,19 +840,13 @@ mod tests {
             for (i, prompt) in meta.prompts.iter().enumerate() {
                 let got = tok.encode(prompt).unwrap();
                 assert_eq!(got.ids, ids[i], "{tiny} ids of prompt {i} {prompt:?}");
-                assert_eq!(
-                    got.attention_mask, mask[i],
-                    "{tiny} mask of prompt {i} {prompt:?}"
-                );
+                assert_eq!(got.attention_mask, mask[i], "{tiny} mask of prompt {i} {prompt:?}");
                 if i == long {
                     // Exact: the fixture is diffusers' own `batch_decode(untruncated[:, 76:-1])`,
                     // and the decode is the same `tokenizers` ByteLevel decoder + transformers'
                     // "</w>" -> " " and strip(). ("word28" is the BPE tokens "2</w>" "8</w>", so
                     // the text reads "2 8 word 2 9 ...".)
-                    assert_eq!(
-                        got.dropped.as_deref(),
-                        Some(meta.truncated_words[0].as_str())
-                    );
+                    assert_eq!(got.dropped.as_deref(), Some(meta.truncated_words[0].as_str()));
                     assert_eq!(got.ids[76], 49407, "EOS kept at the end");
                     assert!(got.attention_mask.iter().all(|&m| m == 1));
                 } else {
@@ -912,9 +866,7 @@ mod tests {
         assert_eq!(fit.dropped, None);
         assert_eq!(fit.ids[0], 49406);
         assert_eq!(fit.ids[76], 49407);
-        assert!(fit.ids[1..76]
-            .iter()
-            .all(|&id| id == fit.ids[1] && id != 49407));
+        assert!(fit.ids[1..76].iter().all(|&id| id == fit.ids[1] && id != 49407));
         assert!(fit.attention_mask.iter().all(|&m| m == 1));
         let over = tok.encode(&format!("{} dogs", words(75))).unwrap();
         assert_eq!(over.ids, fit.ids);
@@ -931,8 +883,7 @@ mod tests {
             &std::fs::read_to_string(bpe.join("merges.txt")).unwrap(),
         )
         .unwrap();
-        let theirs =
-            std::fs::read_to_string(fixtures().join("tokenizer-json/tokenizer.json")).unwrap();
+        let theirs = std::fs::read_to_string(fixtures().join("tokenizer-json/tokenizer.json")).unwrap();
         let value = |s: &str| serde_json::from_str::<Value>(s).unwrap();
         assert!(
             value(&ours) == value(&theirs),
@@ -985,11 +936,7 @@ mod tests {
         );
         std::fs::write(tok_dir.join("tokenizer_config.json"), config).unwrap();
         // Ignored by transformers when the config has an added_tokens_decoder.
-        std::fs::write(
-            tok_dir.join("special_tokens_map.json"),
-            r#"{"pad_token": "?"}"#,
-        )
-        .unwrap();
+        std::fs::write(tok_dir.join("special_tokens_map.json"), r#"{"pad_token": "?"}"#).unwrap();
 
         let tok = load(dir.path()).unwrap();
         assert_eq!(tok.max_len(), 77);
@@ -1021,10 +968,7 @@ mod tests {
         let tok = load(dir.path()).unwrap();
         assert_eq!(tok.max_len(), 12);
         let got = tok.encode("a <|ENDOFTEXT|> b").unwrap();
-        assert_eq!(
-            got.ids,
-            [49406, 320, 27, 347, 40786, 4160, 91, 285, 321, 49407, 0, 0]
-        );
+        assert_eq!(got.ids, [49406, 320, 27, 347, 40786, 4160, 91, 285, 321, 49407, 0, 0]);
         assert_eq!(got.attention_mask, [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]);
     }
 
@@ -1059,9 +1003,7 @@ mod tests {
     fn assert_bad_file(dir: &Path, file: &str) {
         let err = load(dir).unwrap_err();
         match model_error(&err) {
-            ModelError::BadFile {
-                component, path, ..
-            } => {
+            ModelError::BadFile { component, path, .. } => {
                 assert_eq!(component, "tokenizer");
                 assert_eq!(path, &dir.join("tokenizer").join(file), "{err:#}");
             }
@@ -1076,15 +1018,10 @@ mod tests {
         std::fs::create_dir(&tok_dir).unwrap();
 
         // tokenizer.json: cut in half; then valid JSON but not a tokenizer.
-        let full =
-            std::fs::read_to_string(fixtures().join("tokenizer-json/tokenizer.json")).unwrap();
+        let full = std::fs::read_to_string(fixtures().join("tokenizer-json/tokenizer.json")).unwrap();
         std::fs::write(tok_dir.join("tokenizer.json"), &full[..full.len() / 2]).unwrap();
         assert_bad_file(dir.path(), "tokenizer.json");
-        std::fs::write(
-            tok_dir.join("tokenizer.json"),
-            r#"{"model": {"type": "BPE"}}"#,
-        )
-        .unwrap();
+        std::fs::write(tok_dir.join("tokenizer.json"), r#"{"model": {"type": "BPE"}}"#).unwrap();
         assert_bad_file(dir.path(), "tokenizer.json");
         // A merge whose tokens are not in the vocabulary.
         std::fs::write(
@@ -1108,11 +1045,7 @@ mod tests {
         assert!(load(dir.path()).is_ok());
 
         // tokenizer_config.json: not JSON; a pad token outside the vocabulary; a bad length.
-        for config in [
-            "{",
-            r#"{"pad_token": "<pad>"}"#,
-            r#"{"model_max_length": 1}"#,
-        ] {
+        for config in ["{", r#"{"pad_token": "<pad>"}"#, r#"{"model_max_length": 1}"#] {
             std::fs::write(tok_dir.join("tokenizer_config.json"), config).unwrap();
             assert_bad_file(dir.path(), "tokenizer_config.json");
         }

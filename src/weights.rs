@@ -48,12 +48,11 @@ impl Weights {
                 path: path.clone(),
                 message: format!("cannot map: {e}"),
             })?;
-            let (header_len, metadata) =
-                SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::BadFile {
-                    component: component.to_string(),
-                    path: path.clone(),
-                    message: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
-                })?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::BadFile {
+                component: component.to_string(),
+                path: path.clone(),
+                message: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+            })?;
             for name in metadata.tensors().keys() {
                 index.insert(name.clone(), files.len());
             }
@@ -81,11 +80,7 @@ impl Weights {
     }
 
     fn files_list(&self) -> String {
-        let names: Vec<String> = self
-            .files
-            .iter()
-            .map(|f| f.path.display().to_string())
-            .collect();
+        let names: Vec<String> = self.files.iter().map(|f| f.path.display().to_string()).collect();
         names.join(", ")
     }
 
@@ -112,12 +107,10 @@ impl Weights {
                 message,
             })
         };
-        let stored = DType::try_from(info.dtype)
-            .map_err(|e| bad(format!("tensor `{name}`: unsupported dtype: {e}")))?;
+        let stored =
+            DType::try_from(info.dtype).map_err(|e| bad(format!("tensor `{name}`: unsupported dtype: {e}")))?;
         if !stored.is_float() {
-            return Err(bad(format!(
-                "tensor `{name}` has dtype {stored:?}, expected a float"
-            )));
+            return Err(bad(format!("tensor `{name}` has dtype {stored:?}, expected a float")));
         }
         let (start, end) = info.data_offsets;
         let bytes = file
@@ -191,8 +184,7 @@ pub fn component_weight_files(
     struct ShardIndex {
         weight_map: HashMap<String, String>,
     }
-    let text = std::fs::read_to_string(&index_path)
-        .with_context(|| format!("reading {}", index_path.display()))?;
+    let text = std::fs::read_to_string(&index_path).with_context(|| format!("reading {}", index_path.display()))?;
     let index: ShardIndex = serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
         component: component.to_string(),
         path: index_path.clone(),

@@ -20,8 +20,10 @@ fn stderr(a: &assert_cmd::assert::Assert) -> String {
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }
@@ -41,32 +43,62 @@ fn a_prompts_file_with_overrides_runs_every_line_and_reports_json() {
     let run = |extra: &[&str]| {
         let mut cmd = wuerstchen(dir.path());
         cmd.current_dir(&out_dir).arg("generate").args(model_args("tiny-a"));
-        cmd.args(["--prompts", prompts.to_str().unwrap(), "--width", "128", "--height", "128", "--seed", "100"]);
-        cmd.args(FAST).args(["--output", "img-{seed}.png", "--json"]).args(extra);
+        cmd.args([
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--seed",
+            "100",
+        ]);
+        cmd.args(FAST)
+            .args(["--output", "img-{seed}.png", "--json"])
+            .args(extra);
         cmd.assert()
     };
     let a = run(&[]).success();
     let lines: Vec<serde_json::Value> = stdout(&a).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 4, "{}", stdout(&a));
     // line 1: base seed + index 0; line 3: its own seed and width; line 4: two images, own names
-    assert_eq!((lines[0]["seed"].as_u64(), lines[0]["path"].as_str()), (Some(100), Some("img-100-0.png")));
-    assert_eq!((lines[1]["seed"].as_u64(), lines[1]["width"].as_u64()), (Some(9), Some(256)));
+    assert_eq!(
+        (lines[0]["seed"].as_u64(), lines[0]["path"].as_str()),
+        (Some(100), Some("img-100-0.png"))
+    );
+    assert_eq!(
+        (lines[1]["seed"].as_u64(), lines[1]["width"].as_u64()),
+        (Some(9), Some(256))
+    );
     assert_eq!(lines[1]["path"], "img-9-1.png");
-    assert_eq!((lines[2]["seed"].as_u64(), lines[2]["path"].as_str()), (Some(102), Some("cats-0.png")));
+    assert_eq!(
+        (lines[2]["seed"].as_u64(), lines[2]["path"].as_str()),
+        (Some(102), Some("cats-0.png"))
+    );
     assert_eq!(lines[3]["path"], "cats-1.png");
     assert!(lines[0]["timings_s"]["prior"].as_f64().is_some());
-    assert_eq!(files_in(&out_dir), vec!["cats-0.png", "cats-1.png", "img-100-0.png", "img-9-1.png"]);
+    assert_eq!(
+        files_in(&out_dir),
+        vec!["cats-0.png", "cats-1.png", "img-100-0.png", "img-9-1.png"]
+    );
     let (w, h, _, text) = read_png(&out_dir.join("img-9-1.png"));
     assert_eq!((w, h), (256, 128));
     let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
-    assert!(params.starts_with("a red fox\n") && params.contains("Steps: 3,") && params.contains("Seed: 9"), "{params}");
+    assert!(
+        params.starts_with("a red fox\n") && params.contains("Steps: 3,") && params.contains("Seed: 9"),
+        "{params}"
+    );
     let (_, _, _, text) = read_png(&out_dir.join("cats-1.png"));
     assert!(text[0].1.contains("Negative prompt: dogs\n"), "{}", text[0].1);
 
     // the same run again: every output exists, so it stops before loading anything
     let before = std::fs::read(out_dir.join("img-100-0.png")).unwrap();
     let a = run(&[]).code(2);
-    assert!(stderr(&a).contains("already exists") && stderr(&a).contains("--overwrite"), "{}", stderr(&a));
+    assert!(
+        stderr(&a).contains("already exists") && stderr(&a).contains("--overwrite"),
+        "{}",
+        stderr(&a)
+    );
     assert_eq!(std::fs::read(out_dir.join("img-100-0.png")).unwrap(), before);
     run(&["--overwrite"]).success();
 }
@@ -80,7 +112,18 @@ fn shards_split_the_file_and_stdin_works() {
             .current_dir(dir.path())
             .arg("generate")
             .args(model_args("tiny-a"))
-            .args(["--prompts", "-", "--shard", shard, "--width", "128", "--height", "128", "--seed", "1"])
+            .args([
+                "--prompts",
+                "-",
+                "--shard",
+                shard,
+                "--width",
+                "128",
+                "--height",
+                "128",
+                "--seed",
+                "1",
+            ])
             .args(FAST)
             .args(["--output", "s-{index}.png"])
             .write_stdin("p0\np1\np2\n")
@@ -98,24 +141,44 @@ fn shards_split_the_file_and_stdin_works() {
 fn a_bad_line_stops_the_batch_before_any_work_unless_keep_going() {
     let dir = tempfile::tempdir().unwrap();
     let prompts = dir.path().join("p.jsonl");
-    std::fs::write(&prompts, "good one\n{\"prompt\": \"x\", \"stpes\": 4}\n{\"prompt\": \"y\", \"width\": 200}\nlast\n").unwrap();
+    std::fs::write(
+        &prompts,
+        "good one\n{\"prompt\": \"x\", \"stpes\": 4}\n{\"prompt\": \"y\", \"width\": 200}\nlast\n",
+    )
+    .unwrap();
     let run = |extra: &[&str]| {
         wuerstchen(dir.path())
             .current_dir(dir.path())
             .arg("generate")
             .args(model_args("tiny-a"))
-            .args(["--prompts", prompts.to_str().unwrap(), "--width", "128", "--height", "128", "--seed", "3"])
+            .args([
+                "--prompts",
+                prompts.to_str().unwrap(),
+                "--width",
+                "128",
+                "--height",
+                "128",
+                "--seed",
+                "3",
+            ])
             .args(FAST)
             .args(extra)
             .assert()
     };
     let a = run(&[]).code(2);
-    assert!(stderr(&a).contains("p.jsonl:2:") && stderr(&a).contains("stpes"), "{}", stderr(&a));
+    assert!(
+        stderr(&a).contains("p.jsonl:2:") && stderr(&a).contains("stpes"),
+        "{}",
+        stderr(&a)
+    );
     assert_eq!(files_in(dir.path()), vec!["p.jsonl"], "nothing written");
     // keep going: lines 1 and 4 run, 2 and 3 are reported, and the exit code says so
     let a = run(&["--keep-going"]).code(2);
     let err = stderr(&a);
-    assert!(err.contains("p.jsonl:2:") && err.contains("p.jsonl:3:") && err.contains("--width 200"), "{err}");
+    assert!(
+        err.contains("p.jsonl:2:") && err.contains("p.jsonl:3:") && err.contains("--width 200"),
+        "{err}"
+    );
     assert_eq!(stdout(&a).lines().count(), 2);
     assert_eq!(files_in(dir.path()).len(), 3);
 }
@@ -124,12 +187,28 @@ fn a_bad_line_stops_the_batch_before_any_work_unless_keep_going() {
 fn prior_then_decode_gives_the_same_image_as_generate() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let common_args = ["--prompt", "a tiny house", "--width", "256", "--height", "128", "--seed", "11"];
+    let common_args = [
+        "--prompt",
+        "a tiny house",
+        "--width",
+        "256",
+        "--height",
+        "128",
+        "--seed",
+        "11",
+    ];
     wuerstchen(d)
         .arg("generate")
         .args(model_args("tiny-b"))
         .args(common_args)
-        .args(["--num-images", "2", "--decoder-guidance", "2.0", "--negative-prompt", "fog"])
+        .args([
+            "--num-images",
+            "2",
+            "--decoder-guidance",
+            "2.0",
+            "--negative-prompt",
+            "fog",
+        ])
         .args(["--output", d.join("gen.png").to_str().unwrap()])
         .args(["--save-embeddings", d.join("gen.safetensors").to_str().unwrap()])
         .assert()
@@ -138,7 +217,14 @@ fn prior_then_decode_gives_the_same_image_as_generate() {
         .arg("prior")
         .args(&model_args("tiny-b")[..2])
         .args(common_args)
-        .args(["--num-images", "2", "--negative-prompt", "fog", "--out", d.join("emb.safetensors").to_str().unwrap()])
+        .args([
+            "--num-images",
+            "2",
+            "--negative-prompt",
+            "fog",
+            "--out",
+            d.join("emb.safetensors").to_str().unwrap(),
+        ])
         .assert()
         .success();
     assert_eq!(
@@ -149,7 +235,12 @@ fn prior_then_decode_gives_the_same_image_as_generate() {
     let a = wuerstchen(d)
         .arg("decode")
         .args(&model_args("tiny-b")[2..])
-        .args(["--embeddings", d.join("emb.safetensors").to_str().unwrap(), "--decoder-guidance", "2.0"])
+        .args([
+            "--embeddings",
+            d.join("emb.safetensors").to_str().unwrap(),
+            "--decoder-guidance",
+            "2.0",
+        ])
         .args(["--output", d.join("dec.png").to_str().unwrap()])
         .assert()
         .success();
@@ -158,13 +249,22 @@ fn prior_then_decode_gives_the_same_image_as_generate() {
         let (_, _, a, _) = read_png(&d.join(format!("gen-{n}.png")));
         let (_, _, b, text) = read_png(&d.join(format!("dec-{n}.png")));
         assert_eq!(a, b, "image {n}: prior + decode == generate");
-        assert!(text[0].1.starts_with("a tiny house\nNegative prompt: fog\n"), "{}", text[0].1);
+        assert!(
+            text[0].1.starts_with("a tiny house\nNegative prompt: fog\n"),
+            "{}",
+            text[0].1
+        );
     }
     // decode --seed starts a fresh stream: a different image
     wuerstchen(d)
         .arg("decode")
         .args(&model_args("tiny-b")[2..])
-        .args(["--embeddings", d.join("emb.safetensors").to_str().unwrap(), "--seed", "12"])
+        .args([
+            "--embeddings",
+            d.join("emb.safetensors").to_str().unwrap(),
+            "--seed",
+            "12",
+        ])
         .args(["--output", d.join("other.png").to_str().unwrap()])
         .assert()
         .success();
@@ -187,12 +287,16 @@ fn low_memory_mode_gives_the_same_images() {
     for (name, extra) in [("a", None), ("b", Some("--low-memory"))] {
         let mut cmd = wuerstchen(dir.path());
         cmd.current_dir(dir.path()).arg("generate").args(model_args("tiny-a"));
-        cmd.args(["--prompts", "p.txt", "--width", "128", "--height", "128", "--seed", "5"]).args(FAST);
+        cmd.args(["--prompts", "p.txt", "--width", "128", "--height", "128", "--seed", "5"])
+            .args(FAST);
         cmd.args(["--output", &format!("{name}-{{index}}.png")]).args(extra);
         cmd.assert().success();
     }
     for i in 0..2 {
-        assert_eq!(read_png(&dir.path().join(format!("a-{i}.png"))).2, read_png(&dir.path().join(format!("b-{i}.png"))).2);
+        assert_eq!(
+            read_png(&dir.path().join(format!("a-{i}.png"))).2,
+            read_png(&dir.path().join(format!("b-{i}.png"))).2
+        );
     }
 }
 
@@ -204,7 +308,17 @@ fn progress_bars_stay_off_when_stderr_is_not_a_terminal_and_quiet_is_silent() {
             .current_dir(dir.path())
             .arg("generate")
             .args(model_args("tiny-a"))
-            .args(["--prompt", "x", "--width", "128", "--height", "128", "--overwrite", "--seed", "1"])
+            .args([
+                "--prompt",
+                "x",
+                "--width",
+                "128",
+                "--height",
+                "128",
+                "--overwrite",
+                "--seed",
+                "1",
+            ])
             .args(FAST)
             .args(extra)
             .assert()
@@ -212,7 +326,10 @@ fn progress_bars_stay_off_when_stderr_is_not_a_terminal_and_quiet_is_silent() {
     };
     let err = stderr(&run(&[]));
     assert!(!err.contains('\r') && !err.contains("=>"), "no bars: {err:?}");
-    assert!(err.contains("seed 1") && err.contains("prior"), "timings and seed are logged: {err}");
+    assert!(
+        err.contains("seed 1") && err.contains("prior"),
+        "timings and seed are logged: {err}"
+    );
     assert_eq!(stderr(&run(&["--quiet"])), "");
     // a picked seed is logged and recorded
     let a = wuerstchen(dir.path())
@@ -225,7 +342,11 @@ fn progress_bars_stay_off_when_stderr_is_not_a_terminal_and_quiet_is_silent() {
         .success();
     let path = stdout(&a).trim().to_string();
     let seed = path.trim_start_matches("wuerstchen-").trim_end_matches(".png");
-    assert!(stderr(&a).contains(&format!("pass --seed {seed} to repeat")), "{}", stderr(&a));
+    assert!(
+        stderr(&a).contains(&format!("pass --seed {seed} to repeat")),
+        "{}",
+        stderr(&a)
+    );
 }
 
 #[test]
@@ -241,7 +362,18 @@ fn ctrl_c_keeps_finished_images_and_leaves_no_partial_files() {
         .env("HF_HUB_OFFLINE", "1")
         .arg("generate")
         .args(model_args("tiny-a"))
-        .args(["--prompts", "p.txt", "--width", "128", "--height", "128", "--seed", "1", "--output", "c-{index}.png"])
+        .args([
+            "--prompts",
+            "p.txt",
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--seed",
+            "1",
+            "--output",
+            "c-{index}.png",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -253,7 +385,10 @@ fn ctrl_c_keeps_finished_images_and_leaves_no_partial_files() {
         assert!(child.try_wait().unwrap().is_none(), "exited early");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
@@ -263,7 +398,12 @@ fn ctrl_c_keeps_finished_images_and_leaves_no_partial_files() {
         let (w, h, _, _) = read_png(&dir.path().join(f));
         assert_eq!((w, h), (128, 128), "{f} is complete");
     }
-    assert!(files.iter().all(|f| f == "p.txt" || (f.starts_with("c-") && f.ends_with(".png"))), "stray files: {files:?}");
+    assert!(
+        files
+            .iter()
+            .all(|f| f == "p.txt" || (f.starts_with("c-") && f.ends_with(".png"))),
+        "stray files: {files:?}"
+    );
 }
 
 /// Serves a fixture pipeline folder as a Hub repo (the tokenizer symlink followed).
@@ -295,27 +435,55 @@ fn download_from_a_hub_then_generate_offline() {
     let server = hub_support::HubServer::start();
     let fixtures = fixtures().join("tiny-a");
     serve_folder(&server, "acme/tiny-prior", &fixtures.join("prior"), None);
-    serve_folder(&server, "acme/tiny-decoder", &fixtures.join("decoder"), Some("decoder/diffusion_pytorch_model.safetensors"));
+    serve_folder(
+        &server,
+        "acme/tiny-decoder",
+        &fixtures.join("decoder"),
+        Some("decoder/diffusion_pytorch_model.safetensors"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let hf_home = dir.path().join("hf");
     let online = |args: &[&str]| {
         let mut cmd = wuerstchen(dir.path());
-        cmd.env_remove("HF_HUB_OFFLINE").env("HF_ENDPOINT", server.url()).env("HF_HOME", &hf_home);
-        cmd.args(args).args(["--prior", "acme/tiny-prior", "--decoder", "acme/tiny-decoder"]);
+        cmd.env_remove("HF_HUB_OFFLINE")
+            .env("HF_ENDPOINT", server.url())
+            .env("HF_HOME", &hf_home);
+        cmd.args(args)
+            .args(["--prior", "acme/tiny-prior", "--decoder", "acme/tiny-decoder"]);
         cmd.assert()
     };
     // the decoder weights break off half-way the first time: an error naming repo and file
     let a = online(&["download"]).code(1);
     let err = stderr(&a);
-    assert!(err.contains("acme/tiny-decoder") && err.contains("decoder/diffusion_pytorch_model.safetensors"), "{err}");
+    assert!(
+        err.contains("acme/tiny-decoder") && err.contains("decoder/diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
     let a = online(&["download"]).success();
     assert!(stdout(&a).lines().count() >= 12, "{}", stdout(&a));
     // everything is cached now: generate works offline with the repo ids
     let out = dir.path().join("hub.png");
     wuerstchen(dir.path())
         .env("HF_HOME", &hf_home)
-        .args(["generate", "--prior", "acme/tiny-prior", "--decoder", "acme/tiny-decoder", "--prompt", "x"])
-        .args(["--width", "128", "--height", "128", "--seed", "4", "--output", out.to_str().unwrap()])
+        .args([
+            "generate",
+            "--prior",
+            "acme/tiny-prior",
+            "--decoder",
+            "acme/tiny-decoder",
+            "--prompt",
+            "x",
+        ])
+        .args([
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--seed",
+            "4",
+            "--output",
+            out.to_str().unwrap(),
+        ])
         .args(FAST)
         .assert()
         .success();
@@ -324,7 +492,18 @@ fn download_from_a_hub_then_generate_offline() {
     wuerstchen(dir.path())
         .arg("generate")
         .args(model_args("tiny-a"))
-        .args(["--prompt", "x", "--width", "128", "--height", "128", "--seed", "4", "--output", local.to_str().unwrap()])
+        .args([
+            "--prompt",
+            "x",
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--seed",
+            "4",
+            "--output",
+            local.to_str().unwrap(),
+        ])
         .args(FAST)
         .assert()
         .success();
@@ -332,8 +511,70 @@ fn download_from_a_hub_then_generate_offline() {
     // offline with a repo that was never downloaded: an error naming it
     let a = wuerstchen(dir.path())
         .env("HF_HOME", &hf_home)
-        .args(["download", "--prior", "acme/never-seen", "--decoder", "acme/tiny-decoder"])
+        .args([
+            "download",
+            "--prior",
+            "acme/never-seen",
+            "--decoder",
+            "acme/tiny-decoder",
+        ])
         .assert()
         .code(1);
-    assert!(stderr(&a).contains("acme/never-seen") && stderr(&a).contains("HF_HUB_OFFLINE"), "{}", stderr(&a));
+    assert!(
+        stderr(&a).contains("acme/never-seen") && stderr(&a).contains("HF_HUB_OFFLINE"),
+        "{}",
+        stderr(&a)
+    );
+}
+
+#[test]
+fn tiny_model_writes_a_model_that_generate_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let a = wuerstchen(dir.path())
+        .args(["tiny-model", "--out", model.to_str().unwrap()])
+        .assert()
+        .success();
+    assert_eq!(
+        stdout(&a),
+        format!(
+            "{}\n{}\n",
+            model.join("prior").display(),
+            model.join("decoder").display()
+        )
+    );
+    let out = dir.path().join("smoke.png");
+    wuerstchen(dir.path())
+        .args([
+            "generate",
+            "--prior",
+            model.join("prior").to_str().unwrap(),
+            "--decoder",
+        ])
+        .arg(model.join("decoder"))
+        .args([
+            "--prompt",
+            "smoke test",
+            "--width",
+            "256",
+            "--height",
+            "128",
+            "--seed",
+            "1",
+        ])
+        .args(FAST)
+        .args(["--output", out.to_str().unwrap()])
+        .assert()
+        .success();
+    assert_eq!(read_png(&out).0, 256);
+    // a second write into the same folder is refused unless asked
+    let a = wuerstchen(dir.path())
+        .args(["tiny-model", "--out", model.to_str().unwrap()])
+        .assert()
+        .code(2);
+    assert!(stderr(&a).contains("not empty"), "{}", stderr(&a));
+    wuerstchen(dir.path())
+        .args(["tiny-model", "--out", model.to_str().unwrap(), "--overwrite"])
+        .assert()
+        .success();
 }

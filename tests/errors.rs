@@ -27,10 +27,18 @@ fn generate(models: &[String], args: &[&str], keep: &[&str]) -> Outcome {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let left: Vec<String> =
-        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert!(left.iter().all(|f| keep.contains(&f.as_str())), "stray files {left:?} after {args:?}: {stderr}");
-    Outcome { code: out.status.code(), stderr }
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.iter().all(|f| keep.contains(&f.as_str())),
+        "stray files {left:?} after {args:?}: {stderr}"
+    );
+    Outcome {
+        code: out.status.code(),
+        stderr,
+    }
 }
 
 fn expect(o: Outcome, code: i32, needles: &[&str]) {
@@ -45,20 +53,34 @@ fn expect(o: Outcome, code: i32, needles: &[&str]) {
 #[test]
 fn bad_input_exits_2_before_any_model_loads() {
     // a model folder that is not even there: input checks must come first
-    let missing = vec!["--prior".to_string(), "/nonexistent/p".into(), "--decoder".into(), "/nonexistent/d".into()];
+    let missing = vec![
+        "--prior".to_string(),
+        "/nonexistent/p".into(),
+        "--decoder".into(),
+        "/nonexistent/d".into(),
+    ];
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
         (vec!["--width", "0"], vec!["--width must be greater than 0"]),
         (vec!["--prior-steps", "0"], vec!["--prior-steps must be at least 1"]),
         (vec!["--decoder-steps", "0"], vec!["--decoder-steps must be at least 1"]),
-        (vec!["--prior-guidance", "nan"], vec!["--prior-guidance must be a finite number"]),
-        (vec!["--decoder-guidance", "inf"], vec!["--decoder-guidance must be a finite number"]),
+        (
+            vec!["--prior-guidance", "nan"],
+            vec!["--prior-guidance must be a finite number"],
+        ),
+        (
+            vec!["--decoder-guidance", "inf"],
+            vec!["--decoder-guidance must be a finite number"],
+        ),
         (vec!["--prior-timesteps", "0.5,0.7,0"], vec!["strictly descending"]),
         (vec!["--prior-timesteps", "1.5,0"], vec!["not a number in [0, 1]"]),
         (vec!["--num-images", "0"], vec!["--num-images must be at least 1"]),
         (vec!["--dtype", "f8"], vec!["unknown dtype", "f32, f16 or bf16"]),
         (vec!["--device", "tpu"], vec!["unknown device", "cpu, cuda"]),
         (vec!["--rng", "gpu"], vec!["unknown --rng"]),
-        (vec!["--output", "no/such/dir/x.png"], vec!["output folder no/such/dir does not exist"]),
+        (
+            vec!["--output", "no/such/dir/x.png"],
+            vec!["output folder no/such/dir does not exist"],
+        ),
         (vec!["--output", "/proc/wuerstchen.png"], vec!["not writable"]),
         (vec!["--shard", "0/2"], vec!["--shard needs --prompts"]),
     ];
@@ -68,17 +90,33 @@ fn bad_input_exits_2_before_any_model_loads() {
         expect(generate(&missing, &all, &[]), 2, &needles);
     }
     if !cfg!(feature = "cuda") {
-        expect(generate(&missing, &["--prompt", "x", "--device", "cuda"], &[]), 2, &["no CUDA support"]);
+        expect(
+            generate(&missing, &["--prompt", "x", "--device", "cuda"], &[]),
+            2,
+            &["no CUDA support"],
+        );
     }
     // clap's own usage errors are 2 as well
-    expect(generate(&missing, &["--prompt", "x", "--width", "wide"], &[]), 2, &["invalid value"]);
+    expect(
+        generate(&missing, &["--prompt", "x", "--width", "wide"], &[]),
+        2,
+        &["invalid value"],
+    );
 }
 
 #[test]
 fn model_dependent_input_errors_exit_2() {
     let m = model_args("tiny-a");
-    expect(generate(&m, &["-p", "x", "--width", "1000"], &[]), 2, &["--width 1000", "896 or 1024"]);
-    expect(generate(&m, &["-p", "x", "--height", "20000"], &[]), 2, &["--height 20000", "use 12672"]);
+    expect(
+        generate(&m, &["-p", "x", "--width", "1000"], &[]),
+        2,
+        &["--width 1000", "896 or 1024"],
+    );
+    expect(
+        generate(&m, &["-p", "x", "--height", "20000"], &[]),
+        2,
+        &["--height 20000", "use 12672"],
+    );
     // an existing output is refused before any work, and left as it was
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("taken.png"), b"mine").unwrap();
@@ -102,7 +140,11 @@ fn prompts_files_that_are_not_text_or_not_there() {
     let m = model_args("tiny-a");
     let p = bad.to_str().unwrap();
     expect(generate(&m, &["--prompts", p], &[]), 2, &["bad.txt:2: not valid UTF-8"]);
-    expect(generate(&m, &["--prompts", "/nonexistent/prompts.txt"], &[]), 2, &["cannot read prompts file"]);
+    expect(
+        generate(&m, &["--prompts", "/nonexistent/prompts.txt"], &[]),
+        2,
+        &["cannot read prompts file"],
+    );
 }
 
 /// A writable copy of a fixture pipeline (symlinks resolved).
@@ -148,7 +190,10 @@ fn edit_tensor(path: &Path, key: &str, f: impl Fn(&mut Vec<f32>) -> bool) {
     for (name, view) in st.tensors() {
         let mut data = view.data().to_vec();
         if name == key {
-            let mut v: Vec<f32> = data.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let mut v: Vec<f32> = data
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
             if !f(&mut v) {
                 continue;
             }
@@ -158,7 +203,12 @@ fn edit_tensor(path: &Path, key: &str, f: impl Fn(&mut Vec<f32>) -> bool) {
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = out
         .iter()
-        .map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap()))
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap(),
+            )
+        })
         .collect();
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
@@ -170,22 +220,43 @@ fn broken_models_exit_1_naming_component_file_and_key() {
     let decoder_weights = "decoder/decoder/diffusion_pytorch_model.safetensors";
     let cases: Vec<(Box<dyn FnOnce(&Path)>, Vec<&str>)> = vec![
         (Box::new(|_| {}), vec![]), // the unbroken copy works (checked below)
-        (Box::new(|r| std::fs::remove_file(r.join("prior/prior/config.json")).unwrap()), vec!["prior: missing file", "prior/config.json"]),
+        (
+            Box::new(|r| std::fs::remove_file(r.join("prior/prior/config.json")).unwrap()),
+            vec!["prior: missing file", "prior/config.json"],
+        ),
         (
             Box::new(|r| std::fs::remove_file(r.join("decoder/text_encoder/model.safetensors")).unwrap()),
             vec!["text_encoder: missing file", "text_encoder/model.safetensors"],
         ),
-        (Box::new(|r| std::fs::remove_dir_all(r.join("prior/tokenizer")).unwrap()), vec!["tokenizer: missing file"]),
+        (
+            Box::new(|r| std::fs::remove_dir_all(r.join("prior/tokenizer")).unwrap()),
+            vec!["tokenizer: missing file"],
+        ),
         (
             Box::new(move |r| {
                 let p = r.join(decoder_weights);
                 let len = std::fs::metadata(&p).unwrap().len();
-                std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len / 2).unwrap();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_len(len / 2)
+                    .unwrap();
             }),
-            vec!["decoder:", "diffusion_pytorch_model.safetensors", "truncated or corrupt"],
+            vec![
+                "decoder:",
+                "diffusion_pytorch_model.safetensors",
+                "truncated or corrupt",
+            ],
         ),
         (
-            Box::new(|r| std::fs::write(r.join("decoder/vqgan/diffusion_pytorch_model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!").unwrap()),
+            Box::new(|r| {
+                std::fs::write(
+                    r.join("decoder/vqgan/diffusion_pytorch_model.safetensors"),
+                    b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!",
+                )
+                .unwrap()
+            }),
             vec!["vqgan:", "not a valid safetensors file"],
         ),
         (
@@ -194,12 +265,18 @@ fn broken_models_exit_1_naming_component_file_and_key() {
                 let s = std::fs::read_to_string(&p).unwrap().replace("\"c\": 32", "\"c\": 48");
                 std::fs::write(p, s).unwrap();
             }),
-            vec!["prior: tensor `blocks.0.depthwise.weight`", "has shape [32, 1, 3, 3]", "config.json implies [48, 1, 3, 3]"],
+            vec![
+                "prior: tensor `blocks.0.depthwise.weight`",
+                "has shape [32, 1, 3, 3]",
+                "config.json implies [48, 1, 3, 3]",
+            ],
         ),
         (
             Box::new(|r| {
                 let p = r.join("prior/prior/config.json");
-                let s = std::fs::read_to_string(&p).unwrap().replace("\"nhead\": 2", "\"nhead\": 3");
+                let s = std::fs::read_to_string(&p)
+                    .unwrap()
+                    .replace("\"nhead\": 2", "\"nhead\": 3");
                 std::fs::write(p, s).unwrap();
             }),
             vec!["prior: invalid config", "multiple of nhead"],
@@ -212,10 +289,16 @@ fn broken_models_exit_1_naming_component_file_and_key() {
             }),
             vec!["decoder: invalid config", "unknown block type 'X'"],
         ),
-        (Box::new(|r| std::fs::write(r.join("decoder/scheduler/scheduler_config.json"), "{oops").unwrap()), vec!["scheduler:", "invalid JSON"]),
+        (
+            Box::new(|r| std::fs::write(r.join("decoder/scheduler/scheduler_config.json"), "{oops").unwrap()),
+            vec!["scheduler:", "invalid JSON"],
+        ),
         (
             Box::new(move |r| edit_tensor(&r.join(prior_weights), "out.1.bias", |_| false)),
-            vec!["prior: tensor `out.1.bias` not found in", "diffusion_pytorch_model.safetensors"],
+            vec![
+                "prior: tensor `out.1.bias` not found in",
+                "diffusion_pytorch_model.safetensors",
+            ],
         ),
         (
             Box::new(move |r| {
@@ -243,7 +326,11 @@ fn a_write_that_fails_names_the_file_and_keeps_earlier_images() {
     // RLIMIT_FSIZE stands in for a full disk: the 128x128 PNG (~50 kB) fits under 100 kB, the
     // 256x256 one (~200 kB) does not; SIGXFSZ is ignored so the write fails with EFBIG.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("p.jsonl"), "small\n{\"prompt\": \"big\", \"width\": 256, \"height\": 256}\n").unwrap();
+    std::fs::write(
+        dir.path().join("p.jsonl"),
+        "small\n{\"prompt\": \"big\", \"width\": 256, \"height\": 256}\n",
+    )
+    .unwrap();
     let bin = assert_cmd::cargo::cargo_bin("wuerstchen");
     let m = model_args("tiny-a").join(" ");
     let script = format!(
@@ -265,15 +352,27 @@ fn a_write_that_fails_names_the_file_and_keeps_earlier_images() {
     assert!(stderr.contains("writing f-1.png"), "{stderr}");
     let (w, _, _, _) = read_png(&dir.path().join("f-0.png"));
     assert_eq!(w, 128, "the earlier image is intact");
-    let mut left: Vec<PathBuf> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut left: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     left.sort();
-    assert_eq!(left, vec![dir.path().join("f-0.png"), dir.path().join("p.jsonl")], "no partial file");
+    assert_eq!(
+        left,
+        vec![dir.path().join("f-0.png"), dir.path().join("p.jsonl")],
+        "no partial file"
+    );
 }
 
 #[test]
 fn a_missing_model_folder_is_a_model_error() {
     let o = generate(
-        &["--prior".into(), "./no/such/prior".into(), "--decoder".into(), "./no/such/decoder".into()],
+        &[
+            "--prior".into(),
+            "./no/such/prior".into(),
+            "--decoder".into(),
+            "./no/such/decoder".into(),
+        ],
         &["-p", "x", "--width", "128", "--height", "128"],
         &[],
     );
@@ -284,10 +383,35 @@ fn a_missing_model_folder_is_a_model_error() {
 fn long_prompts_are_truncated_with_a_warning_and_empty_prompts_work() {
     let long = (0..100).map(|i| format!("word{i}")).collect::<Vec<_>>().join(" ");
     let m = model_args("tiny-a");
-    let o = generate(&m, &["-p", &long, "--width", "128", "--height", "128", "--seed", "1", "--prior-steps", "2", "--decoder-steps", "2"], &["wuerstchen-1.png"]);
+    let o = generate(
+        &m,
+        &[
+            "-p",
+            &long,
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--seed",
+            "1",
+            "--prior-steps",
+            "2",
+            "--decoder-steps",
+            "2",
+        ],
+        &["wuerstchen-1.png"],
+    );
     assert_eq!(o.code, Some(0), "{}", o.stderr);
-    assert!(o.stderr.contains("prompt truncated") && o.stderr.contains("word99"), "{}", o.stderr);
-    let o = generate(&m, &["-p", "", "--width", "128", "--height", "128", "--seed", "1"], &["wuerstchen-1.png"]);
+    assert!(
+        o.stderr.contains("prompt truncated") && o.stderr.contains("word99"),
+        "{}",
+        o.stderr
+    );
+    let o = generate(
+        &m,
+        &["-p", "", "--width", "128", "--height", "128", "--seed", "1"],
+        &["wuerstchen-1.png"],
+    );
     assert_eq!(o.code, Some(0), "{}", o.stderr);
     let _ = FAST;
 }

@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 
 use hub_support::{HubServer, Serve};
 use wuerstchen::error::{InputError, ModelError};
-use wuerstchen::hub::{
-    resolve, resolve_with, DownloadProgress, FileSource, HubError, HubOptions, HubRepo,
-};
+use wuerstchen::hub::{resolve, resolve_with, DownloadProgress, FileSource, HubError, HubOptions, HubRepo};
 
 const REPO: &str = "owner/name";
 const TOKEN: &str = "hf_test_token";
@@ -81,27 +79,16 @@ fn downloads_into_the_standard_cache_layout() {
 
     let path = repo.get("prior/config.json").unwrap().expect("file exists");
     let folder = repo_folder(cache.path());
-    assert_eq!(
-        path,
-        folder
-            .join("snapshots")
-            .join(&commit)
-            .join("prior/config.json")
-    );
+    assert_eq!(path, folder.join("snapshots").join(&commit).join("prior/config.json"));
     assert_eq!(std::fs::read(&path).unwrap(), small);
     // snapshots/<commit>/<path> points at blobs/<etag>; refs/main holds the commit.
-    assert!(std::fs::symlink_metadata(&path)
-        .unwrap()
-        .file_type()
-        .is_symlink());
+    assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
     assert_eq!(
         std::fs::canonicalize(&path).unwrap(),
         std::fs::canonicalize(folder.join("blobs").join(&small_sha)).unwrap()
     );
     assert_eq!(
-        std::fs::read_to_string(folder.join("refs/main"))
-            .unwrap()
-            .trim(),
+        std::fs::read_to_string(folder.join("refs/main")).unwrap().trim(),
         commit
     );
     // One file, plain: a HEAD (metadata), then a GET (body). Nothing else.
@@ -120,10 +107,7 @@ fn downloads_into_the_standard_cache_layout() {
     // LFS-style: the HEAD's 302 is not followed (its X-Linked-* headers are read), the GET
     // follows it to the CDN.
     let n = server.count();
-    let path = repo
-        .get("prior/model.safetensors")
-        .unwrap()
-        .expect("file exists");
+    let path = repo.get("prior/model.safetensors").unwrap().expect("file exists");
     assert_eq!(std::fs::read(&path).unwrap(), big);
     assert_eq!(
         std::fs::canonicalize(&path).unwrap(),
@@ -157,10 +141,7 @@ fn a_cached_file_is_not_downloaded_again() {
     let reqs = server.requests();
     assert_eq!(reqs.len(), n + 1, "{:?}", server.request_lines());
     assert_eq!(reqs[n].method, "HEAD");
-    assert_eq!(
-        reqs[n].header("if-none-match"),
-        Some(format!("\"{sha}\"").as_str())
-    );
+    assert_eq!(reqs[n].header("if-none-match"), Some(format!("\"{sha}\"").as_str()));
 
     // A server that ignores If-None-Match: the blob is found by its ETag, still no GET.
     server.ignore_if_none_match(true);
@@ -195,10 +176,7 @@ fn a_missing_file_is_none_and_a_missing_repo_an_error() {
     let missing = HubRepo::new("owner/other", None, &opts).unwrap();
     let err = missing.get("model_index.json").unwrap_err();
     assert!(
-        matches!(
-            err.downcast_ref::<HubError>(),
-            Some(HubError::RepoNotFound { .. })
-        ),
+        matches!(err.downcast_ref::<HubError>(), Some(HubError::RepoNotFound { .. })),
         "{err:#}"
     );
     let text = err_text(&err);
@@ -211,20 +189,14 @@ fn a_missing_file_is_none_and_a_missing_repo_an_error() {
     server.anonymous(true);
     let err = missing.get("model_index.json").unwrap_err();
     assert!(
-        matches!(
-            err.downcast_ref::<HubError>(),
-            Some(HubError::RepoNotFound { .. })
-        ),
+        matches!(err.downcast_ref::<HubError>(), Some(HubError::RepoNotFound { .. })),
         "{err:#}"
     );
     assert!(err_text(&err).contains("owner/other@main"), "{err:#}");
 
     let bad_rev = HubRepo::new(REPO, Some("no-such-branch"), &opts).unwrap();
     let err = bad_rev.get("model_index.json").unwrap_err();
-    assert!(
-        err_text(&err).contains("owner/name@no-such-branch"),
-        "{err:#}"
-    );
+    assert!(err_text(&err).contains("owner/name@no-such-branch"), "{err:#}");
 }
 
 #[test]
@@ -247,10 +219,7 @@ fn offline_uses_the_cache_only() {
     assert_eq!(repo.get("prior/absent.json").unwrap(), None);
     let err = repo.get("prior/other.json").unwrap_err();
     assert!(
-        matches!(
-            err.downcast_ref::<HubError>(),
-            Some(HubError::NotCached { .. })
-        ),
+        matches!(err.downcast_ref::<HubError>(), Some(HubError::NotCached { .. })),
         "{err:#}"
     );
     let text = err_text(&err);
@@ -309,24 +278,13 @@ fn an_unreachable_hub_falls_back_to_the_cache() {
     let t = Instant::now();
     assert_eq!(repo.get("prior/config.json").unwrap(), Some(cached));
     let err = repo.get("prior/missing.json").unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
     assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        t.elapsed()
-    );
-    assert!(
-        matches!(
-            err.downcast_ref::<HubError>(),
-            Some(HubError::Unreachable { .. })
-        ),
+        matches!(err.downcast_ref::<HubError>(), Some(HubError::Unreachable { .. })),
         "{err:#}"
     );
     let text = err_text(&err);
-    for needle in [
-        "owner/name@main",
-        "prior/missing.json",
-        "could not reach the Hub",
-    ] {
+    for needle in ["owner/name@main", "prior/missing.json", "could not reach the Hub"] {
         assert!(text.contains(needle), "{needle:?} missing from: {text}");
     }
 }
@@ -347,20 +305,13 @@ fn a_download_cut_short_leaves_no_snapshot_and_a_retry_succeeds() {
         text.contains("owner/name@main") && text.contains("decoder/model.safetensors"),
         "{text}"
     );
-    assert_eq!(
-        files_under(&folder.join("snapshots")),
-        Vec::<PathBuf>::new()
-    );
+    assert_eq!(files_under(&folder.join("snapshots")), Vec::<PathBuf>::new());
     assert!(!folder.join("blobs").join(&sha).exists());
 
     let path = repo.get("decoder/model.safetensors").unwrap().unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), content);
     let blobs = files_under(&folder.join("blobs"));
-    assert_eq!(
-        blobs,
-        [folder.join("blobs").join(&sha)],
-        "leftovers in blobs/"
-    );
+    assert_eq!(blobs, [folder.join("blobs").join(&sha)], "leftovers in blobs/");
 }
 
 #[test]
@@ -380,27 +331,18 @@ fn a_body_shorter_than_announced_is_rejected() {
         _ => panic!("expected SizeMismatch, got {err:#}"),
     }
     let folder = repo_folder(cache.path());
-    assert_eq!(
-        files_under(&folder.join("snapshots")),
-        Vec::<PathBuf>::new()
-    );
+    assert_eq!(files_under(&folder.join("snapshots")), Vec::<PathBuf>::new());
     assert_eq!(files_under(&folder.join("blobs")), Vec::<PathBuf>::new());
 
     // hf-hub does not check the GET's status: an error page would become the file.
     server.add_file(REPO, "vqgan/config.json", &payload(5_000), Serve::GetFails);
     let err = repo.get("vqgan/config.json").unwrap_err();
     assert!(
-        matches!(
-            err.downcast_ref::<HubError>(),
-            Some(HubError::SizeMismatch { .. })
-        ),
+        matches!(err.downcast_ref::<HubError>(), Some(HubError::SizeMismatch { .. })),
         "{err:#}"
     );
     assert!(err_text(&err).contains("vqgan/config.json"));
-    assert_eq!(
-        files_under(&folder.join("snapshots")),
-        Vec::<PathBuf>::new()
-    );
+    assert_eq!(files_under(&folder.join("snapshots")), Vec::<PathBuf>::new());
     assert_eq!(files_under(&folder.join("blobs")), Vec::<PathBuf>::new());
 }
 
@@ -422,16 +364,10 @@ impl Recorder {
 
 impl DownloadProgress for Recorder {
     fn start(&self, file: &str, total_bytes: u64) {
-        self.0
-            .lock()
-            .unwrap()
-            .push(Event::Start(file.into(), total_bytes));
+        self.0.lock().unwrap().push(Event::Start(file.into(), total_bytes));
     }
     fn advance(&self, file: &str, bytes: u64) {
-        self.0
-            .lock()
-            .unwrap()
-            .push(Event::Advance(file.into(), bytes));
+        self.0.lock().unwrap().push(Event::Advance(file.into(), bytes));
     }
     fn finish(&self, file: &str) {
         self.0.lock().unwrap().push(Event::Finish(file.into()));
@@ -439,16 +375,8 @@ impl DownloadProgress for Recorder {
 }
 
 fn check_events(events: &[Event], file: &str, size: u64) {
-    assert_eq!(
-        events.first(),
-        Some(&Event::Start(file.into(), size)),
-        "{events:?}"
-    );
-    assert_eq!(
-        events.last(),
-        Some(&Event::Finish(file.into())),
-        "{events:?}"
-    );
+    assert_eq!(events.first(), Some(&Event::Start(file.into(), size)), "{events:?}");
+    assert_eq!(events.last(), Some(&Event::Finish(file.into())), "{events:?}");
     let middle = &events[1..events.len() - 1];
     let mut sum = 0;
     for e in middle {
@@ -496,17 +424,8 @@ fn progress_events_arrive() {
         events.first(),
         Some(&Event::Start("vqgan/model.safetensors".into(), 64_000))
     );
-    assert_eq!(
-        events.last(),
-        Some(&Event::Finish("vqgan/model.safetensors".into()))
-    );
-    assert_eq!(
-        events
-            .iter()
-            .filter(|e| matches!(e, Event::Finish(_)))
-            .count(),
-        1
-    );
+    assert_eq!(events.last(), Some(&Event::Finish("vqgan/model.safetensors".into())));
+    assert_eq!(events.iter().filter(|e| matches!(e, Event::Finish(_))).count(), 1);
 }
 
 #[test]
@@ -532,7 +451,9 @@ fn resolve_picks_folder_or_repo() {
 
     // a folder that is not there is a model problem (exit 1), not bad usage
     for spec in ["./nope/x/y", "/nope/at/all", "~/models/x"] {
-        let err = resolve(spec, None, None).err().unwrap_or_else(|| panic!("{spec:?} resolved"));
+        let err = resolve(spec, None, None)
+            .err()
+            .unwrap_or_else(|| panic!("{spec:?} resolved"));
         assert!(
             matches!(err.downcast_ref::<ModelError>(), Some(ModelError::MissingFolder { .. })),
             "{spec:?}: {err:#}"
@@ -547,10 +468,7 @@ fn resolve_picks_folder_or_repo() {
         let err = resolve(spec, None, None)
             .err()
             .unwrap_or_else(|| panic!("{spec:?} resolved"));
-        assert!(
-            err.downcast_ref::<InputError>().is_some(),
-            "{spec:?}: {err:#}"
-        );
+        assert!(err.downcast_ref::<InputError>().is_some(), "{spec:?}: {err:#}");
         assert!(err_text(&err).contains(needle), "{spec:?}: {err:#}");
     }
     // An existing file is not a model folder.
@@ -571,11 +489,7 @@ fn an_ambiguous_spec_says_there_is_no_such_folder() {
     let opts = options(&server, cache.path());
     let src = resolve_with("models/tiny", None, &opts, None).unwrap();
     let text = err_text(&src.get("model_index.json").unwrap_err());
-    for needle in [
-        "models/tiny@main",
-        "model_index.json",
-        "no local folder `models/tiny`",
-    ] {
+    for needle in ["models/tiny@main", "model_index.json", "no local folder `models/tiny`"] {
         assert!(text.contains(needle), "{needle:?} missing from: {text}");
     }
     // A cache miss mentions the folder only when its parent exists (tests/ does, relative to

@@ -40,11 +40,38 @@ fn any_json() -> impl Strategy<Value = serde_json::Value> {
 }
 
 const CONFIG_KEYS: &[&str] = &[
-    "c_in", "c", "c_cond", "c_r", "depth", "nhead", "c_out", "patch_size", "c_hidden", "blocks", "level_config",
-    "inject_effnet", "effnet_embd", "clip_embd", "kernel_size", "levels", "bottleneck_blocks", "embed_dim",
-    "latent_channels", "scale_factor", "up_down_scale_factor", "out_channels", "scaler", "s", "hidden_size",
-    "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings", "hidden_act",
-    "layer_norm_eps", "vocab_size",
+    "c_in",
+    "c",
+    "c_cond",
+    "c_r",
+    "depth",
+    "nhead",
+    "c_out",
+    "patch_size",
+    "c_hidden",
+    "blocks",
+    "level_config",
+    "inject_effnet",
+    "effnet_embd",
+    "clip_embd",
+    "kernel_size",
+    "levels",
+    "bottleneck_blocks",
+    "embed_dim",
+    "latent_channels",
+    "scale_factor",
+    "up_down_scale_factor",
+    "out_channels",
+    "scaler",
+    "s",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "layer_norm_eps",
+    "vocab_size",
 ];
 
 fn any_config_object() -> impl Strategy<Value = String> {
@@ -69,25 +96,41 @@ fn small_decoder_config() -> impl Strategy<Value = DecoderConfig> {
             prop::collection::vec(0usize..3, levels),
             prop::collection::vec("[CTA]{0,3}", levels),
             prop::collection::vec(any::<bool>(), levels),
-            (1usize..5, 1usize..5, 1usize..9, prop::sample::select(vec![1usize, 3, 5]), 1usize..3, 4usize..9),
+            (
+                1usize..5,
+                1usize..5,
+                1usize..9,
+                prop::sample::select(vec![1usize, 3, 5]),
+                1usize..3,
+                4usize..9,
+            ),
         )
-            .prop_map(|(c_hidden, nhead, blocks, level_config, inject_effnet, (effnet_embd, clip_embd, c_cond, kernel_size, patch_size, c_r))| {
-                DecoderConfig {
-                    c_in: 4,
-                    c_out: 4,
-                    c_r,
-                    patch_size,
-                    c_cond,
+            .prop_map(
+                |(
                     c_hidden,
                     nhead,
                     blocks,
                     level_config,
                     inject_effnet,
-                    effnet_embd,
-                    clip_embd,
-                    kernel_size,
-                }
-            })
+                    (effnet_embd, clip_embd, c_cond, kernel_size, patch_size, c_r),
+                )| {
+                    DecoderConfig {
+                        c_in: 4,
+                        c_out: 4,
+                        c_r,
+                        patch_size,
+                        c_cond,
+                        c_hidden,
+                        nhead,
+                        blocks,
+                        level_config,
+                        inject_effnet,
+                        effnet_embd,
+                        clip_embd,
+                        kernel_size,
+                    }
+                },
+            )
     })
 }
 

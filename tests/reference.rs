@@ -17,7 +17,10 @@ const COMPONENT_TOL: f64 = 1e-5;
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
     let err = rel_err(got, want);
-    assert!(err <= COMPONENT_TOL, "{what}: relative error {err:.3e} > {COMPONENT_TOL:e}");
+    assert!(
+        err <= COMPONENT_TOL,
+        "{what}: relative error {err:.3e} > {COMPONENT_TOL:e}"
+    );
     eprintln!("{what}: relative error {err:.3e}");
 }
 
@@ -32,7 +35,11 @@ fn text_encoders(pipeline: &str) {
     assert_close(&format!("{pipeline} prior text encoder"), &got, &r["prior_te.hidden"]);
     let decoder = DecoderPipeline::load(&decoder_src, &rt).unwrap();
     let got = decoder.text_encoder.model.forward(&ids, &mask).unwrap();
-    assert_close(&format!("{pipeline} decoder text encoder"), &got, &r["decoder_te.hidden"]);
+    assert_close(
+        &format!("{pipeline} decoder text encoder"),
+        &got,
+        &r["decoder_te.hidden"],
+    );
 }
 
 fn prior_forward(pipeline: &str) {
@@ -73,7 +80,10 @@ fn scheduler_steps(pipeline: &str) {
     let (prior_src, decoder_src) = sources(pipeline);
     let prior = PriorPipeline::load(&prior_src, None, &rt).unwrap();
     let dec = DecoderPipeline::load(&decoder_src, &rt).unwrap();
-    for (name, sched) in [("prior_scheduler", &prior.scheduler), ("decoder_scheduler", &dec.scheduler)] {
+    for (name, sched) in [
+        ("prior_scheduler", &prior.scheduler),
+        ("decoder_scheduler", &dec.scheduler),
+    ] {
         let ts: Vec<f32> = r[&format!("{name}.timesteps")].to_vec1().unwrap();
         let sample = &r[&format!("{name}.sample")];
         let eps = &r[&format!("{name}.model_output")];
@@ -81,7 +91,11 @@ fn scheduler_steps(pipeline: &str) {
             let noise = r[&format!("{name}.noise")].get(i).unwrap();
             let want = r[&format!("{name}.prev")].get(i).unwrap();
             let got = sched.step(eps, ts[i], ts[i + 1], sample, &noise).unwrap();
-            assert_close(&format!("{pipeline} {name} step {} -> {}", ts[i], ts[i + 1]), &got, &want);
+            assert_close(
+                &format!("{pipeline} {name} step {} -> {}", ts[i], ts[i + 1]),
+                &got,
+                &want,
+            );
         }
     }
 }
@@ -109,7 +123,11 @@ fn whole_pipeline_with_diffusers_noise(pipeline: &str) {
         .iter()
         .map(|v| v.as_f64().unwrap() as f32)
         .collect();
-    assert_eq!(timesteps, wuerstchen::scheduler::default_prior_timesteps(), "the docs' schedule");
+    assert_eq!(
+        timesteps,
+        wuerstchen::scheduler::default_prior_timesteps(),
+        "the docs' schedule"
+    );
     let prompt = run["prompt"].as_str().unwrap().to_string();
     let params = PriorParams {
         prompt: prompt.clone(),

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use wuerstchen::hub::LocalDir;
-use wuerstchen::pipeline::{
-    decoder_timesteps, DecoderParams, DecoderPipeline, PriorParams, PriorPipeline, Runtime,
-};
+use wuerstchen::pipeline::{decoder_timesteps, DecoderParams, DecoderPipeline, PriorParams, PriorPipeline, Runtime};
 use wuerstchen::progress::Silent;
 use wuerstchen::rng::TorchCpuGenerator;
 use wuerstchen::scheduler::linear_timesteps;
@@ -36,14 +34,7 @@ fn files(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 fn write(out: &Path, seed: u64) -> TinyModelPaths {
-    write_tiny_model(
-        out,
-        &TinyModelOptions {
-            seed,
-            overwrite: false,
-        },
-    )
-    .unwrap()
+    write_tiny_model(out, &TinyModelOptions { seed, overwrite: false }).unwrap()
 }
 
 #[test]
@@ -70,10 +61,7 @@ fn tiny_model_is_small_complete_and_generates_an_image() {
         "tokenizer/special_tokens_map.json",
         "scheduler/scheduler_config.json",
     ];
-    let prior_only = [
-        "prior/config.json",
-        "prior/diffusion_pytorch_model.safetensors",
-    ];
+    let prior_only = ["prior/config.json", "prior/diffusion_pytorch_model.safetensors"];
     let decoder_only = [
         "decoder/config.json",
         "decoder/diffusion_pytorch_model.safetensors",
@@ -84,12 +72,7 @@ fn tiny_model_is_small_complete_and_generates_an_image() {
         .iter()
         .chain(&prior_only)
         .map(|f| Path::new("prior").join(f))
-        .chain(
-            common
-                .iter()
-                .chain(&decoder_only)
-                .map(|f| Path::new("decoder").join(f)),
-        )
+        .chain(common.iter().chain(&decoder_only).map(|f| Path::new("decoder").join(f)))
         .collect();
     want.sort();
     assert_eq!(
@@ -143,20 +126,13 @@ fn tiny_model_is_small_complete_and_generates_an_image() {
         .unwrap();
     assert_eq!(images.dims(), &[1, 3, 128, 128]);
     let values: Vec<f32> = images.flatten_all().unwrap().to_vec1().unwrap();
-    assert!(values
-        .iter()
-        .all(|v| v.is_finite() && (0.0..=1.0).contains(v)));
-    let (lo, hi) = values
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-            (lo.min(v), hi.max(v))
-        });
+    assert!(values.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)));
+    let (lo, hi) = values.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+        (lo.min(v), hi.max(v))
+    });
     let mean = values.iter().sum::<f32>() / values.len() as f32;
     eprintln!("image: min {lo:.4}, max {hi:.4}, mean {mean:.4}");
-    assert!(
-        hi - lo > 0.05,
-        "the image is (nearly) constant: [{lo}, {hi}]"
-    );
+    assert!(hi - lo > 0.05, "the image is (nearly) constant: [{lo}, {hi}]");
 }
 
 #[test]
@@ -172,11 +148,7 @@ fn same_seed_gives_identical_files_and_another_seed_other_weights() {
         let name = path.to_string_lossy();
         if name.ends_with(".safetensors") {
             assert_ne!(bytes, &fc[path], "{name} is the same for seeds 7 and 8");
-            assert_eq!(
-                bytes.len(),
-                fc[path].len(),
-                "{name}: same shapes, other values"
-            );
+            assert_eq!(bytes.len(), fc[path].len(), "{name}: same shapes, other values");
         } else if !name.ends_with("README.md") {
             assert_eq!(bytes, &fc[path], "{name} should not depend on the seed");
         }
@@ -193,20 +165,10 @@ fn refuses_a_non_empty_folder_unless_overwriting() {
 
     let err = write_tiny_model(tmp.path(), &TinyModelOptions::default()).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(
-        msg.contains(&tmp.path().join("decoder").display().to_string()),
-        "{msg}"
-    );
-    assert!(
-        err.downcast_ref::<wuerstchen::error::InputError>()
-            .is_some(),
-        "{msg}"
-    );
+    assert!(msg.contains(&tmp.path().join("decoder").display().to_string()), "{msg}");
+    assert!(err.downcast_ref::<wuerstchen::error::InputError>().is_some(), "{msg}");
     assert_eq!(std::fs::read_to_string(&keep).unwrap(), "mine");
-    assert!(
-        !tmp.path().join("prior/model_index.json").exists(),
-        "nothing written"
-    );
+    assert!(!tmp.path().join("prior/model_index.json").exists(), "nothing written");
     assert_eq!(
         std::fs::read_dir(tmp.path()).unwrap().count(),
         2,
@@ -245,10 +207,8 @@ fn refuses_a_non_empty_folder_unless_overwriting() {
 
 #[test]
 fn built_vocab_equals_the_clip_vocab_fixture() {
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer-bpe/vocab.json");
-    let want: BTreeMap<String, u32> =
-        serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer-bpe/vocab.json");
+    let want: BTreeMap<String, u32> = serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
     let got: BTreeMap<String, u32> = serde_json::from_str(&clip_vocab_json().unwrap()).unwrap();
     assert_eq!(got.len(), 49408);
     assert!(

@@ -10,10 +10,19 @@ use crate::pipeline::{DecoderPipeline, PriorPipeline};
 pub fn run(args: &DownloadArgs, log: &LogArgs) -> Result<()> {
     let prior = source(&args.prior_model.prior, &args.hub, log.quiet)?;
     let decoder = source(&args.decoder_model.decoder, &args.hub, log.quiet)?;
-    let stage_c = args.prior_model.stage_c.as_deref().map(|s| source(s, &args.hub, log.quiet)).transpose()?;
+    let stage_c = args
+        .prior_model
+        .stage_c
+        .as_deref()
+        .map(|s| source(s, &args.hub, log.quiet))
+        .transpose()?;
     let mut files = PriorPipeline::locate(prior.as_ref(), stage_c.as_deref())?;
     files.extend(DecoderPipeline::locate(decoder.as_ref())?);
-    let bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let bytes: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
     for f in &files {
         println!("{}", f.display());
     }

@@ -9,7 +9,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use super::{check_interrupt, dtype_name, install_interrupt, log_peak_memory, plan_jobs, plan_outputs, runtime_spec, source};
+use super::{
+    check_interrupt, dtype_name, install_interrupt, log_peak_memory, plan_jobs, plan_outputs, runtime_spec, source,
+};
 use crate::cli::{GenerateArgs, LogArgs};
 use crate::error::{InputError, Interrupted};
 use crate::hub::FileSource;
@@ -78,7 +80,10 @@ pub fn png_metadata(req: &GenerateRequest, info: &RunInfo, n: usize) -> output::
     }
     let mut json = record(req, info);
     json["image_index"] = n.into();
-    vec![("parameters".to_string(), a1111), ("wuerstchen".to_string(), json.to_string())]
+    vec![
+        ("parameters".to_string(), a1111),
+        ("wuerstchen".to_string(), json.to_string()),
+    ]
 }
 
 /// The file that holds one request's image embeddings: tensor `image_embeddings`
@@ -91,7 +96,12 @@ pub fn embeddings_file(embeddings: &Tensor, req: &GenerateRequest, info: &RunInf
         "count": req.prior_timesteps.len(),
         "numel": t.elem_count(),
     });
-    let data: Vec<u8> = t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let data: Vec<u8> = t
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.dims().to_vec(), &data)?;
     let meta = std::collections::HashMap::from([
         ("format".to_string(), "pt".to_string()),
@@ -125,8 +135,10 @@ impl Writer {
 
     pub fn report(&self, path: &std::path::Path, job: &Job, n: usize, timings: &[(String, f64)]) {
         if self.json {
-            let t: serde_json::Map<String, serde_json::Value> =
-                timings.iter().map(|(k, v)| (k.clone(), ((v * 1000.0).round() / 1000.0).into())).collect();
+            let t: serde_json::Map<String, serde_json::Value> = timings
+                .iter()
+                .map(|(k, v)| (k.clone(), ((v * 1000.0).round() / 1000.0).into()))
+                .collect();
             let line = serde_json::json!({
                 "path": path.display().to_string(),
                 "index": job.index,
@@ -210,20 +222,34 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
     let batch = args.prompt.prompts.is_some();
     let outputs = plan_outputs(&jobs, &args.output.output, batch, args.output.overwrite)?;
     let emb_outputs = match &args.save_embeddings {
-        Some(t) => super::stages::plan_embedding_outputs(&jobs, t, batch, args.output.overwrite)?.into_iter().map(Some).collect(),
+        Some(t) => super::stages::plan_embedding_outputs(&jobs, t, batch, args.output.overwrite)?
+            .into_iter()
+            .map(Some)
+            .collect(),
         None => vec![None; jobs.len()],
     };
 
     // the size rule needs only the models' small JSON files
     let prior_src = source(&args.prior_model.prior, &args.hub, log.quiet)?;
     let decoder_src = source(&args.decoder_model.decoder, &args.hub, log.quiet)?;
-    let stage_c = args.prior_model.stage_c.as_deref().map(|s| source(s, &args.hub, log.quiet)).transpose()?;
+    let stage_c = args
+        .prior_model
+        .stage_c
+        .as_deref()
+        .map(|s| source(s, &args.hub, log.quiet))
+        .transpose()?;
     let rule = SizeRule::read(prior_src.as_ref(), decoder_src.as_ref())?;
     let mut planned = Vec::with_capacity(jobs.len());
     for ((job, images), embeddings) in jobs.into_iter().zip(outputs).zip(emb_outputs) {
-        let checked = rule.check("--width", job.req.width).and_then(|_| rule.check("--height", job.req.height));
+        let checked = rule
+            .check("--width", job.req.width)
+            .and_then(|_| rule.check("--height", job.req.height));
         match checked {
-            Ok(()) => planned.push(Planned { job, images, embeddings }),
+            Ok(()) => planned.push(Planned {
+                job,
+                images,
+                embeddings,
+            }),
             Err(e) if !batch => return Err(e.into()),
             Err(e) => {
                 let e = InputError::new(format!("{}: {e}", job.origin));
@@ -245,7 +271,10 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
         dtype: rt.dtype,
         rng: kernel,
     };
-    let writer = Writer { overwrite: args.output.overwrite, json: args.output.json };
+    let writer = Writer {
+        overwrite: args.output.overwrite,
+        json: args.output.json,
+    };
     let mut progress = TerminalProgress::new(log.quiet, Some(interrupt.clone()));
     let staged = staged(args.runtime.low_memory, &rt, prior_src.as_ref(), decoder_src.as_ref());
     let ctx = Ctx {
@@ -281,10 +310,23 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
         tracing::info!("{} of {} prompts done", summary.done, planned.len() + bad.len());
     }
     if !summary.failed.is_empty() {
-        anyhow::bail!("{} prompt(s) failed: {}", summary.failed.len(), summary.failed.iter().map(|(o, _)| o.as_str()).collect::<Vec<_>>().join(", "));
+        anyhow::bail!(
+            "{} prompt(s) failed: {}",
+            summary.failed.len(),
+            summary
+                .failed
+                .iter()
+                .map(|(o, _)| o.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     if !bad.is_empty() {
-        return Err(InputError::new(format!("{} prompts-file line(s) skipped (see the warnings above)", bad.len())).into());
+        return Err(InputError::new(format!(
+            "{} prompts-file line(s) skipped (see the warnings above)",
+            bad.len()
+        ))
+        .into());
     }
     Ok(())
 }
@@ -320,7 +362,11 @@ impl Ctx<'_> {
 
     fn save_embeddings(&self, p: &Planned, emb: &Tensor) -> Result<()> {
         if let Some(path) = &p.embeddings {
-            output::write_atomic(path, &embeddings_file(emb, &p.job.req, self.info)?, self.writer.overwrite)?;
+            output::write_atomic(
+                path,
+                &embeddings_file(emb, &p.job.req, self.info)?,
+                self.writer.overwrite,
+            )?;
             tracing::info!("embeddings written to {}", path.display());
         }
         Ok(())
@@ -330,11 +376,17 @@ impl Ctx<'_> {
         let timings = progress.take_timings();
         let t: Vec<String> = timings.iter().map(|(s, t)| format!("{s} {t:.2}s")).collect();
         tracing::info!("seed {}: {}", p.job.req.seed, t.join(", "));
-        self.writer.images(&p.job, &output::to_rgb8(images)?, &p.images, self.info, &timings)
+        self.writer
+            .images(&p.job, &output::to_rgb8(images)?, &p.images, self.info, &timings)
     }
 
     /// Both stages resident: each job runs start to finish.
-    fn run_together(&self, prior: &PriorPipeline, decoder: &DecoderPipeline, progress: &mut TerminalProgress) -> Result<Summary> {
+    fn run_together(
+        &self,
+        prior: &PriorPipeline,
+        decoder: &DecoderPipeline,
+        progress: &mut TerminalProgress,
+    ) -> Result<Summary> {
         let mut summary = Summary::default();
         for (i, p) in self.planned.iter().enumerate() {
             let job = &p.job;

@@ -48,7 +48,10 @@ impl RuntimeSpec {
                 .with_context(|| format!("cannot open CUDA device {i} (is a GPU present and the driver loaded?)"))?,
         };
         tracing::info!("running on {:?} in {}", device, dtype_name(self.dtype));
-        Ok(Runtime { device, dtype: self.dtype })
+        Ok(Runtime {
+            device,
+            dtype: self.dtype,
+        })
     }
 }
 
@@ -111,7 +114,15 @@ pub fn plan_jobs(
         }
         let text = prompt.prompt.as_deref().unwrap_or_default();
         let req = request::generate_request(text, &prompt.negative_prompt, sampling, base_seed)?;
-        return Ok((vec![Job { index: 0, origin: "--prompt".into(), req, output: None }], vec![]));
+        return Ok((
+            vec![Job {
+                index: 0,
+                origin: "--prompt".into(),
+                req,
+                output: None,
+            }],
+            vec![],
+        ));
     };
     let bytes = if file == "-" {
         let mut buf = Vec::new();
@@ -136,7 +147,10 @@ pub fn plan_jobs(
         }
     }
     if jobs.is_empty() && bad.is_empty() {
-        tracing::warn!("{name}: no prompts{}", if shard.is_some() { " in this shard" } else { "" });
+        tracing::warn!(
+            "{name}: no prompts{}",
+            if shard.is_some() { " in this shard" } else { "" }
+        );
     }
     Ok((jobs, bad))
 }
@@ -150,7 +164,12 @@ pub fn plan_outputs(jobs: &[Job], template: &str, batch: bool, overwrite: bool) 
         let t = job.output.as_deref().unwrap_or(template);
         let paths: Vec<PathBuf> = (0..job.req.num_images)
             .map(|n| {
-                let fields = NameFields { index: job.index, n, seed: job.req.seed, prompt: &job.req.prompt };
+                let fields = NameFields {
+                    index: job.index,
+                    n,
+                    seed: job.req.seed,
+                    prompt: &job.req.prompt,
+                };
                 output::output_path(t, &fields, job.req.num_images > 1, batch && job.output.is_none())
             })
             .collect();
@@ -188,7 +207,10 @@ pub fn log_peak_memory() {
 pub fn tiny_model(args: &TinyModelArgs) -> Result<()> {
     let paths = crate::tiny::write_tiny_model(
         &args.out,
-        &crate::tiny::TinyModelOptions { seed: args.seed, overwrite: args.overwrite },
+        &crate::tiny::TinyModelOptions {
+            seed: args.seed,
+            overwrite: args.overwrite,
+        },
     )?;
     println!("{}", paths.prior.display());
     println!("{}", paths.decoder.display());

@@ -23,11 +23,20 @@ pub fn plan_embedding_outputs(jobs: &[Job], template: &str, batch: bool, overwri
     let mut seen = std::collections::HashSet::new();
     jobs.iter()
         .map(|job| {
-            let fields = NameFields { index: job.index, n: 0, seed: job.req.seed, prompt: &job.req.prompt };
+            let fields = NameFields {
+                index: job.index,
+                n: 0,
+                seed: job.req.seed,
+                prompt: &job.req.prompt,
+            };
             let path = output::output_path(template, &fields, false, batch);
             output::check_writable(&path, overwrite).map_err(|e| InputError::new(format!("{}: {e}", job.origin)))?;
             if !seen.insert(path.clone()) {
-                return Err(InputError::new(format!("two prompts would write {}; use {{index}} in the name", path.display())).into());
+                return Err(InputError::new(format!(
+                    "two prompts would write {}; use {{index}} in the name",
+                    path.display()
+                ))
+                .into());
             }
             Ok(path)
         })
@@ -43,7 +52,12 @@ pub fn run_prior(args: &PriorArgs, log: &LogArgs) -> Result<()> {
     let batch = args.prompt.prompts.is_some();
     let paths = plan_embedding_outputs(&jobs, &args.out, batch, args.overwrite)?;
     let prior_src = source(&args.prior_model.prior, &args.hub, log.quiet)?;
-    let stage_c = args.prior_model.stage_c.as_deref().map(|s| source(s, &args.hub, log.quiet)).transpose()?;
+    let stage_c = args
+        .prior_model
+        .stage_c
+        .as_deref()
+        .map(|s| source(s, &args.hub, log.quiet))
+        .transpose()?;
     // sizes are the prior's business only: its latent is ceil(size / resolution_multiple)
     for job in &jobs {
         for (flag, v) in [("--width", job.req.width), ("--height", job.req.height)] {
@@ -62,7 +76,10 @@ pub fn run_prior(args: &PriorArgs, log: &LogArgs) -> Result<()> {
         dtype: rt.dtype,
         rng: kernel,
     };
-    let writer = Writer { overwrite: args.overwrite, json: args.json };
+    let writer = Writer {
+        overwrite: args.overwrite,
+        json: args.json,
+    };
     let mut progress = TerminalProgress::new(log.quiet, Some(interrupt.clone()));
     let mut failed = 0;
     for (job, path) in jobs.iter().zip(&paths) {
@@ -99,12 +116,23 @@ struct Embeddings {
 }
 
 fn read_embeddings(path: &Path) -> Result<Embeddings> {
-    let bad = |message: String| ModelError::BadFile { component: "embeddings".into(), path: path.to_path_buf(), message };
+    let bad = |message: String| ModelError::BadFile {
+        component: "embeddings".into(),
+        path: path.to_path_buf(),
+        message,
+    };
     let bytes = std::fs::read(path).map_err(|e| InputError::new(format!("cannot read {}: {e}", path.display())))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let view = st.tensor("image_embeddings").map_err(|_| bad("no `image_embeddings` tensor".into()))?;
+    let view = st
+        .tensor("image_embeddings")
+        .map_err(|_| bad("no `image_embeddings` tensor".into()))?;
     if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 4 {
-        return Err(bad(format!("`image_embeddings` must be f32 (N, C, h, w), got {:?} {:?}", view.dtype(), view.shape())).into());
+        return Err(bad(format!(
+            "`image_embeddings` must be f32 (N, C, h, w), got {:?} {:?}",
+            view.dtype(),
+            view.shape()
+        ))
+        .into());
     }
     let tensor = Tensor::from_raw_buffer(view.data(), candle_core::DType::F32, view.shape(), &Device::Cpu)?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
@@ -125,9 +153,16 @@ pub fn run_decode(args: &DecodeArgs, log: &LogArgs) -> Result<()> {
     let rec = &emb.record;
     let text = |key: &str| rec[key].as_str().map(str::to_string);
     let prompt = args.prompt.clone().or_else(|| text("prompt")).ok_or_else(|| {
-        InputError::new(format!("{} records no prompt; pass --prompt", args.embeddings.display()))
+        InputError::new(format!(
+            "{} records no prompt; pass --prompt",
+            args.embeddings.display()
+        ))
     })?;
-    let negative = args.negative_prompt.clone().or_else(|| text("negative_prompt")).unwrap_or_default();
+    let negative = args
+        .negative_prompt
+        .clone()
+        .or_else(|| text("negative_prompt"))
+        .unwrap_or_default();
     let kernel = request::parse_rng(rec["rng"].as_str().unwrap_or("cpu"))?;
     // the noise: a fresh stream from --seed, or the recorded seed's stream after the prior's draws
     let (seed, skip) = match (args.seed, rec["seed"].as_u64()) {
@@ -139,7 +174,10 @@ pub fn run_decode(args: &DecodeArgs, log: &LogArgs) -> Result<()> {
     };
     let mut noise = TorchCpuGenerator::with_kernel(seed, kernel);
     if let Some(draws) = skip {
-        let (count, numel) = (draws["count"].as_u64().unwrap_or(0), draws["numel"].as_u64().unwrap_or(0));
+        let (count, numel) = (
+            draws["count"].as_u64().unwrap_or(0),
+            draws["numel"].as_u64().unwrap_or(0),
+        );
         for _ in 0..count {
             noise.standard_normal(&[numel as usize])?;
         }
@@ -161,10 +199,20 @@ pub fn run_decode(args: &DecodeArgs, log: &LogArgs) -> Result<()> {
         num_images: n,
         seed,
     };
-    let job = Job { index: 0, origin: args.embeddings.display().to_string(), req, output: None };
+    let job = Job {
+        index: 0,
+        origin: args.embeddings.display().to_string(),
+        req,
+        output: None,
+    };
     let spec = runtime_spec(&args.runtime)?;
-    let paths = super::plan_outputs(std::slice::from_ref(&job), &args.output.output, false, args.output.overwrite)?
-        .remove(0);
+    let paths = super::plan_outputs(
+        std::slice::from_ref(&job),
+        &args.output.output,
+        false,
+        args.output.overwrite,
+    )?
+    .remove(0);
     let decoder_src = source(&args.decoder_model.decoder, &args.hub, log.quiet)?;
     crate::pipeline::check_embedding_size(decoder_src.as_ref(), h, w)?;
     let rt = spec.open()?;
@@ -180,7 +228,10 @@ pub fn run_decode(args: &DecodeArgs, log: &LogArgs) -> Result<()> {
     let mut progress = TerminalProgress::new(log.quiet, Some(interrupt.clone()));
     check_interrupt(&interrupt)?;
     let images = decoder.run(&emb.tensor, &job.req.decoder_params(), &mut noise, &mut progress)?;
-    let writer = Writer { overwrite: args.output.overwrite, json: args.output.json };
+    let writer = Writer {
+        overwrite: args.output.overwrite,
+        json: args.output.json,
+    };
     let timings = progress.take_timings();
     writer.images(&job, &output::to_rgb8(&images)?, &paths, &info, &timings)?;
     log_peak_memory();

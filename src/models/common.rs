@@ -138,12 +138,7 @@ impl GlobalResponseNorm {
 
 impl Module for GlobalResponseNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let agg = x
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_keepdim(1)?
-            .sum_keepdim(2)?
-            .sqrt()?;
+        let agg = x.to_dtype(DType::F32)?.sqr()?.sum_keepdim(1)?.sum_keepdim(2)?.sqrt()?;
         let stand = agg
             .broadcast_div(&(agg.mean_keepdim(D::Minus1)? + 1e-6)?)?
             .to_dtype(x.dtype())?;

@@ -6,8 +6,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::common::{
-    channel_norm, patchify, r_embedding, AttnBlock, Linear, PatchConvTranspose, ResBlock,
-    TimestepBlock, NORM_EPS,
+    channel_norm, patchify, r_embedding, AttnBlock, Linear, PatchConvTranspose, ResBlock, TimestepBlock, NORM_EPS,
 };
 use crate::config::{BlockKind, DecoderConfig};
 use crate::ops::{self, nchw_to_nhwc, nhwc_to_nchw, pixel_shuffle, pixel_unshuffle, resize_bicubic_antialias};
@@ -81,10 +80,7 @@ fn load_level(
             });
         }
     }
-    Ok(Level {
-        blocks,
-        effnet_mapper,
-    })
+    Ok(Level { blocks, effnet_mapper })
 }
 
 impl WuerstchenDiffNeXt {
@@ -94,7 +90,14 @@ impl WuerstchenDiffNeXt {
         // effnet_mappers: one slot per down level then per up level (None where not injected)
         let mapper = |slot: usize, inject: bool| -> Result<Option<Linear>> {
             inject
-                .then(|| Linear::load_conv1x1(cfg.effnet_embd, cfg.c_cond, true, vb.pp(format!("effnet_mappers.{slot}"))))
+                .then(|| {
+                    Linear::load_conv1x1(
+                        cfg.effnet_embd,
+                        cfg.c_cond,
+                        true,
+                        vb.pp(format!("effnet_mappers.{slot}")),
+                    )
+                })
                 .transpose()
         };
         let mut down = Vec::with_capacity(n);
@@ -149,7 +152,11 @@ impl WuerstchenDiffNeXt {
         let clip = ops::layer_norm(&self.clip_mapper.forward(clip)?, NORM_EPS, None)?;
         let sizes = self.level_sizes(latent_size);
         let n = sizes.len();
-        let levels = self.down.iter().enumerate().chain(self.up.iter().enumerate().map(|(u, l)| (n - 1 - u, l)));
+        let levels = self
+            .down
+            .iter()
+            .enumerate()
+            .chain(self.up.iter().enumerate().map(|(u, l)| (n - 1 - u, l)));
         let mut effnet_per_level = Vec::with_capacity(2 * n);
         let mut attn_kv = Vec::with_capacity(2 * n);
         for (i, level) in levels {
@@ -200,7 +207,9 @@ impl WuerstchenDiffNeXt {
                 }
                 Block::Timestep(t) => t.forward(&x, r_embed)?,
                 Block::Attn(a) => {
-                    let kv = kv.next().ok_or_else(|| candle_core::Error::Msg("decoder: conditioning does not match the blocks".into()))?;
+                    let kv = kv.next().ok_or_else(|| {
+                        candle_core::Error::Msg("decoder: conditioning does not match the blocks".into())
+                    })?;
                     a.forward(&x, kv)?
                 }
             };
@@ -212,7 +221,11 @@ impl WuerstchenDiffNeXt {
     pub fn forward(&self, x: &Tensor, r: &Tensor, cond: &DecoderCond) -> Result<Tensor> {
         let r_embed = r_embedding(r, self.c_r, x.dtype())?;
         let n = self.down.len();
-        let mut h = channel_norm(&self.embedding.forward(&pixel_unshuffle(&nchw_to_nhwc(x)?, self.patch_size)?)?)?;
+        let mut h = channel_norm(
+            &self
+                .embedding
+                .forward(&pixel_unshuffle(&nchw_to_nhwc(x)?, self.patch_size)?)?,
+        )?;
         let mut level_outputs = Vec::with_capacity(n);
         for (i, level) in self.down.iter().enumerate() {
             if let Some(down) = &self.downsamplers[i] {
@@ -223,7 +236,14 @@ impl WuerstchenDiffNeXt {
         }
         for (u, level) in self.up.iter().enumerate() {
             let from_down = (u > 0).then(|| level_outputs[n - 1 - u].clone());
-            h = Self::run_level(level, h, &r_embed, cond.effnet[n + u].as_ref(), &cond.attn_kv[n + u], from_down)?;
+            h = Self::run_level(
+                level,
+                h,
+                &r_embed,
+                cond.effnet[n + u].as_ref(),
+                &cond.attn_kv[n + u],
+                from_down,
+            )?;
             if let Some(upsample) = &self.upsamplers[u] {
                 h = upsample.forward(&channel_norm(&h)?)?;
             }

@@ -75,7 +75,10 @@ impl PaellaVqDecoder {
             if i < levels - 1 {
                 let c_next = c_levels[levels - 2 - i];
                 let vb = ups.pp(up.len() + 1);
-                up.push(UpBlock::Upsample(vb.get((c, c_next, 4, 4), "weight")?, vb.get(c_next, "bias")?));
+                up.push(UpBlock::Upsample(
+                    vb.get((c, c_next, 4, 4), "weight")?,
+                    vb.get(c_next, "bias")?,
+                ));
             }
         }
         let f = cfg.up_down_scale_factor;

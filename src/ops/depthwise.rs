@@ -2,10 +2,7 @@
 //! channels-last input. torch's `Conv2d(c, c, k, padding=k//2, groups=c)` and, with
 //! `Padding::Replicate`, `Sequential(ReplicationPad2d(k//2), Conv2d(c, c, k, groups=c))`.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor,
-    WithDType,
-};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
@@ -35,11 +32,7 @@ impl DepthwiseConv {
             .permute((1, 2, 0))?
             .contiguous()?;
         let bias = vb.get(channels, "bias")?;
-        Ok(Self {
-            weight,
-            bias,
-            padding,
-        })
+        Ok(Self { weight, bias, padding })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -69,12 +62,7 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: Pad
 
 /// The same convolution from candle tensor ops: pad, then one multiply-add per tap
 /// (k*k ops whatever the channel count). Used on devices without a dedicated kernel.
-pub fn depthwise_conv2d_generic(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    padding: Padding,
-) -> Result<Tensor> {
+pub fn depthwise_conv2d_generic(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: Padding) -> Result<Tensor> {
     let dtype = x.dtype();
     let (_, h, w, _) = x.dims4()?;
     let (k, _, c) = weight.dims3()?;
@@ -126,38 +114,36 @@ fn depthwise_cpu<T: Float32>(
     let bias: Vec<f32> = bias.iter().map(|v| v.f32()).collect();
     let row_len = w * c;
     let mut out = vec![T::from_f32(0.0); n * h * row_len];
-    out.par_chunks_mut(row_len)
-        .enumerate()
-        .for_each(|(row, out_row)| {
-            let (b, y) = (row / h, row % h);
-            let mut acc: Vec<f32> = bias.iter().copied().cycle().take(row_len).collect();
-            let mut src = vec![0f32; row_len];
-            for ky in 0..k {
-                let Some(iy) = source_index(y, ky as isize - pad, h, padding) else {
-                    continue;
-                };
-                let start = (b * h + iy) * row_len;
-                for (s, v) in src.iter_mut().zip(&x[start..start + row_len]) {
-                    *s = v.f32();
-                }
-                for kx in 0..k {
-                    let tap = &weight[(ky * k + kx) * c..][..c];
-                    for xo in 0..w {
-                        let Some(ix) = source_index(xo, kx as isize - pad, w, padding) else {
-                            continue;
-                        };
-                        let input = &src[ix * c..][..c];
-                        let a = &mut acc[xo * c..][..c];
-                        for ((a, &wv), &iv) in a.iter_mut().zip(tap).zip(input) {
-                            *a += wv * iv;
-                        }
+    out.par_chunks_mut(row_len).enumerate().for_each(|(row, out_row)| {
+        let (b, y) = (row / h, row % h);
+        let mut acc: Vec<f32> = bias.iter().copied().cycle().take(row_len).collect();
+        let mut src = vec![0f32; row_len];
+        for ky in 0..k {
+            let Some(iy) = source_index(y, ky as isize - pad, h, padding) else {
+                continue;
+            };
+            let start = (b * h + iy) * row_len;
+            for (s, v) in src.iter_mut().zip(&x[start..start + row_len]) {
+                *s = v.f32();
+            }
+            for kx in 0..k {
+                let tap = &weight[(ky * k + kx) * c..][..c];
+                for xo in 0..w {
+                    let Some(ix) = source_index(xo, kx as isize - pad, w, padding) else {
+                        continue;
+                    };
+                    let input = &src[ix * c..][..c];
+                    let a = &mut acc[xo * c..][..c];
+                    for ((a, &wv), &iv) in a.iter_mut().zip(tap).zip(input) {
+                        *a += wv * iv;
                     }
                 }
             }
-            for (o, a) in out_row.iter_mut().zip(&acc) {
-                *o = T::from_f32(*a);
-            }
-        });
+        }
+        for (o, a) in out_row.iter_mut().zip(&acc) {
+            *o = T::from_f32(*a);
+        }
+    });
     out
 }
 
@@ -211,7 +197,14 @@ mod tests {
     use candle_core::Device;
 
     fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (a - b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         (d / n).sqrt()
     }
@@ -230,7 +223,13 @@ mod tests {
                 0,
             ),
         };
-        let w_torch = w.permute((2, 0, 1)).unwrap().reshape((c, 1, k, k)).unwrap().contiguous().unwrap();
+        let w_torch = w
+            .permute((2, 0, 1))
+            .unwrap()
+            .reshape((c, 1, k, k))
+            .unwrap()
+            .contiguous()
+            .unwrap();
         let y = input.conv2d(&w_torch, pad, 1, 1, c).unwrap();
         let y = y.broadcast_add(&b.reshape((1, c, 1, 1)).unwrap()).unwrap();
         nchw_to_nhwc(&y).unwrap()

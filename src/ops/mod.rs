@@ -10,10 +10,10 @@ mod depthwise;
 mod norm;
 mod resize;
 
+pub use depthwise::depthwise_conv2d_generic;
 pub use depthwise::{depthwise_conv2d, DepthwiseConv, Padding};
 pub use norm::{layer_norm, layer_norm_generic};
 pub use resize::{resize_bicubic_antialias, resize_weights};
-pub use depthwise::depthwise_conv2d_generic;
 
 use candle_core::{Layout, Result, Tensor, WithDType};
 use half::{bf16, f16};

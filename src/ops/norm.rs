@@ -3,8 +3,7 @@
 //! large means do not cancel the variance away.
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape,
-    Tensor, WithDType, D,
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D,
 };
 use rayon::prelude::*;
 
@@ -44,39 +43,33 @@ struct LayerNormCpu {
 }
 
 fn layer_norm_rows<T: Float32>(x: &[T], dim: usize, eps: f32, affine: Option<(&[T], &[T])>) -> Vec<T> {
-    let affine: Option<(Vec<f32>, Vec<f32>)> = affine.map(|(w, b)| {
-        (
-            w.iter().map(|v| v.f32()).collect(),
-            b.iter().map(|v| v.f32()).collect(),
-        )
-    });
+    let affine: Option<(Vec<f32>, Vec<f32>)> =
+        affine.map(|(w, b)| (w.iter().map(|v| v.f32()).collect(), b.iter().map(|v| v.f32()).collect()));
     let mut out = vec![T::from_f32(0.0); x.len()];
-    out.par_chunks_mut(dim)
-        .zip(x.par_chunks(dim))
-        .for_each(|(dst, src)| {
-            let mean = src.iter().map(|v| v.f32()).sum::<f32>() / dim as f32;
-            let var = src
-                .iter()
-                .map(|v| {
-                    let d = v.f32() - mean;
-                    d * d
-                })
-                .sum::<f32>()
-                / dim as f32;
-            let rstd = 1.0 / (var + eps).sqrt();
-            match &affine {
-                None => {
-                    for (d, s) in dst.iter_mut().zip(src) {
-                        *d = T::from_f32((s.f32() - mean) * rstd);
-                    }
-                }
-                Some((w, b)) => {
-                    for (((d, s), w), b) in dst.iter_mut().zip(src).zip(w).zip(b) {
-                        *d = T::from_f32((s.f32() - mean) * rstd * w + b);
-                    }
+    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(dst, src)| {
+        let mean = src.iter().map(|v| v.f32()).sum::<f32>() / dim as f32;
+        let var = src
+            .iter()
+            .map(|v| {
+                let d = v.f32() - mean;
+                d * d
+            })
+            .sum::<f32>()
+            / dim as f32;
+        let rstd = 1.0 / (var + eps).sqrt();
+        match &affine {
+            None => {
+                for (d, s) in dst.iter_mut().zip(src) {
+                    *d = T::from_f32((s.f32() - mean) * rstd);
                 }
             }
-        });
+            Some((w, b)) => {
+                for (((d, s), w), b) in dst.iter_mut().zip(src).zip(w).zip(b) {
+                    *d = T::from_f32((s.f32() - mean) * rstd * w + b);
+                }
+            }
+        }
+    });
     out
 }
 
@@ -88,9 +81,15 @@ impl CustomOp1 for LayerNormCpu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dim = l.shape().dims().last().copied().unwrap_or(1).max(1);
         let out = match s {
-            CpuStorage::F32(x) => WithDType::to_cpu_storage_owned(layer_norm_rows(slice_of(x, l)?, dim, self.eps, None)),
-            CpuStorage::F16(x) => WithDType::to_cpu_storage_owned(layer_norm_rows(slice_of(x, l)?, dim, self.eps, None)),
-            CpuStorage::BF16(x) => WithDType::to_cpu_storage_owned(layer_norm_rows(slice_of(x, l)?, dim, self.eps, None)),
+            CpuStorage::F32(x) => {
+                WithDType::to_cpu_storage_owned(layer_norm_rows(slice_of(x, l)?, dim, self.eps, None))
+            }
+            CpuStorage::F16(x) => {
+                WithDType::to_cpu_storage_owned(layer_norm_rows(slice_of(x, l)?, dim, self.eps, None))
+            }
+            CpuStorage::BF16(x) => {
+                WithDType::to_cpu_storage_owned(layer_norm_rows(slice_of(x, l)?, dim, self.eps, None))
+            }
             _ => candle_core::bail!("layer_norm: unsupported dtype {:?}", s.dtype()),
         };
         Ok((out, l.shape().clone()))
@@ -159,7 +158,10 @@ mod tests {
                     .broadcast_add(&b.to_dtype(DType::F64)?)?;
             }
             for got in [fast, generic] {
-                let err = (got.to_dtype(DType::F64)? - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                let err = (got.to_dtype(DType::F64)? - &want)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f64>()?;
                 assert!(err < 1e-3, "max abs err {err}");
             }
         }

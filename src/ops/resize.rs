@@ -36,9 +36,7 @@ pub fn resize_weights(in_size: usize, out_size: usize) -> Vec<f32> {
         let center = scale * (i as f64 + 0.5);
         let lo = ((center - support + 0.5) as isize).max(0) as usize;
         let hi = ((center + support + 0.5) as isize).clamp(0, in_size as isize) as usize;
-        let taps: Vec<f64> = (lo..hi)
-            .map(|j| cubic((j as f64 - center + 0.5) * invscale))
-            .collect();
+        let taps: Vec<f64> = (lo..hi).map(|j| cubic((j as f64 - center + 0.5) * invscale)).collect();
         let total: f64 = taps.iter().sum();
         for (j, t) in (lo..hi).zip(taps) {
             w[i * in_size + j] = if total != 0.0 { t / total } else { t } as f32;
@@ -61,9 +59,7 @@ pub fn resize_bicubic_antialias(x: &Tensor, (h, w): (usize, usize)) -> Result<Te
     let ww = weight_tensor(in_w, w, x.device())?;
     let y = x.reshape((n * c * in_h, in_w))?.matmul(&ww.t()?)?;
     let wh = weight_tensor(in_h, h, x.device())?;
-    let y = wh
-        .broadcast_left(n * c)?
-        .matmul(&y.reshape((n * c, in_h, w))?)?;
+    let y = wh.broadcast_left(n * c)?.matmul(&y.reshape((n * c, in_h, w))?)?;
     y.reshape((n, c, h, w))?.to_dtype(dtype)
 }
 
@@ -80,11 +76,15 @@ mod tests {
         while let (Some(x), Some(y)) = (t.get(&format!("resize.{cases}.x")), t.get(&format!("resize.{cases}.y"))) {
             let (_, _, h, w) = y.dims4()?;
             let got = resize_bicubic_antialias(x, (h, w))?;
-            let err = ((&got - y)?.sqr()?.sum_all()?.to_scalar::<f32>()?
-                / y.sqr()?.sum_all()?.to_scalar::<f32>()?)
-            .sqrt();
+            let err =
+                ((&got - y)?.sqr()?.sum_all()?.to_scalar::<f32>()? / y.sqr()?.sum_all()?.to_scalar::<f32>()?).sqrt();
             // f32 weights and a different summation order than torch: ~1e-7
-            assert!(err <= 1e-5, "case {cases} {:?} -> {:?}: rel err {err}", x.dims(), y.dims());
+            assert!(
+                err <= 1e-5,
+                "case {cases} {:?} -> {:?}: rel err {err}",
+                x.dims(),
+                y.dims()
+            );
             cases += 1;
         }
         assert!(cases >= 9, "only {cases} cases found");

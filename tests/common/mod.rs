@@ -29,11 +29,15 @@ pub fn reference(pipeline: &str) -> HashMap<String, Tensor> {
 
 pub fn reference_json(pipeline: &str) -> serde_json::Value {
     let path = fixtures().join(pipeline).join("reference.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("reading reference.json")).expect("parsing reference.json")
+    serde_json::from_str(&std::fs::read_to_string(path).expect("reading reference.json"))
+        .expect("parsing reference.json")
 }
 
 pub fn cpu_f32() -> Runtime {
-    Runtime { device: Device::Cpu, dtype: DType::F32 }
+    Runtime {
+        device: Device::Cpu,
+        dtype: DType::F32,
+    }
 }
 
 /// ||a - b|| / ||b||, in f64.
@@ -41,7 +45,14 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
-    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    let num = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
     (num / den).sqrt()
 }
@@ -93,11 +104,13 @@ pub fn read_png(path: &Path) -> (u32, u32, Vec<u8>, Vec<(String, String)>) {
     buf.truncate(frame.buffer_size());
     assert_eq!(frame.color_type, png::ColorType::Rgb, "{}", path.display());
     let info = reader.info();
-    let mut text: Vec<(String, String)> =
-        info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    let mut text: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
     for t in &info.utf8_text {
         text.push((t.keyword.clone(), t.get_text().unwrap()));
     }
     (frame.width, frame.height, buf, text)
 }
-

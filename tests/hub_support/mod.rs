@@ -83,10 +83,7 @@ pub struct HubServer {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl HubServer {
@@ -186,11 +183,7 @@ fn read_request(stream: &TcpStream) -> Option<Request> {
             headers.push((k.trim().to_string(), v.trim().to_string()));
         }
     }
-    Some(Request {
-        method,
-        path,
-        headers,
-    })
+    Some(Request { method, path, headers })
 }
 
 struct Response {
@@ -231,11 +224,7 @@ fn not_found(code: &str, commit: Option<&str>) -> Response {
 fn respond(req: &Request, port: u16, st: &mut State) -> Response {
     let head = req.method == "HEAD";
     if let Some(sha) = req.path.strip_prefix("/cdn/") {
-        let file = st
-            .repos
-            .values()
-            .flat_map(|r| r.files.values())
-            .find(|f| f.sha == sha);
+        let file = st.repos.values().flat_map(|r| r.files.values()).find(|f| f.sha == sha);
         return match file {
             Some(f) => {
                 let mut r = Response::new("200 OK");
@@ -278,10 +267,7 @@ fn respond(req: &Request, port: u16, st: &mut State) -> Response {
     match file.serve {
         Serve::Lfs => {
             let mut r = Response::new("302 Found")
-                .header(
-                    "location",
-                    format!("http://127.0.0.1:{port}/cdn/{}", file.sha),
-                )
+                .header("location", format!("http://127.0.0.1:{port}/cdn/{}", file.sha))
                 .header("x-repo-commit", commit)
                 .header("x-linked-etag", quoted)
                 .header("x-linked-size", len.to_string());
@@ -337,11 +323,7 @@ fn handle(mut stream: TcpStream, port: u16, state: &Mutex<State>) {
     if req.method != "HEAD" {
         // Several writes, so that the client sees several chunks (progress events).
         for chunk in resp.body.chunks(16 * 1024) {
-            if stream
-                .write_all(chunk)
-                .and_then(|()| stream.flush())
-                .is_err()
-            {
+            if stream.write_all(chunk).and_then(|()| stream.flush()).is_err() {
                 return;
             }
         }
