@@ -144,6 +144,9 @@ impl PriorConfig {
     }
 }
 
+/// More levels than any U-Net needs; bounds the shifts in `downscale` and `upscale`.
+const MAX_LEVELS: usize = 16;
+
 /// The block kinds of a decoder level's `level_config` string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockKind {
@@ -221,8 +224,11 @@ impl DecoderConfig {
     pub fn validate(&self) -> Result<(), ModelError> {
         let b = |m: String| Err(bad("decoder", m));
         let n = self.c_hidden.len();
-        if n == 0 {
-            return b("c_hidden is empty".into());
+        if n == 0 || n > MAX_LEVELS {
+            return b(format!("c_hidden must list 1 to {MAX_LEVELS} levels"));
+        }
+        if self.patch_size > 1 << 16 {
+            return b("patch_size is implausibly large".into());
         }
         if self.nhead.len() != n
             || self.blocks.len() != n
@@ -311,6 +317,10 @@ impl VqganConfig {
         let b = |m: &str| Err(bad("vqgan", m));
         if self.levels == 0 || self.up_down_scale_factor == 0 || self.latent_channels == 0 {
             return b("levels, up_down_scale_factor and latent_channels must be > 0");
+        }
+        // each level halves embed_dim and doubles the image: checked before anything shifts
+        if self.levels > MAX_LEVELS || self.up_down_scale_factor > 1 << 16 {
+            return b("levels or up_down_scale_factor is implausibly large");
         }
         if self.out_channels != 3 {
             return b("out_channels must be 3 (an RGB image)");
