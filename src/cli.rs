@@ -265,10 +265,14 @@ pub struct HubArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Output")]
 pub struct OutputArgs {
-    /// Output PNG path; {seed}, {n} (image number), {index} (prompt number in a batch) and
-    /// {prompt} are filled in; several images without {n} get "-{n}" before the extension,
-    /// and batches without {index} get "-{index}"
-    #[arg(long, short, default_value = "wuerstchen-{seed}.png")]
+    #[arg(
+        long,
+        short,
+        default_value = "wuerstchen-{seed}.png",
+        help = "Output PNG path; {seed}, {image} (image number), {index} (prompt number in a batch) and \
+                {prompt} are filled in; several images without {image} get \"-{image}\" before the extension, \
+                and batches without {index} get \"-{index}\""
+    )]
     pub output: String,
     /// Replace existing files
     #[arg(long)]

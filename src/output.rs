@@ -104,7 +104,7 @@ pub struct NameFields<'a> {
     /// the request's number in a batch (0 for a single request)
     pub index: usize,
     /// the image's number within its request
-    pub n: usize,
+    pub image: usize,
     pub seed: u64,
     pub prompt: &'a str,
 }
@@ -131,16 +131,16 @@ pub fn slug(prompt: &str, max_len: usize) -> String {
     out
 }
 
-/// Fills `{index}`, `{n}`, `{seed}` and `{prompt}` (a slug) in `template`. So that names stay
-/// unique, a template that must name several images of one request but lacks `{n}` gets
-/// `-{n}` before its extension, and one used for a batch without `{index}` gets `-{index}`.
+/// Fills `{index}`, `{image}` (or `{n}`), `{seed}` and `{prompt}` (a slug) in `template`. So that names
+/// stay unique, a template that must name several images of one request but lacks `{image}` gets
+/// `-{image}` before its extension, and one used for a batch without `{index}` gets `-{index}`.
 pub fn output_path(template: &str, fields: &NameFields, several: bool, batch: bool) -> PathBuf {
     let mut missing = String::new();
     if batch && !template.contains("{index}") {
         missing.push_str("-{index}");
     }
-    if several && !template.contains("{n}") {
-        missing.push_str("-{n}");
+    if several && !template.contains("{image}") && !template.contains("{n}") {
+        missing.push_str("-{image}");
     }
     let template = if missing.is_empty() {
         template.to_string()
@@ -157,7 +157,8 @@ pub fn output_path(template: &str, fields: &NameFields, several: bool, batch: bo
     PathBuf::from(
         template
             .replace("{index}", &fields.index.to_string())
-            .replace("{n}", &fields.n.to_string())
+            .replace("{image}", &fields.image.to_string())
+            .replace("{n}", &fields.image.to_string())
             .replace("{seed}", &fields.seed.to_string())
             .replace("{prompt}", &slug(fields.prompt, 60)),
     )
@@ -217,7 +218,7 @@ mod tests {
     fn names_from_templates() {
         let f = NameFields {
             index: 3,
-            n: 1,
+            image: 1,
             seed: 42,
             prompt: "A Cat, dressed as a FIRE fighter!",
         };
@@ -227,9 +228,10 @@ mod tests {
             PathBuf::from("dir/out-1.png")
         );
         assert_eq!(output_path("out.png", &f, true, true), PathBuf::from("out-3-1.png"));
+        assert_eq!(output_path("out-{n}.png", &f, true, false), PathBuf::from("out-1.png"));
         assert_eq!(output_path("out-{seed}", &f, false, true), PathBuf::from("out-42-3"));
         assert_eq!(
-            output_path("{index}-{seed}-{n}-{prompt}.png", &f, true, true),
+            output_path("{index}-{seed}-{image}-{prompt}.png", &f, true, true),
             PathBuf::from("3-42-1-a-cat-dressed-as-a-fire-fighter.png")
         );
         assert_eq!(slug("東京 🙂", 20), "image");

@@ -35,7 +35,7 @@ fn a_prompts_file_with_overrides_runs_every_line_and_reports_json() {
     std::fs::write(
         &prompts,
         "a lighthouse at dawn\n\n{\"prompt\": \"a red fox\", \"seed\": 9, \"width\": 256, \"steps\": 3}\n\
-         {\"prompt\": \"two cats\", \"num_images\": 2, \"output\": \"cats-{n}.png\", \"negative_prompt\": \"dogs\"}\n",
+         {\"prompt\": \"two cats\", \"num_images\": 2, \"output\": \"cats-{image}.png\", \"negative_prompt\": \"dogs\"}\n",
     )
     .unwrap();
     let out_dir = dir.path().join("out");

@@ -133,7 +133,7 @@ fn same_seed_same_image_as_diffusers(pipeline: &str) {
             }
             other => panic!("unexpected run {other:?}"),
         }
-        let out = dir.path().join(format!("{name}-{{n}}.png"));
+        let out = dir.path().join(format!("{name}-{{image}}.png"));
         cmd.arg("--output").arg(&out).assert().success();
         for (n, png) in run["pngs"].as_array().unwrap().iter().enumerate() {
             compare_png(

@@ -142,7 +142,7 @@ impl Writer {
             let line = serde_json::json!({
                 "path": path.display().to_string(),
                 "index": job.index,
-                "n": n,
+                "image": n,
                 "seed": job.req.seed,
                 "prompt": job.req.prompt,
                 "width": job.req.width,

@@ -166,7 +166,7 @@ pub fn plan_outputs(jobs: &[Job], template: &str, batch: bool, overwrite: bool) 
             .map(|n| {
                 let fields = NameFields {
                     index: job.index,
-                    n,
+                    image: n,
                     seed: job.req.seed,
                     prompt: &job.req.prompt,
                 };

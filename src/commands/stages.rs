@@ -25,7 +25,7 @@ pub fn plan_embedding_outputs(jobs: &[Job], template: &str, batch: bool, overwri
         .map(|job| {
             let fields = NameFields {
                 index: job.index,
-                n: 0,
+                image: 0,
                 seed: job.req.seed,
                 prompt: &job.req.prompt,
             };
