@@ -42,6 +42,8 @@ pub enum Command {
     Download(DownloadArgs),
     /// Write a tiny random-weight model in the Hub layout, for smoke tests
     TinyModel(TinyModelArgs),
+    /// Time the pipeline: load, warm up, per-stage medians and ms per step as JSON on stdout
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -138,6 +140,28 @@ pub struct DownloadArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub prior_sampling: PriorSamplingArgs,
+    #[command(flatten)]
+    pub decoder_sampling: DecoderSamplingArgs,
+    #[command(flatten)]
+    pub prior_model: PriorModelArgs,
+    #[command(flatten)]
+    pub decoder_model: DecoderModelArgs,
+    #[command(flatten)]
+    pub hub: HubArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+    /// Timed runs (the medians are over these)
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Untimed runs first (kernel compilation, allocator warm-up)
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+}
+
+#[derive(Debug, Args)]
 pub struct TinyModelArgs {
     /// Folder to write (DIR/prior and DIR/decoder)
     #[arg(long, short)]
@@ -148,6 +172,10 @@ pub struct TinyModelArgs {
     /// Replace existing DIR/prior and DIR/decoder
     #[arg(long)]
     pub overwrite: bool,
+    /// tiny (~6 MB, smoke tests), mid (~440 MB, CPU benchmarks) or real (the published models'
+    /// sizes, ~12.5 GB: GPU benchmarks without downloading)
+    #[arg(long, default_value = "tiny")]
+    pub size: String,
 }
 
 #[derive(Debug, Args)]
@@ -306,6 +334,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Decode(args) => crate::commands::stages::run_decode(&args, &cli.log),
         Command::Download(args) => crate::commands::download::run(&args, &cli.log),
         Command::TinyModel(args) => crate::commands::tiny_model(&args),
+        Command::Bench(args) => crate::commands::bench::run(&args, &cli.log),
     }
 }
 

@@ -153,9 +153,10 @@ fn lerp(start: &Tensor, end: &Tensor, weight: f64) -> candle_core::Result<Tensor
     }
 }
 
-fn draw(noise: &mut dyn NoiseSource, shape: &[usize], rt: &Runtime) -> Result<Tensor> {
+/// Noise from the host generator, in f32 on the device.
+fn draw(noise: &mut dyn NoiseSource, shape: &[usize], device: &Device) -> Result<Tensor> {
     let values = noise.standard_normal(shape)?;
-    Ok(Tensor::from_vec(values, shape, &rt.device)?.to_dtype(rt.dtype)?)
+    Ok(Tensor::from_vec(values, shape, device)?)
 }
 
 /// Fails when a stage produced NaN or Inf, instead of writing a black image.
@@ -171,7 +172,10 @@ fn check_finite(t: &Tensor, stage: &str) -> Result<()> {
 }
 
 /// The denoising loop both stages share: `model(x_batch, r_batch)` predicts the noise for
-/// the (possibly doubled, with guidance) batch.
+/// the (possibly doubled, with guidance) batch. The state stays in f32 whatever the model's
+/// dtype: the guidance combination (which amplifies differences w-fold) and the scheduler
+/// update run in f32, and the timestep reaches the embedding unrounded; only the network
+/// runs in `rt.dtype`.
 #[allow(clippy::too_many_arguments)]
 fn sample(
     mut latents: Tensor,
@@ -189,18 +193,17 @@ fn sample(
     progress.start(stage, timesteps.len().saturating_sub(1));
     for pair in timesteps.windows(2) {
         let (t, t_prev) = (pair[0], pair[1]);
-        let ratio = Tensor::full(t, n, &rt.device)?.to_dtype(rt.dtype)?;
+        let ratio = Tensor::full(t, n, &rt.device)?;
+        let x = latents.to_dtype(rt.dtype)?;
         let pred = match guidance {
             Some(w) => {
-                let both = model(
-                    &Tensor::cat(&[&latents, &latents], 0)?,
-                    &Tensor::cat(&[&ratio, &ratio], 0)?,
-                )?;
+                let both =
+                    model(&Tensor::cat(&[&x, &x], 0)?, &Tensor::cat(&[&ratio, &ratio], 0)?)?.to_dtype(DType::F32)?;
                 lerp(&both.narrow(0, n, n)?, &both.narrow(0, 0, n)?, w)?
             }
-            None => model(&latents, &ratio)?,
+            None => model(&x, &ratio)?.to_dtype(DType::F32)?,
         };
-        let eps = draw(noise, &shape, rt)?;
+        let eps = draw(noise, &shape, &rt.device)?;
         latents = scheduler.step(&pred, t, t_prev, &latents, &eps)?;
         progress.step();
         if progress.cancelled() {
@@ -280,7 +283,7 @@ impl PriorPipeline {
         ((height as f64 / m).ceil() as usize, (width as f64 / m).ceil() as usize)
     }
 
-    /// Image embeddings (N, c_in, h, w), denormalised (`latents * latent_mean - latent_std`).
+    /// Image embeddings (N, c_in, h, w) in f32, denormalised (`latents * latent_mean - latent_std`).
     pub fn run(&self, p: &PriorParams, noise: &mut dyn NoiseSource, progress: &mut dyn Progress) -> Result<Tensor> {
         let rt = &self.runtime;
         let guidance = (p.guidance > 1.0).then_some(p.guidance);
@@ -289,7 +292,7 @@ impl PriorPipeline {
             .conditioning(&p.prompt, &p.negative_prompt, p.num_images, guidance.is_some())?;
         let cond = self.prior.condition(&text)?;
         let (h, w) = self.latent_size(p.height, p.width);
-        let latents = draw(noise, &[p.num_images, self.prior_config.c_in, h, w], rt)?;
+        let latents = draw(noise, &[p.num_images, self.prior_config.c_in, h, w], &rt.device)?;
         let latents = sample(
             latents,
             &p.timesteps,
@@ -395,7 +398,7 @@ impl DecoderPipeline {
         };
         let size = self.latent_size(h, w);
         let cond = self.decoder.condition(&effnet, &text, size)?;
-        let latents = draw(noise, &[n, self.decoder_config.c_in, size.0, size.1], rt)?;
+        let latents = draw(noise, &[n, self.decoder_config.c_in, size.0, size.1], &rt.device)?;
         let latents = sample(
             latents,
             &p.timesteps,
@@ -411,7 +414,7 @@ impl DecoderPipeline {
         progress.start("vqgan", 1);
         let images = self
             .vqgan
-            .decode(&(latents * self.vqgan.scale_factor())?)?
+            .decode(&(latents * self.vqgan.scale_factor())?.to_dtype(rt.dtype)?)?
             .to_dtype(DType::F32)?
             .clamp(0f32, 1f32)?;
         progress.step();

@@ -59,6 +59,31 @@ const DECODER_SEED: u64 = 3;
 const DECODER_TEXT_ENCODER_SEED: u64 = 4;
 const VQGAN_SEED: u64 = 5;
 
+/// Which architecture to write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ModelSize {
+    /// make_fixtures.py's tiny-a: ~6 MB, for smoke tests
+    #[default]
+    Tiny,
+    /// ~110 M parameters (~440 MB): CPU benchmarks that exercise real layer widths
+    Mid,
+    /// the published models' configs (3.1 B parameters, ~12.5 GB of f32): GPU benchmarks and
+    /// cold-start measurements without downloading
+    Real,
+}
+
+impl std::str::FromStr for ModelSize {
+    type Err = InputError;
+    fn from_str(s: &str) -> std::result::Result<Self, InputError> {
+        match s {
+            "tiny" => Ok(Self::Tiny),
+            "mid" => Ok(Self::Mid),
+            "real" => Ok(Self::Real),
+            _ => Err(InputError::new(format!("unknown size {s:?}: use tiny, mid or real"))),
+        }
+    }
+}
+
 /// What to write.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TinyModelOptions {
@@ -67,6 +92,7 @@ pub struct TinyModelOptions {
     /// Replace existing `DIR/prior` and `DIR/decoder` folders (otherwise a non-empty one is an
     /// error and nothing is written).
     pub overwrite: bool,
+    pub size: ModelSize,
 }
 
 /// The two written pipeline folders: pass them as `--prior` and `--decoder`.
@@ -91,7 +117,7 @@ pub fn write_tiny_model(out: &Path, opts: &TinyModelOptions) -> Result<TinyModel
     for target in [&paths.prior, &paths.decoder] {
         check_target(target, opts.overwrite)?;
     }
-    let (prior_files, decoder_files) = pipeline_files(opts.seed)?;
+    let (prior_files, decoder_files) = pipeline_files(opts.seed, opts.size)?;
 
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let staging = tempfile::Builder::new()
@@ -141,7 +167,7 @@ pub fn clip_vocab_json() -> Result<String> {
 // The architecture
 // ------------------------------------------------------------------------------------------
 
-/// CONFIGS["tiny-a"] of make_fixtures.py.
+/// The configs of a whole model (both pipelines).
 struct TinyArch {
     prior_pipeline: PriorPipelineConfig,
     decoder_pipeline: DecoderPipelineConfig,
@@ -158,6 +184,85 @@ struct TinyArch {
     dropout: f64,
     /// `projection_dim` of the text encoders' configs (CLIPTextModel has no projection).
     projection_dim: usize,
+    /// how the text encoders' weights are stored (f16 keeps the tiny model small; the Hub's are f32)
+    text_encoder_dtype: Dtype,
+}
+
+fn arch(size: ModelSize) -> TinyArch {
+    match size {
+        ModelSize::Tiny => tiny_a(),
+        ModelSize::Mid => mid(),
+        ModelSize::Real => real(),
+    }
+}
+
+fn clip_text(hidden_size: usize, intermediate_size: usize, num_hidden_layers: usize, heads: usize) -> ClipTextConfig {
+    ClipTextConfig {
+        vocab_size: CLIP_VOCAB_SIZE,
+        hidden_size,
+        intermediate_size,
+        num_hidden_layers,
+        num_attention_heads: heads,
+        max_position_embeddings: 77,
+        hidden_act: Activation::Gelu,
+        layer_norm_eps: 1e-5,
+    }
+}
+
+/// A mid-size model: every layer kind at widths in the hundreds.
+fn mid() -> TinyArch {
+    TinyArch {
+        prior: PriorConfig {
+            c_in: 16,
+            c: 384,
+            c_cond: 512,
+            c_r: 64,
+            depth: 8,
+            nhead: 6,
+        },
+        prior_text_encoder: clip_text(512, 2048, 6, 8),
+        decoder: DecoderConfig {
+            c_cond: 256,
+            c_hidden: vec![64, 128, 256, 256],
+            nhead: vec![-1, 4, 8, 8],
+            blocks: vec![2, 2, 4, 2],
+            clip_embd: 384,
+            ..DecoderConfig::default()
+        },
+        decoder_text_encoder: clip_text(384, 1536, 6, 6),
+        vqgan: VqganConfig {
+            bottleneck_blocks: 4,
+            embed_dim: 96,
+            ..VqganConfig::default()
+        },
+        num_vq_embeddings: 512,
+        projection_dim: 512,
+        text_encoder_dtype: Dtype::F32,
+        ..tiny_a()
+    }
+}
+
+/// The published models' configs (../shared/reference/configs.py REAL, checked against the
+/// Hub's files and diffusers' conversion script).
+fn real() -> TinyArch {
+    TinyArch {
+        prior: PriorConfig {
+            c_in: 16,
+            c: 1536,
+            c_cond: 1280,
+            c_r: 64,
+            depth: 32,
+            nhead: 24,
+        },
+        prior_text_encoder: clip_text(1280, 5120, 32, 20),
+        decoder: DecoderConfig::default(),
+        decoder_text_encoder: clip_text(1024, 4096, 24, 16),
+        vqgan: VqganConfig::default(),
+        num_vq_embeddings: 8192,
+        projection_dim: 1280,
+        text_encoder_dtype: Dtype::F32,
+        ..tiny_a()
+    }
 }
 
 fn tiny_a() -> TinyArch {
@@ -220,6 +325,7 @@ fn tiny_a() -> TinyArch {
         decoder_scheduler: SchedulerConfig { scaler: 1.0, s: 0.008 },
         dropout: 0.1,
         projection_dim: 8,
+        text_encoder_dtype: Dtype::F16,
     }
 }
 
@@ -246,8 +352,8 @@ impl TinyArch {
 type Files = Vec<(String, Vec<u8>)>;
 
 /// The contents of `prior/` and `decoder/`.
-fn pipeline_files(seed: u64) -> Result<(Files, Files)> {
-    let arch = tiny_a();
+fn pipeline_files(seed: u64, size: ModelSize) -> Result<(Files, Files)> {
+    let arch = arch(size);
     arch.validate().context("the tiny architecture")?;
     let tokenizer = tokenizer_files(arch.prior_text_encoder.max_position_embeddings)?;
     let module_seed = |offset: u64| seed.wrapping_add(offset);
@@ -389,7 +495,14 @@ fn text_encoder_files(cfg: &ClipTextConfig, arch: &TinyArch, seed: u64) -> Resul
         ("bos_token_id", json!(0)),
         ("eos_token_id", json!(2)),
         ("pad_token_id", json!(1)),
-        ("dtype", json!("float16")),
+        (
+            "dtype",
+            json!(if arch.text_encoder_dtype == Dtype::F16 {
+                "float16"
+            } else {
+                "float32"
+            }),
+        ),
         ("initializer_factor", json!(1.0)),
         ("initializer_range", json!(0.02)),
         ("model_type", json!("clip_text_model")),
@@ -400,7 +513,7 @@ fn text_encoder_files(cfg: &ClipTextConfig, arch: &TinyArch, seed: u64) -> Resul
         ("text_encoder/config.json".into(), config_json(cfg, extra)?),
         (
             "text_encoder/model.safetensors".into(),
-            text_encoder_weights(cfg, seed)?,
+            text_encoder_weights(cfg, arch.text_encoder_dtype, seed)?,
         ),
     ])
 }
@@ -629,13 +742,20 @@ fn decoder_weights(arch: &TinyArch, seed: u64) -> Result<Vec<u8>> {
     safetensors_file(all_f32(values))
 }
 
-/// Stored with the Hub's transformers-4 key names (`text_model.` prefix), in float16.
-fn text_encoder_weights(cfg: &ClipTextConfig, seed: u64) -> Result<Vec<u8>> {
+/// Stored with the Hub's transformers-4 key names (`text_model.` prefix).
+fn text_encoder_weights(cfg: &ClipTextConfig, dtype: Dtype, seed: u64) -> Result<Vec<u8>> {
     let tensors = requested_tensors(|vb| ClipTextModel::new(cfg, vb.pp("text_model")).map(drop))?;
     let values = randomize(&tensors, seed, |_, _| {});
     let stored = values
         .into_iter()
-        .map(|(name, (shape, v))| (name, Stored::f16(shape, &v)))
+        .map(|(name, (shape, v))| {
+            let t = if dtype == Dtype::F16 {
+                Stored::f16(shape, &v)
+            } else {
+                Stored::f32(shape, &v)
+            };
+            (name, t)
+        })
         .collect();
     safetensors_file(stored)
 }

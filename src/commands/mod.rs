@@ -1,6 +1,7 @@
 //! The subcommands, and what they share: device choice, model sources, batches of jobs,
 //! Ctrl-C, and writing results.
 
+pub mod bench;
 pub mod download;
 pub mod generate;
 pub mod stages;
@@ -210,6 +211,7 @@ pub fn tiny_model(args: &TinyModelArgs) -> Result<()> {
         &crate::tiny::TinyModelOptions {
             seed: args.seed,
             overwrite: args.overwrite,
+            size: args.size.parse()?,
         },
     )?;
     println!("{}", paths.prior.display());

@@ -1,0 +1,161 @@
+//! `wuerstchen bench`: the default workload (or any sizes and steps) on a model, timed the
+//! way GPU timings must be: load once, warm up, synchronise the device before every clock
+//! read, report per-stage medians, ms per step and peak memory as one JSON object on stdout.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+
+use super::{dtype_name, peak_host_memory, runtime_spec, source};
+use crate::cli::{BenchArgs, LogArgs};
+use crate::pipeline::{free_device_memory, DecoderPipeline, PriorPipeline, SizeRule};
+use crate::progress::Progress;
+use crate::request;
+use crate::rng::TorchCpuGenerator;
+
+/// Times stages with the device synchronised at both ends, and samples device memory.
+struct StageClock {
+    device: Device,
+    started: Instant,
+    stages: Vec<(String, f64)>,
+    min_free: Option<u64>,
+}
+
+impl StageClock {
+    fn sample_memory(&mut self) {
+        if let Some(free) = free_device_memory(&self.device) {
+            self.min_free = Some(self.min_free.map_or(free, |m| m.min(free)));
+        }
+    }
+}
+
+impl Progress for StageClock {
+    fn start(&mut self, stage: &str, _total: usize) {
+        let _ = self.device.synchronize();
+        self.stages.push((stage.to_string(), 0.0));
+        self.started = Instant::now();
+    }
+
+    fn step(&mut self) {}
+
+    fn finish(&mut self) {
+        let _ = self.device.synchronize();
+        let t = self.started.elapsed().as_secs_f64();
+        if let Some(last) = self.stages.last_mut() {
+            last.1 = t;
+        }
+        self.sample_memory();
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
+    let sampling = args.prior_sampling.input(Some(&args.decoder_sampling));
+    let seed = args.prior_sampling.seed.flatten().unwrap_or(0);
+    let req = request::generate_request("a photo of a cat", "", &sampling, seed)?;
+    if args.runs == 0 {
+        return Err(crate::error::InputError::new("--runs must be at least 1").into());
+    }
+    let spec = runtime_spec(&args.runtime)?;
+    let prior_src = source(&args.prior_model.prior, &args.hub, log.quiet)?;
+    let decoder_src = source(&args.decoder_model.decoder, &args.hub, log.quiet)?;
+    let stage_c = args
+        .prior_model
+        .stage_c
+        .as_deref()
+        .map(|s| source(s, &args.hub, log.quiet))
+        .transpose()?;
+    let rule = SizeRule::read(prior_src.as_ref(), decoder_src.as_ref())?;
+    rule.check("--width", req.width)?;
+    rule.check("--height", req.height)?;
+    let rt = spec.open()?;
+    let mut clock = StageClock {
+        device: rt.device.clone(),
+        started: Instant::now(),
+        stages: Vec::new(),
+        min_free: None,
+    };
+    clock.sample_memory();
+    let free_before = clock.min_free;
+
+    let t = Instant::now();
+    let prior = PriorPipeline::load(prior_src.as_ref(), stage_c.as_deref(), &rt).context("loading the prior")?;
+    rt.device.synchronize()?;
+    let load_prior = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let decoder = DecoderPipeline::load(decoder_src.as_ref(), &rt).context("loading the decoder")?;
+    rt.device.synchronize()?;
+    let load_decoder = t.elapsed().as_secs_f64();
+
+    let mut totals = Vec::new();
+    for i in 0..args.warmup + args.runs {
+        clock.stages.clear();
+        let t = Instant::now();
+        let mut noise = TorchCpuGenerator::new(req.seed);
+        let emb = prior.run(&req.prior_params(), &mut noise, &mut clock)?;
+        let images = decoder.run(&emb, &req.decoder_params(), &mut noise, &mut clock)?;
+        let _ = images.to_device(&Device::Cpu)?; // the images on the host end every run
+        let total = t.elapsed().as_secs_f64();
+        if i >= args.warmup {
+            totals.push((total, clock.stages.clone()));
+        }
+        tracing::info!("run {} of {}: {total:.3}s", i + 1, args.warmup + args.runs);
+    }
+    let stage = |name: &str| {
+        median(
+            totals
+                .iter()
+                .filter_map(|(_, s)| s.iter().find(|(n, _)| n == name).map(|(_, t)| *t))
+                .collect(),
+        )
+    };
+    let (prior_s, decoder_s, vqgan_s) = (stage("prior"), stage("decoder"), stage("vqgan"));
+    let prior_steps = req.prior_timesteps.len() - 1;
+    let decoder_steps = req.decoder_timesteps.len() - 1;
+    let device_peak = match (free_before, clock.min_free) {
+        (Some(before), Some(min)) => Some(before.saturating_sub(min)),
+        _ => None,
+    };
+    let report = serde_json::json!({
+        "device": format!("{:?}", rt.device),
+        "dtype": dtype_name(rt.dtype),
+        "prior": prior_src.describe(),
+        "decoder": decoder_src.describe(),
+        "width": req.width,
+        "height": req.height,
+        "num_images": req.num_images,
+        "prior_steps": prior_steps,
+        "prior_guidance": req.prior_guidance,
+        "decoder_steps": decoder_steps,
+        "decoder_guidance": req.decoder_guidance,
+        "warmup": args.warmup,
+        "runs": args.runs,
+        "threads": candle_core::utils::get_num_threads(),
+        "load_s": { "prior": round3(load_prior), "decoder": round3(load_decoder) },
+        "median_s": {
+            "total": round3(median(totals.iter().map(|(t, _)| *t).collect())),
+            "prior": round3(prior_s),
+            "decoder": round3(decoder_s),
+            "vqgan": round3(vqgan_s),
+        },
+        "prior_ms_per_step": round3(prior_s * 1000.0 / prior_steps as f64),
+        "decoder_ms_per_step": round3(decoder_s * 1000.0 / decoder_steps as f64),
+        "peak_host_bytes": peak_host_memory(),
+        "device_memory_growth_bytes": device_peak,
+    });
+    println!("{report}");
+    Ok(())
+}
