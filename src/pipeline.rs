@@ -171,14 +171,15 @@ fn check_finite(t: &Tensor, stage: &str) -> Result<()> {
     Ok(())
 }
 
-/// The denoising loop both stages share: `model(x_batch, r_batch)` predicts the noise for
-/// the (possibly doubled, with guidance) batch. The state stays in f32 whatever the model's
-/// dtype: the guidance combination (which amplifies differences w-fold) and the scheduler
-/// update run in f32, and the timestep reaches the embedding unrounded; only the network
-/// runs in `rt.dtype`.
+/// The denoising loop both stages share, with diffusers' random draws: the initial latents
+/// of `shape`, then one draw per step (the last included). `model(x_batch, r_batch)` predicts
+/// the noise for the (possibly doubled, with guidance) batch. The state stays in f32 whatever
+/// the model's dtype: the guidance combination (which amplifies differences w-fold) and the
+/// scheduler update run in f32, and the timestep reaches the embedding unrounded; only the
+/// network runs in `rt.dtype`. A NaN or Inf in the result is an error naming `stage`.
 #[allow(clippy::too_many_arguments)]
 fn sample(
-    mut latents: Tensor,
+    shape: &[usize],
     timesteps: &[f32],
     guidance: Option<f64>,
     scheduler: &DdpmWuerstchen,
@@ -188,8 +189,8 @@ fn sample(
     stage: &str,
     model: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let n = latents.dim(0)?;
-    let shape = latents.dims().to_vec();
+    let n = shape[0];
+    let mut latents = draw(noise, shape, &rt.device)?;
     progress.start(stage, timesteps.len().saturating_sub(1));
     for pair in timesteps.windows(2) {
         let (t, t_prev) = (pair[0], pair[1]);
@@ -203,7 +204,7 @@ fn sample(
             }
             None => model(&x, &ratio)?.to_dtype(DType::F32)?,
         };
-        let eps = draw(noise, &shape, &rt.device)?;
+        let eps = draw(noise, shape, &rt.device)?;
         latents = scheduler.step(&pred, t, t_prev, &latents, &eps)?;
         progress.step();
         if progress.cancelled() {
@@ -211,6 +212,7 @@ fn sample(
         }
     }
     progress.finish();
+    check_finite(&latents, stage)?;
     Ok(latents)
 }
 
@@ -292,9 +294,8 @@ impl PriorPipeline {
             .conditioning(&p.prompt, &p.negative_prompt, p.num_images, guidance.is_some())?;
         let cond = self.prior.condition(&text)?;
         let (h, w) = self.latent_size(p.height, p.width);
-        let latents = draw(noise, &[p.num_images, self.prior_config.c_in, h, w], &rt.device)?;
         let latents = sample(
-            latents,
+            &[p.num_images, self.prior_config.c_in, h, w],
             &p.timesteps,
             guidance,
             &self.scheduler,
@@ -304,7 +305,6 @@ impl PriorPipeline {
             "prior",
             |x, r| Ok(self.prior.forward(x, r, &cond)?),
         )?;
-        check_finite(&latents, "prior")?;
         Ok(latents.affine(self.config.latent_mean, -self.config.latent_std)?)
     }
 }
@@ -398,9 +398,8 @@ impl DecoderPipeline {
         };
         let size = self.latent_size(h, w);
         let cond = self.decoder.condition(&effnet, &text, size)?;
-        let latents = draw(noise, &[n, self.decoder_config.c_in, size.0, size.1], &rt.device)?;
         let latents = sample(
-            latents,
+            &[n, self.decoder_config.c_in, size.0, size.1],
             &p.timesteps,
             guidance,
             &self.scheduler,
@@ -410,7 +409,6 @@ impl DecoderPipeline {
             "decoder",
             |x, r| Ok(self.decoder.forward(x, r, &cond)?),
         )?;
-        check_finite(&latents, "decoder")?;
         progress.start("vqgan", 1);
         let images = self
             .vqgan

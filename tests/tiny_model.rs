@@ -34,7 +34,14 @@ fn files(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 fn write(out: &Path, seed: u64) -> TinyModelPaths {
-    write_tiny_model(out, &TinyModelOptions { seed, overwrite: false }).unwrap()
+    write_tiny_model(
+        out,
+        &TinyModelOptions {
+            seed,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 #[test]
@@ -180,6 +187,7 @@ fn refuses_a_non_empty_folder_unless_overwriting() {
         &TinyModelOptions {
             seed: 0,
             overwrite: true,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -192,6 +200,7 @@ fn refuses_a_non_empty_folder_unless_overwriting() {
         &TinyModelOptions {
             seed: 1,
             overwrite: true,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -199,7 +208,8 @@ fn refuses_a_non_empty_folder_unless_overwriting() {
         tmp.path(),
         &TinyModelOptions {
             seed: 1,
-            overwrite: false
+            overwrite: false,
+            ..Default::default()
         }
     )
     .is_err());

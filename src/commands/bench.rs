@@ -4,12 +4,12 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::Device;
 
-use super::{dtype_name, peak_host_memory, runtime_spec, source};
+use super::{dtype_name, load_decoder, peak_host_memory, runtime_spec, source, PriorSources};
 use crate::cli::{BenchArgs, LogArgs};
-use crate::pipeline::{free_device_memory, DecoderPipeline, PriorPipeline, SizeRule};
+use crate::pipeline::{free_device_memory, SizeRule};
 use crate::progress::Progress;
 use crate::request;
 use crate::rng::TorchCpuGenerator;
@@ -70,15 +70,9 @@ pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
         return Err(crate::error::InputError::new("--runs must be at least 1").into());
     }
     let spec = runtime_spec(&args.runtime)?;
-    let prior_src = source(&args.prior_model.prior, &args.hub, log.quiet)?;
+    let prior_src = PriorSources::resolve(&args.prior_model, &args.hub, log.quiet)?;
     let decoder_src = source(&args.decoder_model.decoder, &args.hub, log.quiet)?;
-    let stage_c = args
-        .prior_model
-        .stage_c
-        .as_deref()
-        .map(|s| source(s, &args.hub, log.quiet))
-        .transpose()?;
-    let rule = SizeRule::read(prior_src.as_ref(), decoder_src.as_ref())?;
+    let rule = SizeRule::read(prior_src.prior.as_ref(), decoder_src.as_ref())?;
     rule.check("--width", req.width)?;
     rule.check("--height", req.height)?;
     let rt = spec.open()?;
@@ -92,11 +86,11 @@ pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
     let free_before = clock.min_free;
 
     let t = Instant::now();
-    let prior = PriorPipeline::load(prior_src.as_ref(), stage_c.as_deref(), &rt).context("loading the prior")?;
+    let prior = prior_src.load(&rt)?;
     rt.device.synchronize()?;
     let load_prior = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let decoder = DecoderPipeline::load(decoder_src.as_ref(), &rt).context("loading the decoder")?;
+    let decoder = load_decoder(decoder_src.as_ref(), &rt)?;
     rt.device.synchronize()?;
     let load_decoder = t.elapsed().as_secs_f64();
 
@@ -132,7 +126,7 @@ pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
     let report = serde_json::json!({
         "device": format!("{:?}", rt.device),
         "dtype": dtype_name(rt.dtype),
-        "prior": prior_src.describe(),
+        "prior": prior_src.prior.describe(),
         "decoder": decoder_src.describe(),
         "width": req.width,
         "height": req.height,

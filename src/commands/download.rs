@@ -3,20 +3,14 @@
 
 use anyhow::Result;
 
-use super::source;
+use super::{source, PriorSources};
 use crate::cli::{DownloadArgs, LogArgs};
 use crate::pipeline::{DecoderPipeline, PriorPipeline};
 
 pub fn run(args: &DownloadArgs, log: &LogArgs) -> Result<()> {
-    let prior = source(&args.prior_model.prior, &args.hub, log.quiet)?;
+    let prior = PriorSources::resolve(&args.prior_model, &args.hub, log.quiet)?;
     let decoder = source(&args.decoder_model.decoder, &args.hub, log.quiet)?;
-    let stage_c = args
-        .prior_model
-        .stage_c
-        .as_deref()
-        .map(|s| source(s, &args.hub, log.quiet))
-        .transpose()?;
-    let mut files = PriorPipeline::locate(prior.as_ref(), stage_c.as_deref())?;
+    let mut files = PriorPipeline::locate(prior.prior.as_ref(), prior.stage_c.as_deref())?;
     files.extend(DecoderPipeline::locate(decoder.as_ref())?);
     let bytes: u64 = files
         .iter()

@@ -4,13 +4,13 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
 use super::{
-    check_interrupt, dtype_name, install_interrupt, log_peak_memory, plan_jobs, plan_outputs, runtime_spec, source,
+    check_interrupt, dtype_name, install_interrupt, load_decoder, log_peak_memory, plan_jobs, plan_outputs,
+    runtime_spec, source, PriorSources,
 };
 use crate::cli::{GenerateArgs, LogArgs};
 use crate::error::{InputError, Interrupted};
@@ -164,13 +164,27 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// Interruption stops the run; other failures stop it too unless `keep_going`.
-    fn fail(&mut self, job: &Job, err: anyhow::Error, keep_going: bool) -> Result<()> {
-        if err.chain().any(|e| e.is::<Interrupted>()) || !keep_going {
-            return Err(err.context(job.origin.clone()));
+    /// A half-done job's result: its value, or `None` after a failure that `keep_going` lets
+    /// the run survive. Interruption always stops the run.
+    fn failure<T>(&mut self, job: &Job, result: Result<T>, keep_going: bool) -> Result<Option<T>> {
+        match result {
+            Ok(v) => Ok(Some(v)),
+            Err(err) if err.chain().any(|e| e.is::<Interrupted>()) || !keep_going => {
+                Err(err.context(job.origin.clone()))
+            }
+            Err(err) => {
+                tracing::error!("{}: {err:#}", job.origin);
+                self.failed.push((job.origin.clone(), err));
+                Ok(None)
+            }
         }
-        tracing::error!("{}: {err:#}", job.origin);
-        self.failed.push((job.origin.clone(), err));
+    }
+
+    /// A finished job's result.
+    fn record(&mut self, job: &Job, result: Result<()>, keep_going: bool) -> Result<()> {
+        if self.failure(job, result, keep_going)?.is_some() {
+            self.done += 1;
+        }
         Ok(())
     }
 }
@@ -230,15 +244,9 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
     };
 
     // the size rule needs only the models' small JSON files
-    let prior_src = source(&args.prior_model.prior, &args.hub, log.quiet)?;
+    let prior_src = PriorSources::resolve(&args.prior_model, &args.hub, log.quiet)?;
     let decoder_src = source(&args.decoder_model.decoder, &args.hub, log.quiet)?;
-    let stage_c = args
-        .prior_model
-        .stage_c
-        .as_deref()
-        .map(|s| source(s, &args.hub, log.quiet))
-        .transpose()?;
-    let rule = SizeRule::read(prior_src.as_ref(), decoder_src.as_ref())?;
+    let rule = SizeRule::read(prior_src.prior.as_ref(), decoder_src.as_ref())?;
     let mut planned = Vec::with_capacity(jobs.len());
     for ((job, images), embeddings) in jobs.into_iter().zip(outputs).zip(emb_outputs) {
         let checked = rule
@@ -265,9 +273,9 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
 
     let rt = spec.open()?;
     let info = RunInfo {
-        prior: prior_src.describe(),
+        prior: prior_src.prior.describe(),
         decoder: decoder_src.describe(),
-        stage_c: stage_c.as_ref().map(|s| s.describe()),
+        stage_c: prior_src.stage_c.as_ref().map(|s| s.describe()),
         dtype: rt.dtype,
         rng: kernel,
     };
@@ -276,7 +284,12 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
         json: args.output.json,
     };
     let mut progress = TerminalProgress::new(log.quiet, Some(interrupt.clone()));
-    let staged = staged(args.runtime.low_memory, &rt, prior_src.as_ref(), decoder_src.as_ref());
+    let staged = staged(
+        args.runtime.low_memory,
+        &rt,
+        prior_src.prior.as_ref(),
+        decoder_src.as_ref(),
+    );
     let ctx = Ctx {
         planned: &planned,
         info: &info,
@@ -285,20 +298,8 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
         keep_going: args.batch.keep_going,
         interrupt: &interrupt,
     };
-    let load_prior = || -> Result<PriorPipeline> {
-        let t = Instant::now();
-        let p = PriorPipeline::load(prior_src.as_ref(), stage_c.as_deref(), &rt)
-            .with_context(|| format!("loading the prior from {}", prior_src.describe()))?;
-        tracing::info!("prior loaded in {:.2}s", t.elapsed().as_secs_f64());
-        Ok(p)
-    };
-    let load_decoder = || -> Result<DecoderPipeline> {
-        let t = Instant::now();
-        let d = DecoderPipeline::load(decoder_src.as_ref(), &rt)
-            .with_context(|| format!("loading the decoder from {}", decoder_src.describe()))?;
-        tracing::info!("decoder loaded in {:.2}s", t.elapsed().as_secs_f64());
-        Ok(d)
-    };
+    let load_prior = || prior_src.load(&rt);
+    let load_decoder = || load_decoder(decoder_src.as_ref(), &rt);
     let summary = if staged {
         ctx.run_staged(load_prior, load_decoder, &mut progress)?
     } else {
@@ -380,6 +381,37 @@ impl Ctx<'_> {
             .images(&p.job, &output::to_rgb8(images)?, &p.images, self.info, &timings)
     }
 
+    /// The prior half of a job: its embeddings, and its random stream as the decoder continues it.
+    fn prior_half(
+        &self,
+        i: usize,
+        prior: &PriorPipeline,
+        progress: &mut TerminalProgress,
+    ) -> Result<(Tensor, TorchCpuGenerator)> {
+        let p = &self.planned[i];
+        check_interrupt(self.interrupt)?;
+        self.log_job(i, &p.job);
+        let mut noise = generator(&p.job.req, self.kernel);
+        let emb = prior.run(&p.job.req.prior_params(), &mut noise, progress)?;
+        self.save_embeddings(p, &emb)?;
+        Ok((emb, noise))
+    }
+
+    /// The decoder half of a job, through to the written files.
+    fn decoder_half(
+        &self,
+        i: usize,
+        decoder: &DecoderPipeline,
+        emb: &Tensor,
+        noise: &mut TorchCpuGenerator,
+        progress: &mut TerminalProgress,
+    ) -> Result<()> {
+        let p = &self.planned[i];
+        check_interrupt(self.interrupt)?;
+        let images = decoder.run(emb, &p.job.req.decoder_params(), noise, progress)?;
+        self.finish_job(p, &images, progress)
+    }
+
     /// Both stages resident: each job runs start to finish.
     fn run_together(
         &self,
@@ -388,21 +420,11 @@ impl Ctx<'_> {
         progress: &mut TerminalProgress,
     ) -> Result<Summary> {
         let mut summary = Summary::default();
-        for (i, p) in self.planned.iter().enumerate() {
-            let job = &p.job;
-            check_interrupt(self.interrupt)?;
-            self.log_job(i, job);
-            let result = (|| {
-                let mut noise = generator(&job.req, self.kernel);
-                let emb = prior.run(&job.req.prior_params(), &mut noise, progress)?;
-                self.save_embeddings(p, &emb)?;
-                let images = decoder.run(&emb, &job.req.decoder_params(), &mut noise, progress)?;
-                self.finish_job(p, &images, progress)
-            })();
-            match result {
-                Ok(()) => summary.done += 1,
-                Err(e) => summary.fail(job, e, self.keep_going)?,
-            }
+        for i in 0..self.planned.len() {
+            let result = self
+                .prior_half(i, prior, progress)
+                .and_then(|(emb, mut noise)| self.decoder_half(i, decoder, &emb, &mut noise, progress));
+            summary.record(&self.planned[i].job, result, self.keep_going)?;
         }
         Ok(summary)
     }
@@ -419,34 +441,19 @@ impl Ctx<'_> {
         let mut pending = Vec::new();
         {
             let prior = load_prior()?;
-            for (i, p) in self.planned.iter().enumerate() {
-                let job = &p.job;
-                check_interrupt(self.interrupt)?;
-                self.log_job(i, job);
-                let result = (|| {
-                    let mut noise = generator(&job.req, self.kernel);
-                    let emb = prior.run(&job.req.prior_params(), &mut noise, progress)?;
-                    self.save_embeddings(p, &emb)?;
-                    Ok((emb.to_device(&Device::Cpu)?, noise))
-                })();
-                match result {
-                    Ok((emb, noise)) => pending.push((p, emb, noise)),
-                    Err(e) => summary.fail(job, e, self.keep_going)?,
+            for i in 0..self.planned.len() {
+                let result = self
+                    .prior_half(i, &prior, progress)
+                    .and_then(|(emb, noise)| Ok((emb.to_device(&Device::Cpu)?, noise)));
+                if let Some((emb, noise)) = summary.failure(&self.planned[i].job, result, self.keep_going)? {
+                    pending.push((i, emb, noise));
                 }
             }
         }
         let decoder = load_decoder()?;
-        for (p, emb, mut noise) in pending {
-            check_interrupt(self.interrupt)?;
-            let job = &p.job;
-            let result = (|| {
-                let images = decoder.run(&emb, &job.req.decoder_params(), &mut noise, progress)?;
-                self.finish_job(p, &images, progress)
-            })();
-            match result {
-                Ok(()) => summary.done += 1,
-                Err(e) => summary.fail(job, e, self.keep_going)?,
-            }
+        for (i, emb, mut noise) in pending {
+            let result = self.decoder_half(i, &decoder, &emb, &mut noise, progress);
+            summary.record(&self.planned[i].job, result, self.keep_going)?;
         }
         Ok(summary)
     }

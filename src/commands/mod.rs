@@ -13,11 +13,11 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 
-use crate::cli::{BatchArgs, HubArgs, PromptArgs, RuntimeArgs, TinyModelArgs};
+use crate::cli::{BatchArgs, HubArgs, PriorModelArgs, PromptArgs, RuntimeArgs, TinyModelArgs};
 use crate::error::{InputError, Interrupted};
 use crate::hub::{self, DownloadProgress, FileSource};
 use crate::output::{self, NameFields};
-use crate::pipeline::Runtime;
+use crate::pipeline::{DecoderPipeline, PriorPipeline, Runtime};
 use crate::prompts::{self, Shard};
 use crate::request::{self, DeviceSpec, Job, SamplingInput};
 
@@ -69,6 +69,38 @@ pub fn dtype_name(dtype: DType) -> &'static str {
 pub fn source(spec: &str, hub: &HubArgs, quiet: bool) -> Result<Box<dyn FileSource>> {
     let bars: Arc<dyn DownloadProgress> = Arc::new(crate::progress::DownloadBars::new(quiet));
     hub::resolve(spec, Some(&hub.revision), Some(bars))
+}
+
+/// Where the prior comes from: its pipeline, and optionally other Stage C weights.
+pub struct PriorSources {
+    pub prior: Box<dyn FileSource>,
+    pub stage_c: Option<Box<dyn FileSource>>,
+}
+
+impl PriorSources {
+    pub fn resolve(m: &PriorModelArgs, hub: &HubArgs, quiet: bool) -> Result<Self> {
+        Ok(Self {
+            prior: source(&m.prior, hub, quiet)?,
+            stage_c: m.stage_c.as_deref().map(|s| source(s, hub, quiet)).transpose()?,
+        })
+    }
+
+    /// Loads the prior stage, logging how long it took.
+    pub fn load(&self, rt: &Runtime) -> Result<PriorPipeline> {
+        let t = std::time::Instant::now();
+        let p = PriorPipeline::load(self.prior.as_ref(), self.stage_c.as_deref(), rt)
+            .with_context(|| format!("loading the prior from {}", self.prior.describe()))?;
+        tracing::info!("prior loaded in {:.2}s", t.elapsed().as_secs_f64());
+        Ok(p)
+    }
+}
+
+/// Loads the decoder stage, logging how long it took.
+pub fn load_decoder(src: &dyn FileSource, rt: &Runtime) -> Result<DecoderPipeline> {
+    let t = std::time::Instant::now();
+    let d = DecoderPipeline::load(src, rt).with_context(|| format!("loading the decoder from {}", src.describe()))?;
+    tracing::info!("decoder loaded in {:.2}s", t.elapsed().as_secs_f64());
+    Ok(d)
 }
 
 /// Ctrl-C: the first press asks the running work to stop after the current step (finished

@@ -5,15 +5,16 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{Device, Tensor};
 
 use super::generate::{embeddings_file, RunInfo, Writer};
-use super::{check_interrupt, install_interrupt, log_peak_memory, plan_jobs, runtime_spec, source};
+use super::{
+    check_interrupt, install_interrupt, load_decoder, log_peak_memory, plan_jobs, runtime_spec, source, PriorSources,
+};
 use crate::cli::{DecodeArgs, LogArgs, PriorArgs};
 use crate::error::{InputError, ModelError};
 use crate::output::{self, NameFields};
-use crate::pipeline::{DecoderPipeline, PriorPipeline};
 use crate::progress::TerminalProgress;
 use crate::request::{self, GenerateRequest, Job};
 use crate::rng::{NoiseSource, TorchCpuGenerator};
@@ -51,13 +52,7 @@ pub fn run_prior(args: &PriorArgs, log: &LogArgs) -> Result<()> {
     let spec = runtime_spec(&args.runtime)?;
     let batch = args.prompt.prompts.is_some();
     let paths = plan_embedding_outputs(&jobs, &args.out, batch, args.overwrite)?;
-    let prior_src = source(&args.prior_model.prior, &args.hub, log.quiet)?;
-    let stage_c = args
-        .prior_model
-        .stage_c
-        .as_deref()
-        .map(|s| source(s, &args.hub, log.quiet))
-        .transpose()?;
+    let prior_src = PriorSources::resolve(&args.prior_model, &args.hub, log.quiet)?;
     // sizes are the prior's business only: its latent is ceil(size / resolution_multiple)
     for job in &jobs {
         for (flag, v) in [("--width", job.req.width), ("--height", job.req.height)] {
@@ -67,12 +62,11 @@ pub fn run_prior(args: &PriorArgs, log: &LogArgs) -> Result<()> {
         }
     }
     let rt = spec.open()?;
-    let prior = PriorPipeline::load(prior_src.as_ref(), stage_c.as_deref(), &rt)
-        .with_context(|| format!("loading the prior from {}", prior_src.describe()))?;
+    let prior = prior_src.load(&rt)?;
     let info = RunInfo {
-        prior: prior_src.describe(),
+        prior: prior_src.prior.describe(),
         decoder: String::new(),
-        stage_c: stage_c.as_ref().map(|s| s.describe()),
+        stage_c: prior_src.stage_c.as_ref().map(|s| s.describe()),
         dtype: rt.dtype,
         rng: kernel,
     };
@@ -216,8 +210,7 @@ pub fn run_decode(args: &DecodeArgs, log: &LogArgs) -> Result<()> {
     let decoder_src = source(&args.decoder_model.decoder, &args.hub, log.quiet)?;
     crate::pipeline::check_embedding_size(decoder_src.as_ref(), h, w)?;
     let rt = spec.open()?;
-    let decoder = DecoderPipeline::load(decoder_src.as_ref(), &rt)
-        .with_context(|| format!("loading the decoder from {}", decoder_src.describe()))?;
+    let decoder = load_decoder(decoder_src.as_ref(), &rt)?;
     let info = RunInfo {
         prior: rec["prior"].as_str().unwrap_or("").to_string(),
         decoder: decoder_src.describe(),
