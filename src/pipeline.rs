@@ -568,10 +568,9 @@ mod tests {
 /// Free memory on a CUDA device (`None` for the CPU, or when it cannot be read).
 pub fn free_device_memory(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
-    if let Device::Cuda(_) = device {
-        return candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
-            .ok()
-            .map(|(free, _total)| free as u64);
+    if let Ok(dev) = device.as_cuda_device() {
+        // binds the device's context to this thread before asking
+        return dev.cuda_stream().context().mem_get_info().ok().map(|(free, _total)| free as u64);
     }
     let _ = device;
     None

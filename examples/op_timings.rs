@@ -1,0 +1,55 @@
+//! Times the custom CPU ops against what candle offers for the same job, on shapes from the
+//! real models (decoder level 1 at 1024x1024: 64x64x640 would take long on a laptop CPU, so
+//! the shapes are scaled down by default; pass `--real` for the real ones).
+//!
+//!     cargo run --release --example op_timings [-- --real]
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor};
+use wuerstchen::ops::{self, Padding};
+
+fn time<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    f()?; // warm-up
+    let t = Instant::now();
+    for _ in 0..runs {
+        f()?;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1000.0 / runs as f64)
+}
+
+fn main() -> Result<()> {
+    let real = std::env::args().any(|a| a == "--real");
+    let dev = Device::Cpu;
+    let shapes: &[(usize, usize, usize)] = if real {
+        &[(24, 24, 1536), (64, 64, 640), (128, 128, 320)]
+    } else {
+        &[(24, 24, 384), (32, 32, 256), (64, 64, 64)]
+    };
+    println!("threads: {}", candle_core::utils::get_num_threads());
+    println!("{:<18} {:>14} {:>14} {:>16}", "depthwise 3x3", "ours ms", "generic ms", "candle conv ms");
+    for &(h, w, c) in shapes {
+        let x = Tensor::randn(0f32, 1., (1, h, w, c), &dev)?;
+        let k = Tensor::randn(0f32, 1., (3, 3, c), &dev)?;
+        let b = Tensor::zeros(c, DType::F32, &dev)?;
+        let ours = time(10, || ops::depthwise_conv2d(&x, &k, &b, Padding::Zeros))?;
+        let generic = time(10, || ops::depthwise_conv2d_generic(&x, &k, &b, Padding::Zeros))?;
+        // candle: grouped conv2d in NCHW, which it runs as one convolution per channel
+        let xc = ops::nhwc_to_nchw(&x)?;
+        let kc = k.permute((2, 0, 1))?.reshape((c, 1, 3, 3))?.contiguous()?;
+        let runs = if c > 300 { 1 } else { 3 };
+        let candle = time(runs, || xc.conv2d(&kc, 1, 1, 1, c))?;
+        println!("{:<18} {ours:>14.2} {generic:>14.2} {candle:>16.2}", format!("{h}x{w}x{c}"));
+    }
+    println!("{:<18} {:>14} {:>14} {:>16}", "layer norm (C)", "ours ms", "generic ms", "candle_nn ms");
+    for &(h, w, c) in shapes {
+        let x = Tensor::randn(0f32, 1., (1, h, w, c), &dev)?;
+        let one = Tensor::ones(c, DType::F32, &dev)?;
+        let zero = Tensor::zeros(c, DType::F32, &dev)?;
+        let ours = time(10, || ops::layer_norm(&x, 1e-6, None))?;
+        let generic = time(10, || ops::layer_norm_generic(&x, 1e-6, None))?;
+        let candle = time(10, || candle_nn::ops::layer_norm(&x, &one, &zero, 1e-6))?;
+        println!("{:<18} {ours:>14.2} {generic:>14.2} {candle:>16.2}", format!("{h}x{w}x{c}"));
+    }
+    Ok(())
+}
