@@ -27,7 +27,10 @@ fn main() -> Result<()> {
         &[(24, 24, 384), (32, 32, 256), (64, 64, 64)]
     };
     println!("threads: {}", candle_core::utils::get_num_threads());
-    println!("{:<18} {:>14} {:>14} {:>16}", "depthwise 3x3", "ours ms", "generic ms", "candle conv ms");
+    println!(
+        "{:<18} {:>14} {:>14} {:>16}",
+        "depthwise 3x3", "ours ms", "generic ms", "candle conv ms"
+    );
     for &(h, w, c) in shapes {
         let x = Tensor::randn(0f32, 1., (1, h, w, c), &dev)?;
         let k = Tensor::randn(0f32, 1., (3, 3, c), &dev)?;
@@ -39,9 +42,15 @@ fn main() -> Result<()> {
         let kc = k.permute((2, 0, 1))?.reshape((c, 1, 3, 3))?.contiguous()?;
         let runs = if c > 300 { 1 } else { 3 };
         let candle = time(runs, || xc.conv2d(&kc, 1, 1, 1, c))?;
-        println!("{:<18} {ours:>14.2} {generic:>14.2} {candle:>16.2}", format!("{h}x{w}x{c}"));
+        println!(
+            "{:<18} {ours:>14.2} {generic:>14.2} {candle:>16.2}",
+            format!("{h}x{w}x{c}")
+        );
     }
-    println!("{:<18} {:>14} {:>14} {:>16}", "layer norm (C)", "ours ms", "generic ms", "candle_nn ms");
+    println!(
+        "{:<18} {:>14} {:>14} {:>16}",
+        "layer norm (C)", "ours ms", "generic ms", "candle_nn ms"
+    );
     for &(h, w, c) in shapes {
         let x = Tensor::randn(0f32, 1., (1, h, w, c), &dev)?;
         let one = Tensor::ones(c, DType::F32, &dev)?;
@@ -49,7 +58,25 @@ fn main() -> Result<()> {
         let ours = time(10, || ops::layer_norm(&x, 1e-6, None))?;
         let generic = time(10, || ops::layer_norm_generic(&x, 1e-6, None))?;
         let candle = time(10, || candle_nn::ops::layer_norm(&x, &one, &zero, 1e-6))?;
-        println!("{:<18} {ours:>14.2} {generic:>14.2} {candle:>16.2}", format!("{h}x{w}x{c}"));
+        println!(
+            "{:<18} {ours:>14.2} {generic:>14.2} {candle:>16.2}",
+            format!("{h}x{w}x{c}")
+        );
+    }
+    println!("{:<18} {:>14} {:>14}", "GRN", "ours ms", "composite ms");
+    for &(h, w, c) in shapes {
+        let x = Tensor::randn(0f32, 1., (1, h, w, 4 * c), &dev)?;
+        let g = Tensor::randn(0f32, 1., (1, 1, 1, 4 * c), &dev)?;
+        let ours = time(10, || ops::global_response_norm(&x, &g, &g))?;
+        let composite = time(10, || ops::global_response_norm_generic(&x, &g, &g))?;
+        println!("{:<18} {ours:>14.2} {composite:>14.2}", format!("{h}x{w}x{}", 4 * c));
+    }
+    println!("{:<18} {:>14} {:>14}", "gelu (erf)", "ours ms", "candle ms");
+    for &(h, w, c) in shapes {
+        let x = Tensor::randn(0f32, 1., (1, h, w, 4 * c), &dev)?;
+        let ours = time(10, || ops::gelu_erf(&x))?;
+        let candle = time(10, || x.gelu_erf())?;
+        println!("{:<18} {ours:>14.2} {candle:>14.2}", format!("{h}x{w}x{}", 4 * c));
     }
     Ok(())
 }

@@ -16,6 +16,10 @@ pub trait FileSource: Send + Sync {
     fn get(&self, rel_path: &str) -> Result<Option<PathBuf>>;
     /// How to name this source in messages (a folder path or `repo@revision`).
     fn describe(&self) -> String;
+    /// The commit a Hub revision resolved to, once known (recorded with every image).
+    fn commit(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A local folder with the Hub layout.
@@ -323,15 +327,20 @@ impl HubRepo {
     /// marker hf-hub (and huggingface_hub) writes when a 404 names the commit it resolved.
     /// A 404 without a commit means the repo or revision itself was not found.
     fn absence_recorded(&self, rel_path: &str) -> bool {
-        let folder = self.cache_folder();
-        let commit = if is_commit_hash(&self.revision) {
-            Some(self.revision.clone())
-        } else {
-            std::fs::read_to_string(folder.join("refs").join(&self.revision))
-                .ok()
-                .map(|s| s.trim().to_string())
-        };
-        commit.is_some_and(|c| !c.is_empty() && folder.join(".no_exist").join(c).join(rel_path).exists())
+        self.resolved_commit()
+            .is_some_and(|c| self.cache_folder().join(".no_exist").join(c).join(rel_path).exists())
+    }
+
+    /// The commit the revision resolved to, from the cache's `refs/` (or the revision itself
+    /// when it is a commit hash).
+    fn resolved_commit(&self) -> Option<String> {
+        if is_commit_hash(&self.revision) {
+            return Some(self.revision.clone());
+        }
+        std::fs::read_to_string(self.cache_folder().join("refs").join(&self.revision))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|c| !c.is_empty())
     }
 
     fn classify(&self, rel_path: &str, err: hf_hub::HFError) -> Result<Option<PathBuf>> {
@@ -443,6 +452,10 @@ impl FileSource for HubRepo {
 
     fn describe(&self) -> String {
         format!("{}@{}", self.repo_id, self.revision)
+    }
+
+    fn commit(&self) -> Option<String> {
+        self.resolved_commit()
     }
 }
 

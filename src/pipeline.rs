@@ -570,7 +570,12 @@ pub fn free_device_memory(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Ok(dev) = device.as_cuda_device() {
         // binds the device's context to this thread before asking
-        return dev.cuda_stream().context().mem_get_info().ok().map(|(free, _total)| free as u64);
+        return dev
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _total)| free as u64);
     }
     let _ = device;
     None

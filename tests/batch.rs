@@ -407,8 +407,9 @@ fn ctrl_c_keeps_finished_images_and_leaves_no_partial_files() {
 }
 
 /// Serves a fixture pipeline folder as a Hub repo (the tokenizer symlink followed).
-fn serve_folder(server: &hub_support::HubServer, repo: &str, root: &Path, cut: Option<&str>) {
-    server.add_repo(repo);
+/// Returns the repo's commit.
+fn serve_folder(server: &hub_support::HubServer, repo: &str, root: &Path, cut: Option<&str>) -> String {
+    let commit = server.add_repo(repo);
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         for entry in std::fs::read_dir(root.join(&rel)).unwrap() {
@@ -428,13 +429,14 @@ fn serve_folder(server: &hub_support::HubServer, repo: &str, root: &Path, cut: O
             }
         }
     }
+    commit
 }
 
 #[test]
 fn download_from_a_hub_then_generate_offline() {
     let server = hub_support::HubServer::start();
     let fixtures = fixtures().join("tiny-a");
-    serve_folder(&server, "acme/tiny-prior", &fixtures.join("prior"), None);
+    let prior_commit = serve_folder(&server, "acme/tiny-prior", &fixtures.join("prior"), None);
     serve_folder(
         &server,
         "acme/tiny-decoder",
@@ -507,7 +509,16 @@ fn download_from_a_hub_then_generate_offline() {
         .args(FAST)
         .assert()
         .success();
-    assert_eq!(read_png(&out).2, read_png(&local).2);
+    let (_, _, hub_pixels, text) = read_png(&out);
+    assert_eq!(hub_pixels, read_png(&local).2);
+    // the image records the commits the repos resolved to
+    let json: serde_json::Value = serde_json::from_str(&text[1].1).unwrap();
+    assert_eq!(json["commits"]["prior"].as_str(), Some(prior_commit.as_str()));
+    assert!(
+        text[0].1.contains(&format!("Model hash: {}", &prior_commit[..10])),
+        "{}",
+        text[0].1
+    );
     // offline with a repo that was never downloaded: an error naming it
     let a = wuerstchen(dir.path())
         .env("HF_HOME", &hf_home)
@@ -577,4 +588,47 @@ fn tiny_model_writes_a_model_that_generate_runs() {
         .args(["tiny-model", "--out", model.to_str().unwrap(), "--overwrite"])
         .assert()
         .success();
+}
+
+#[test]
+fn stage_c_swaps_only_the_prior_weights_and_the_rng_kernel_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // a Stage C variant repo holds just config.json + diffusion_pytorch_model.safetensors
+    let other = d.join("other");
+    wuerstchen(d)
+        .args(["tiny-model", "--seed", "9", "--out", other.to_str().unwrap()])
+        .assert()
+        .success();
+    let stage_c = d.join("stage-c");
+    std::fs::create_dir(&stage_c).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(other.join("prior/prior").join(f), stage_c.join(f)).unwrap();
+    }
+    let run = |name: &str, extra: &[&str]| {
+        let out = d.join(name);
+        wuerstchen(d)
+            .arg("generate")
+            .args(model_args("tiny-a"))
+            .args(["--prompt", "x", "--width", "128", "--height", "128", "--seed", "2"])
+            .args(FAST)
+            .args(extra)
+            .args(["--output", out.to_str().unwrap()])
+            .assert()
+            .success();
+        read_png(&out)
+    };
+    let base = run("base.png", &[]);
+    let swapped = run("swapped.png", &["--stage-c", stage_c.to_str().unwrap()]);
+    assert_ne!(base.2, swapped.2, "other Stage C weights, another image");
+    assert!(
+        swapped.3[0].1.contains(&format!("Stage C: {}", stage_c.display())),
+        "{}",
+        swapped.3[0].1
+    );
+    let scalar = run("scalar.png", &["--rng", "cpu-scalar"]);
+    assert_ne!(base.2, scalar.2, "torch's scalar kernel draws other normals");
+    let json: serde_json::Value = serde_json::from_str(&scalar.3[1].1).unwrap();
+    assert_eq!(json["rng"], "cpu-scalar");
+    assert_eq!(run("scalar-again.png", &["--rng", "cpu-scalar"]).2, scalar.2);
 }

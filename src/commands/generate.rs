@@ -26,8 +26,19 @@ pub struct RunInfo {
     pub prior: String,
     pub decoder: String,
     pub stage_c: Option<String>,
+    /// the Hub commits the sources resolved to (none for local folders)
+    pub commits: serde_json::Value,
     pub dtype: DType,
     pub rng: BoxMuller,
+}
+
+/// `{"prior": "<commit>", ...}` for the sources that are Hub repos.
+pub fn commits(sources: &[(&str, Option<&dyn FileSource>)]) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = sources
+        .iter()
+        .filter_map(|(name, src)| Some((name.to_string(), src.as_ref()?.commit()?.into())))
+        .collect();
+    map.into()
 }
 
 /// The generation record of one request, as JSON: in every PNG and embeddings file.
@@ -47,6 +58,7 @@ pub fn record(req: &GenerateRequest, info: &RunInfo) -> serde_json::Value {
         "prior": info.prior,
         "decoder": info.decoder,
         "stage_c": info.stage_c,
+        "commits": info.commits,
         "dtype": dtype_name(info.dtype),
         "program": format!("wuerstchen {}", env!("CARGO_PKG_VERSION")),
     })
@@ -74,6 +86,9 @@ pub fn png_metadata(req: &GenerateRequest, info: &RunInfo, n: usize) -> output::
     );
     if let Some(s) = &info.stage_c {
         a1111.push_str(&format!(", Stage C: {s}"));
+    }
+    if let Some(c) = info.commits.get("prior").and_then(|c| c.as_str()) {
+        a1111.push_str(&format!(", Model hash: {}", &c[..c.len().min(10)]));
     }
     if req.num_images > 1 {
         a1111.push_str(&format!(", Batch pos: {n}"));
@@ -276,6 +291,11 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
         prior: prior_src.prior.describe(),
         decoder: decoder_src.describe(),
         stage_c: prior_src.stage_c.as_ref().map(|s| s.describe()),
+        commits: commits(&[
+            ("prior", Some(prior_src.prior.as_ref())),
+            ("stage_c", prior_src.stage_c.as_deref()),
+            ("decoder", Some(decoder_src.as_ref())),
+        ]),
         dtype: rt.dtype,
         rng: kernel,
     };

@@ -67,6 +67,10 @@ pub fn run_prior(args: &PriorArgs, log: &LogArgs) -> Result<()> {
         prior: prior_src.prior.describe(),
         decoder: String::new(),
         stage_c: prior_src.stage_c.as_ref().map(|s| s.describe()),
+        commits: super::generate::commits(&[
+            ("prior", Some(prior_src.prior.as_ref())),
+            ("stage_c", prior_src.stage_c.as_deref()),
+        ]),
         dtype: rt.dtype,
         rng: kernel,
     };
@@ -215,6 +219,13 @@ pub fn run_decode(args: &DecodeArgs, log: &LogArgs) -> Result<()> {
         prior: rec["prior"].as_str().unwrap_or("").to_string(),
         decoder: decoder_src.describe(),
         stage_c: rec["stage_c"].as_str().map(str::to_string),
+        commits: {
+            let mut c = rec["commits"].as_object().cloned().unwrap_or_default();
+            if let Some(commit) = decoder_src.commit() {
+                c.insert("decoder".into(), commit.into());
+            }
+            c.into()
+        },
         dtype: rt.dtype,
         rng: kernel,
     };

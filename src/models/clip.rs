@@ -144,7 +144,7 @@ impl ClipTextModel {
             x = (x + layer.out.forward(&a)?)?;
             let h = layer.fc1.forward(&layer.norm2.forward(&x)?)?;
             let h = match self.activation {
-                Activation::Gelu => h.gelu_erf()?,
+                Activation::Gelu => ops::gelu_erf(&h)?,
                 Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
             };
             x = (x + layer.fc2.forward(&h)?)?;

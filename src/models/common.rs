@@ -138,15 +138,7 @@ impl GlobalResponseNorm {
 
 impl Module for GlobalResponseNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let agg = x.to_dtype(DType::F32)?.sqr()?.sum_keepdim(1)?.sum_keepdim(2)?.sqrt()?;
-        let stand = agg
-            .broadcast_div(&(agg.mean_keepdim(D::Minus1)? + 1e-6)?)?
-            .to_dtype(x.dtype())?;
-        // torch: gamma * (x * stand) + beta + x
-        x.broadcast_mul(&stand)?
-            .broadcast_mul(&self.gamma)?
-            .broadcast_add(&self.beta)?
-            + x
+        ops::global_response_norm(x, &self.gamma, &self.beta)
     }
 }
 
@@ -176,7 +168,7 @@ impl ResBlock {
         if let Some(skip) = skip {
             h = Tensor::cat(&[&h, skip], D::Minus1)?;
         }
-        let h = self.lin1.forward(&h)?.gelu_erf()?;
+        let h = ops::gelu_erf(&self.lin1.forward(&h)?)?;
         let h = self.lin2.forward(&self.grn.forward(&h)?)?;
         h + x
     }

@@ -38,7 +38,7 @@ impl MixingResidualBlock {
         let t = channel_norm(x)?.affine(1.0 + g[0], g[1])?;
         let x = (x + (self.depthwise.forward(&t)? * g[2])?)?;
         let t = channel_norm(&x)?.affine(1.0 + g[3], g[4])?;
-        let mlp = self.lin2.forward(&self.lin1.forward(&t)?.gelu_erf()?)?;
+        let mlp = self.lin2.forward(&crate::ops::gelu_erf(&self.lin1.forward(&t)?)?)?;
         x + (mlp * g[5])?
     }
 }

@@ -1,17 +1,22 @@
 //! Tensor operations the models need beyond candle's: a depthwise convolution that is one
 //! pass (candle runs grouped convolutions as one convolution per group), a layer norm with
-//! two-pass float32 statistics, and torch's antialiased bicubic resize.
+//! two-pass float32 statistics, a vectorised multi-threaded GELU, and torch's antialiased
+//! bicubic resize.
 //!
 //! Each op has a fast CPU kernel (candle custom op) and a device-generic form built from
 //! candle tensor ops, used on other devices; tests check that the two agree.
 //! Activations are channels-last (N, H, W, C) throughout the models.
 
 mod depthwise;
+mod gelu;
+mod grn;
 mod norm;
 mod resize;
 
 pub use depthwise::depthwise_conv2d_generic;
 pub use depthwise::{depthwise_conv2d, DepthwiseConv, Padding};
+pub use gelu::gelu_erf;
+pub use grn::{global_response_norm, global_response_norm_generic};
 pub use norm::{layer_norm, layer_norm_generic};
 pub use resize::{resize_bicubic_antialias, resize_weights};
 

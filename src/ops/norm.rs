@@ -42,34 +42,51 @@ struct LayerNormCpu {
     eps: f32,
 }
 
+/// Sum with eight independent accumulators, so the loop vectorises (a single running sum is
+/// a serial dependency the compiler may not reorder).
+fn sum8(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += f(*x);
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|x| f(*x)).sum::<f32>()
+}
+
 fn layer_norm_rows<T: Float32>(x: &[T], dim: usize, eps: f32, affine: Option<(&[T], &[T])>) -> Vec<T> {
     let affine: Option<(Vec<f32>, Vec<f32>)> =
         affine.map(|(w, b)| (w.iter().map(|v| v.f32()).collect(), b.iter().map(|v| v.f32()).collect()));
     let mut out = vec![T::from_f32(0.0); x.len()];
-    out.par_chunks_mut(dim).zip(x.par_chunks(dim)).for_each(|(dst, src)| {
-        let mean = src.iter().map(|v| v.f32()).sum::<f32>() / dim as f32;
-        let var = src
-            .iter()
-            .map(|v| {
-                let d = v.f32() - mean;
-                d * d
-            })
-            .sum::<f32>()
-            / dim as f32;
-        let rstd = 1.0 / (var + eps).sqrt();
-        match &affine {
-            None => {
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = T::from_f32((s.f32() - mean) * rstd);
+    // enough rows per task to amortise the scheduling
+    let rows_per_task = (16384 / dim).max(1);
+    out.par_chunks_mut(dim * rows_per_task)
+        .zip(x.par_chunks(dim * rows_per_task))
+        .for_each(|(dst, src)| {
+            let mut row = vec![0f32; dim];
+            for (dst, src) in dst.chunks_mut(dim).zip(src.chunks(dim)) {
+                for (r, s) in row.iter_mut().zip(src) {
+                    *r = s.f32();
+                }
+                let mean = sum8(&row, |v| v) / dim as f32;
+                let var = sum8(&row, |v| (v - mean) * (v - mean)) / dim as f32;
+                let rstd = 1.0 / (var + eps).sqrt();
+                match &affine {
+                    None => {
+                        for (d, r) in dst.iter_mut().zip(&row) {
+                            *d = T::from_f32((r - mean) * rstd);
+                        }
+                    }
+                    Some((w, b)) => {
+                        for (((d, r), w), b) in dst.iter_mut().zip(&row).zip(w).zip(b) {
+                            *d = T::from_f32((r - mean) * rstd * w + b);
+                        }
+                    }
                 }
             }
-            Some((w, b)) => {
-                for (((d, s), w), b) in dst.iter_mut().zip(src).zip(w).zip(b) {
-                    *d = T::from_f32((s.f32() - mean) * rstd * w + b);
-                }
-            }
-        }
-    });
+        });
     out
 }
 
