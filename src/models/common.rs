@@ -198,7 +198,10 @@ impl TimestepBlock {
     }
 }
 
-/// diffusers `Attention(query_dim=c, heads, dim_head=c//heads, bias=True)` without a mask.
+/// diffusers `Attention(query_dim=c, heads, dim_head=c//heads, bias=True)` without a mask,
+/// for self-attention over the image tokens extended by conditioning tokens. Keys and values
+/// are per-token projections, so the conditioning's part is computed once per prompt
+/// ([`Attention::project_cond`]) instead of at every step.
 #[derive(Debug, Clone)]
 pub struct Attention {
     to_q: Linear,
@@ -206,6 +209,13 @@ pub struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+}
+
+/// The keys and values of the conditioning tokens, (N, L, C) each.
+#[derive(Debug, Clone)]
+pub struct CondKv {
+    k: Tensor,
+    v: Tensor,
 }
 
 impl Attention {
@@ -219,17 +229,26 @@ impl Attention {
         })
     }
 
-    /// `x`: (N, Lq, C) queries, `kv`: (N, Lk, C) keys/values -> (N, Lq, C).
-    pub fn forward(&self, x: &Tensor, kv: &Tensor) -> Result<Tensor> {
+    pub fn project_cond(&self, cond: &Tensor) -> Result<CondKv> {
+        Ok(CondKv {
+            k: self.to_k.forward(cond)?,
+            v: self.to_v.forward(cond)?,
+        })
+    }
+
+    /// `x`: (N, Lq, C) tokens attending to `[x, cond]` -> (N, Lq, C). Equal to diffusers'
+    /// `attention(x, encoder_hidden_states=cat([x, cond]))`.
+    pub fn forward(&self, x: &Tensor, cond: &CondKv) -> Result<Tensor> {
         let (n, lq, c) = x.dims3()?;
-        let lk = kv.dim(1)?;
         let d = c / self.heads;
-        let heads = |t: Tensor, l: usize| t.reshape((n, l, self.heads, d))?.transpose(1, 2)?.contiguous();
-        let q = heads(self.to_q.forward(x)?, lq)?;
-        let k = heads(self.to_k.forward(kv)?, lk)?;
-        let v = heads(self.to_v.forward(kv)?, lk)?;
-        let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let heads = |t: Tensor| {
+            let l = t.dim(1)?;
+            t.reshape((n, l, self.heads, d))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(self.to_q.forward(x)?)?;
+        let k = heads(Tensor::cat(&[&self.to_k.forward(x)?, &cond.k], 1)?)?;
+        let v = heads(Tensor::cat(&[&self.to_v.forward(x)?, &cond.v], 1)?)?;
+        let probs = ops::scaled_softmax_last_dim(&q.matmul(&k.t()?)?, (d as f64).powf(-0.5))?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, lq, c))?;
         self.to_out.forward(&out)
     }
@@ -251,17 +270,17 @@ impl AttnBlock {
         })
     }
 
-    /// The block's view of the conditioning; constant over the sampling steps.
-    pub fn map_cond(&self, cond: &Tensor) -> Result<Tensor> {
-        self.kv_mapper.forward(&candle_nn::ops::silu(cond)?)
+    /// The block's keys and values of the conditioning; constant over the sampling steps.
+    pub fn map_cond(&self, cond: &Tensor) -> Result<CondKv> {
+        self.attention
+            .project_cond(&self.kv_mapper.forward(&candle_nn::ops::silu(cond)?)?)
     }
 
-    /// `x`: (N, H, W, C); `kv`: this block's `map_cond` output.
-    pub fn forward(&self, x: &Tensor, kv: &Tensor) -> Result<Tensor> {
+    /// `x`: (N, H, W, C); `cond`: this block's `map_cond` output.
+    pub fn forward(&self, x: &Tensor, cond: &CondKv) -> Result<Tensor> {
         let (n, h, w, c) = x.dims4()?;
         let tokens = channel_norm(x)?.reshape((n, h * w, c))?;
-        let kv = Tensor::cat(&[&tokens, kv], 1)?;
-        x + self.attention.forward(&tokens, &kv)?.reshape((n, h, w, c))?
+        x + self.attention.forward(&tokens, cond)?.reshape((n, h, w, c))?
     }
 }
 

@@ -6,7 +6,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::common::{
-    channel_norm, patchify, r_embedding, AttnBlock, Linear, PatchConvTranspose, ResBlock, TimestepBlock, NORM_EPS,
+    channel_norm, patchify, r_embedding, AttnBlock, CondKv, Linear, PatchConvTranspose, ResBlock, TimestepBlock,
+    NORM_EPS,
 };
 use crate::config::{BlockKind, DecoderConfig};
 use crate::ops::{self, nchw_to_nhwc, nhwc_to_nchw, pixel_shuffle, pixel_unshuffle, resize_bicubic_antialias};
@@ -49,7 +50,7 @@ pub struct DecoderCond {
     /// per down level, then per up level: effnet at that level's size (channels-last)
     effnet: Vec<Option<Tensor>>,
     /// per down level, then per up level: one tensor per AttnBlock, in order
-    attn_kv: Vec<Vec<Tensor>>,
+    attn_kv: Vec<Vec<CondKv>>,
 }
 
 fn load_level(
@@ -189,7 +190,7 @@ impl WuerstchenDiffNeXt {
         mut x: Tensor,
         r_embed: &Tensor,
         effnet: Option<&Tensor>,
-        kv: &[Tensor],
+        kv: &[CondKv],
         mut from_down: Option<Tensor>,
     ) -> Result<Tensor> {
         let mut kv = kv.iter();

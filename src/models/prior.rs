@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::common::{channel_norm, r_embedding, AttnBlock, Linear, ResBlock, TimestepBlock};
+use super::common::{channel_norm, r_embedding, AttnBlock, CondKv, Linear, ResBlock, TimestepBlock};
 use crate::config::PriorConfig;
 use crate::ops::{nchw_to_nhwc, nhwc_to_nchw};
 
@@ -29,7 +29,7 @@ pub struct WuerstchenPrior {
 /// The text conditioning as each attention block sees it; computed once per prompt.
 #[derive(Debug, Clone)]
 pub struct PriorCond {
-    per_block: Vec<Tensor>,
+    per_block: Vec<CondKv>,
 }
 
 impl WuerstchenPrior {

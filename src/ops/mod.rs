@@ -10,13 +10,18 @@
 mod depthwise;
 mod gelu;
 mod grn;
+mod math;
 mod norm;
 mod resize;
+mod softmax;
 
 pub use depthwise::depthwise_conv2d_generic;
 pub use depthwise::{depthwise_conv2d, DepthwiseConv, Padding};
 pub use gelu::gelu_erf;
 pub use grn::{global_response_norm, global_response_norm_generic};
+pub use softmax::scaled_softmax_last_dim;
+
+pub(crate) use math::exp_nonpositive;
 pub use norm::{layer_norm, layer_norm_generic};
 pub use resize::{resize_bicubic_antialias, resize_weights};
 

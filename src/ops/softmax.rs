@@ -1,0 +1,102 @@
+//! `softmax(scale * x)` over the last dimension, f32 in and out: the attention weights. On
+//! the CPU one fused pass per row with a vectorised exponential (candle's softmax calls libm
+//! `expf` per element, and the scale would be a pass of its own).
+
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::{exp_nonpositive, slice_of};
+
+/// `softmax(scale * x)` along the last dimension, computed in f32 (the result is f32).
+pub fn scaled_softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1_no_bwd(&SoftmaxCpu { scale: scale as f32 })
+    } else {
+        candle_nn::ops::softmax_last_dim(&(x * scale)?)
+    }
+}
+
+struct SoftmaxCpu {
+    scale: f32,
+}
+
+/// Eight-lane max and sum of a row (independent lanes vectorise; one running value would not).
+fn max_and_sum(x: &[f32]) -> (f32, f32) {
+    let mut mx = [f32::NEG_INFINITY; 8];
+    let mut sum = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            mx[i] = mx[i].max(c[i]);
+            sum[i] += c[i];
+        }
+    }
+    let m = rest.iter().chain(&mx).fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    (m, rest.iter().chain(&sum).sum())
+}
+
+fn softmax_row(x: &[f32], out: &mut [f32], scale: f32) {
+    let (max, sum_x) = max_and_sum(x);
+    // a NaN would vanish in the max and the clamped exp: keep it visible (NaN sums stay NaN)
+    if sum_x.is_nan() {
+        out.fill(f32::NAN);
+        return;
+    }
+    let shift = max * scale;
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = exp_nonpositive(v * scale - shift);
+    }
+    let (_, total) = max_and_sum(out);
+    let inv = 1.0 / total;
+    out.iter_mut().for_each(|v| *v *= inv);
+}
+
+impl CustomOp1 for SoftmaxCpu {
+    fn name(&self) -> &'static str {
+        "scaled-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("scaled_softmax: expected f32, got {:?}", s.dtype());
+        };
+        let x = slice_of(x, l)?;
+        let dim = l.shape().dim(D::Minus1)?.max(1);
+        let scale = self.scale;
+        let mut out = vec![0f32; x.len()];
+        let rows = (16384 / dim).max(1);
+        out.par_chunks_mut(rows * dim)
+            .zip(x.par_chunks(rows * dim))
+            .for_each(|(o, x)| {
+                for (o, x) in o.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+                    softmax_row(x, o, scale);
+                }
+            });
+        Ok((candle_core::WithDType::to_cpu_storage_owned(out), l.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn matches_candles_softmax_and_keeps_nan() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 4., (3, 5, 77), &dev)? + 10.0)?;
+        let ours = scaled_softmax_last_dim(&x, 0.125)?;
+        let want = candle_nn::ops::softmax_last_dim(&(&x * 0.125)?)?;
+        let err = (&ours - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-7, "{err}");
+        let rows = ours.sum_keepdim(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(rows.iter().all(|s| (s - 1.0).abs() < 1e-6));
+        let mut v = vec![0f32; 8];
+        v[3] = f32::NAN;
+        let y = scaled_softmax_last_dim(&Tensor::from_vec(v, (2, 4), &dev)?, 1.0)?.to_vec2::<f32>()?;
+        assert!(y[0].iter().all(|v| v.is_nan()) && y[1].iter().all(|v| *v == 0.25));
+        Ok(())
+    }
+}
