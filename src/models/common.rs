@@ -2,7 +2,7 @@
 //! channels-last: activations are (N, H, W, C), so every "1x1 conv" and linear is one matrix
 //! product over N*H*W rows and the norms run over the contiguous last dimension.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::ops::{self, DepthwiseConv, Padding};
@@ -142,33 +142,64 @@ impl Module for GlobalResponseNorm {
     }
 }
 
-/// ResBlock / ResBlockStageB: depthwise conv, norm, optional skip concatenated on channels,
+/// ResBlock / ResBlockStageB: depthwise conv, norm, optional skips concatenated on channels,
 /// then Linear(4x) - GELU - GRN - Linear back, plus the residual. (The prior's ResBlock would
 /// concatenate its skip before the depthwise conv, but the prior never passes one.)
+///
+/// The first linear layer acts on `[h, skip_0, skip_1, ...]`, so it is kept as one block of
+/// columns per part: `W [h; s] = W_h h + W_s s`. That spares the concatenation, and a skip that
+/// stays the same over the sampling steps (the decoder's image embedding) is multiplied once
+/// per image ([`ResBlock::skip_term`]) instead of at every step.
 #[derive(Debug, Clone)]
 pub struct ResBlock {
     depthwise: DepthwiseConv,
     lin1: Linear,
+    lin1_skips: Vec<Linear>,
     grn: GlobalResponseNorm,
     lin2: Linear,
 }
 
 impl ResBlock {
-    pub fn load(c: usize, c_skip: usize, kernel: usize, vb: VarBuilder) -> Result<Self> {
+    /// `skips`: the channel counts of the skip parts, in torch's concatenation order.
+    pub fn load(c: usize, skips: &[usize], kernel: usize, vb: VarBuilder) -> Result<Self> {
+        let total: usize = skips.iter().sum();
+        let lin = vb.pp("channelwise.0");
+        let weight = lin.get((c * 4, c + total), "weight")?;
+        let mut lin1_skips = Vec::with_capacity(skips.len());
+        let mut at = c;
+        for &width in skips {
+            lin1_skips.push(Linear::new(weight.narrow(1, at, width)?.contiguous()?, None));
+            at += width;
+        }
         Ok(Self {
             depthwise: DepthwiseConv::new(c, kernel, Padding::Zeros, vb.pp("depthwise"))?,
-            lin1: Linear::load(c + c_skip, c * 4, vb.pp("channelwise.0"))?,
+            lin1: Linear::new(weight.narrow(1, 0, c)?.contiguous()?, Some(lin.get(c * 4, "bias")?)),
+            lin1_skips,
             grn: GlobalResponseNorm::load(c * 4, vb.pp("channelwise.2"))?,
             lin2: Linear::load(c * 4, c, vb.pp("channelwise.4"))?,
         })
     }
 
-    pub fn forward(&self, x: &Tensor, skip: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = channel_norm(&self.depthwise.forward(x)?)?;
-        if let Some(skip) = skip {
-            h = Tensor::cat(&[&h, skip], D::Minus1)?;
+    /// How many skip parts the block concatenates.
+    pub fn skip_parts(&self) -> usize {
+        self.lin1_skips.len()
+    }
+
+    /// Skip part `i`'s contribution to the first linear layer, (N, H, W, 4c).
+    pub fn skip_term(&self, i: usize, skip: &Tensor) -> Result<Tensor> {
+        match self.lin1_skips.get(i) {
+            Some(lin) => lin.forward(skip),
+            None => candle_core::bail!("ResBlock has {} skip parts, asked for part {i}", self.lin1_skips.len()),
         }
-        let h = ops::gelu_erf(&self.lin1.forward(&h)?)?;
+    }
+
+    /// `skip_terms`: the sum of the skip parts' `skip_term`s, if the block has any.
+    pub fn forward(&self, x: &Tensor, skip_terms: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.lin1.forward(&channel_norm(&self.depthwise.forward(x)?)?)?;
+        if let Some(t) = skip_terms {
+            h = (h + t)?;
+        }
+        let h = ops::gelu_erf(&h)?;
         let h = self.lin2.forward(&self.grn.forward(&h)?)?;
         h + x
     }

@@ -43,13 +43,14 @@ pub struct WuerstchenDiffNeXt {
 }
 
 /// Everything that depends only on the image embedding and the text, computed once per
-/// image rather than once per step: the mapped text per attention block and the mapped
-/// effnet per level.
+/// image rather than once per step: each ResBlock's term for the effnet it is injected
+/// with, and each attention block's keys and values of the text.
 #[derive(Debug, Clone)]
 pub struct DecoderCond {
-    /// per down level, then per up level: effnet at that level's size (channels-last)
-    effnet: Vec<Option<Tensor>>,
-    /// per down level, then per up level: one tensor per AttnBlock, in order
+    /// per down level, then per up level: per block, the effnet's contribution to a ResBlock's
+    /// first linear layer (None for other blocks and levels without effnet)
+    effnet_terms: Vec<Vec<Option<Tensor>>>,
+    /// per down level, then per up level: one entry per AttnBlock, in order
     attn_kv: Vec<Vec<CondKv>>,
 }
 
@@ -72,9 +73,11 @@ fn load_level(
             let vb = vb.pp((offset + blocks.len()).to_string());
             blocks.push(match kind {
                 BlockKind::Res => {
-                    // the first ResBlock of an up level also takes the down path's output
-                    let from_down = if up && i < last && j == 0 && k == 0 { c } else { 0 };
-                    Block::Res(ResBlock::load(c, from_down + inject, cfg.kernel_size, vb)?)
+                    // skips in torch's order: the down path's output (first block of an up
+                    // level only), then the effnet
+                    let from_down = (up && i < last && j == 0 && k == 0).then_some(c);
+                    let skips: Vec<usize> = from_down.into_iter().chain((inject > 0).then_some(inject)).collect();
+                    Block::Res(ResBlock::load(c, &skips, cfg.kernel_size, vb)?)
                 }
                 BlockKind::Timestep => Block::Timestep(TimestepBlock::load(c, cfg.c_r, vb)?),
                 BlockKind::Attn => Block::Attn(AttnBlock::load(c, cfg.c_cond, cfg.nhead[i] as usize, vb)?),
@@ -158,53 +161,53 @@ impl WuerstchenDiffNeXt {
             .iter()
             .enumerate()
             .chain(self.up.iter().enumerate().map(|(u, l)| (n - 1 - u, l)));
-        let mut effnet_per_level = Vec::with_capacity(2 * n);
+        let mut effnet_terms = Vec::with_capacity(2 * n);
         let mut attn_kv = Vec::with_capacity(2 * n);
         for (i, level) in levels {
-            effnet_per_level.push(
-                level
-                    .effnet_mapper
-                    .as_ref()
-                    .map(|m| m.forward(&nchw_to_nhwc(&resize_bicubic_antialias(effnet, sizes[i])?)?))
-                    .transpose()?,
-            );
-            attn_kv.push(
-                level
-                    .blocks
-                    .iter()
-                    .filter_map(|b| match b {
-                        Block::Attn(a) => Some(a.map_cond(&clip)),
-                        _ => None,
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-            );
+            let effnet_c = level
+                .effnet_mapper
+                .as_ref()
+                .map(|m| m.forward(&nchw_to_nhwc(&resize_bicubic_antialias(effnet, sizes[i])?)?))
+                .transpose()?;
+            let mut terms = Vec::with_capacity(level.blocks.len());
+            let mut kvs = Vec::new();
+            for block in &level.blocks {
+                terms.push(match (block, &effnet_c) {
+                    // the effnet is the last skip part; the level's first block may have the
+                    // down path's output before it
+                    (Block::Res(res), Some(e)) => Some(res.skip_term(res.skip_parts() - 1, e)?),
+                    _ => None,
+                });
+                if let Block::Attn(a) = block {
+                    kvs.push(a.map_cond(&clip)?);
+                }
+            }
+            effnet_terms.push(terms);
+            attn_kv.push(kvs);
         }
-        Ok(DecoderCond {
-            effnet: effnet_per_level,
-            attn_kv,
-        })
+        Ok(DecoderCond { effnet_terms, attn_kv })
     }
 
     fn run_level(
         level: &Level,
         mut x: Tensor,
         r_embed: &Tensor,
-        effnet: Option<&Tensor>,
+        effnet_terms: &[Option<Tensor>],
         kv: &[CondKv],
         mut from_down: Option<Tensor>,
     ) -> Result<Tensor> {
         let mut kv = kv.iter();
-        for (idx, block) in level.blocks.iter().enumerate() {
+        for (block, effnet_term) in level.blocks.iter().zip(effnet_terms) {
             // the down path's output goes to the level's first block only (when it is a ResBlock)
-            let from_down = if idx == 0 { from_down.take() } else { None };
+            let from_down = from_down.take();
             x = match block {
                 Block::Res(res) => {
-                    let skip = match (from_down, effnet) {
-                        (Some(d), Some(e)) => Some(Tensor::cat(&[&d, e], candle_core::D::Minus1)?),
-                        (Some(d), None) => Some(d),
-                        (None, e) => e.cloned(),
+                    let terms = match (from_down, effnet_term) {
+                        (Some(d), Some(e)) => Some((res.skip_term(0, &d)? + e)?),
+                        (Some(d), None) => Some(res.skip_term(0, &d)?),
+                        (None, e) => e.clone(),
                     };
-                    res.forward(&x, skip.as_ref())?
+                    res.forward(&x, terms.as_ref())?
                 }
                 Block::Timestep(t) => t.forward(&x, r_embed)?,
                 Block::Attn(a) => {
@@ -232,7 +235,7 @@ impl WuerstchenDiffNeXt {
             if let Some(down) = &self.downsamplers[i] {
                 h = down.forward(&patchify(&channel_norm(&h)?, 2)?)?;
             }
-            h = Self::run_level(level, h, &r_embed, cond.effnet[i].as_ref(), &cond.attn_kv[i], None)?;
+            h = Self::run_level(level, h, &r_embed, &cond.effnet_terms[i], &cond.attn_kv[i], None)?;
             level_outputs.push(h.clone());
         }
         for (u, level) in self.up.iter().enumerate() {
@@ -241,7 +244,7 @@ impl WuerstchenDiffNeXt {
                 level,
                 h,
                 &r_embed,
-                cond.effnet[n + u].as_ref(),
+                &cond.effnet_terms[n + u],
                 &cond.attn_kv[n + u],
                 from_down,
             )?;

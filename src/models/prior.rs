@@ -38,7 +38,7 @@ impl WuerstchenPrior {
         let blocks = (0..cfg.depth)
             .map(|i| {
                 Ok(Block {
-                    res: ResBlock::load(c, 0, 3, vb.pp(format!("blocks.{}", 3 * i)))?,
+                    res: ResBlock::load(c, &[], 3, vb.pp(format!("blocks.{}", 3 * i)))?,
                     timestep: TimestepBlock::load(c, cfg.c_r, vb.pp(format!("blocks.{}", 3 * i + 1)))?,
                     attn: AttnBlock::load(c, c, cfg.nhead, vb.pp(format!("blocks.{}", 3 * i + 2)))?,
                 })

@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Runs `wuerstchen bench` and benches/diffusers_cpu.py alternately on the same model folders,
+sizes, steps and thread counts, and prints the min and median of each tool's per-stage
+medians. Alternating and taking minima copes with noisy shared machines.
+
+    wuerstchen tiny-model --size mid --out /tmp/mid
+    python benches/compare_cpu.py --root /tmp/mid --size 512 --threads 1 2 --rounds 3 \\
+        --wuerstchen target/release/wuerstchen
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run(cmd, env):
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--wuerstchen", default="wuerstchen")
+    args = ap.parse_args()
+    results = {}
+    for t in args.threads:
+        env = dict(os.environ, RAYON_NUM_THREADS=str(t), OMP_NUM_THREADS=str(t))
+        ours_cmd = [args.wuerstchen, "bench", "-q", "--device", "cpu", "--prior", f"{args.root}/prior",
+                    "--decoder", f"{args.root}/decoder", "--width", str(args.size), "--height", str(args.size),
+                    "--runs", "1"]
+        theirs_cmd = [sys.executable, os.path.join(HERE, "diffusers_cpu.py"), "--root", args.root, "--width",
+                      str(args.size), "--height", str(args.size), "--threads", str(t), "--runs", "1"]
+        for _ in range(args.rounds):
+            for name, cmd in (("wuerstchen", ours_cmd), ("diffusers", theirs_cmd)):
+                r = run(cmd, env)["median_s"]
+                for stage, v in r.items():
+                    results.setdefault((t, name, stage), []).append(v)
+    rows = []
+    for (t, name, stage), v in sorted(results.items()):
+        rows.append({"threads": t, "tool": name, "stage": stage, "min_s": min(v), "median_s": statistics.median(v),
+                     "runs": v})
+    for r in rows:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
