@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::common::{channel_norm, Linear};
 use crate::config::VqganConfig;
-use crate::ops::{nchw_to_nhwc, nhwc_to_nchw, pixel_shuffle, DepthwiseConv, Padding};
+use crate::ops::{nchw_to_nhwc, nhwc_to_nchw, pixel_shuffle, ConvTranspose2d, DepthwiseConv, Padding};
 
 /// Paella's MixingResidualBlock: norm-modulate-depthwise and norm-modulate-MLP residuals,
 /// scaled by six learned scalars.
@@ -46,8 +46,8 @@ impl MixingResidualBlock {
 #[derive(Debug, Clone)]
 enum UpBlock {
     Mix(MixingResidualBlock),
-    /// `ConvTranspose2d(c, c/2, 4, stride 2, padding 1)`: (weight, bias), torch layout
-    Upsample(Tensor, Tensor),
+    /// `ConvTranspose2d(c, c/2, 4, stride 2, padding 1)`
+    Upsample(ConvTranspose2d),
 }
 
 #[derive(Debug, Clone)]
@@ -74,11 +74,8 @@ impl PaellaVqDecoder {
             }
             if i < levels - 1 {
                 let c_next = c_levels[levels - 2 - i];
-                let vb = ups.pp(up.len() + 1);
-                up.push(UpBlock::Upsample(
-                    vb.get((c, c_next, 4, 4), "weight")?,
-                    vb.get(c_next, "bias")?,
-                ));
+                let conv = ConvTranspose2d::load(c, c_next, 4, 2, 1, ups.pp(up.len() + 1))?;
+                up.push(UpBlock::Upsample(conv));
             }
         }
         let f = cfg.up_down_scale_factor;
@@ -102,10 +99,7 @@ impl PaellaVqDecoder {
         for block in &self.up {
             x = match block {
                 UpBlock::Mix(m) => m.forward(&x)?,
-                UpBlock::Upsample(w, b) => {
-                    let y = nhwc_to_nchw(&x)?.conv_transpose2d(w, 1, 0, 2, 1)?;
-                    nchw_to_nhwc(&y)?.broadcast_add(b)?
-                }
+                UpBlock::Upsample(conv) => conv.forward(&x)?,
             };
         }
         nhwc_to_nchw(&pixel_shuffle(&self.out.forward(&x)?, self.scale)?)

@@ -7,6 +7,7 @@
 //! candle tensor ops, used on other devices; tests check that the two agree.
 //! Activations are channels-last (N, H, W, C) throughout the models.
 
+mod conv_transpose;
 mod depthwise;
 mod gelu;
 mod grn;
@@ -15,6 +16,7 @@ mod norm;
 mod resize;
 mod softmax;
 
+pub use conv_transpose::ConvTranspose2d;
 pub use depthwise::depthwise_conv2d_generic;
 pub use depthwise::{depthwise_conv2d, DepthwiseConv, Padding};
 pub use gelu::gelu_erf;
