@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     match wuerstchen::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", message(&err));
             if let Some(hint) = hint(&err) {
                 eprintln!("hint: {hint}");
             }
@@ -44,6 +44,17 @@ fn exit_code(err: &anyhow::Error) -> ExitCode {
     }
 }
 
+/// The error and its causes on one line. candle appends a backtrace to some of its errors'
+/// messages; only their first lines are kept.
+fn message(err: &anyhow::Error) -> String {
+    let parts: Vec<String> = err.chain().map(|e| first_line(&e.to_string()).to_string()).collect();
+    parts.join(": ")
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or_default()
+}
+
 /// What to try next, for failures with a known remedy.
 fn hint(err: &anyhow::Error) -> Option<&'static str> {
     let text = format!("{err:#}").to_ascii_lowercase();
@@ -70,5 +81,8 @@ mod tests {
         let oom = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")").context("decoder");
         assert!(hint(&oom).is_some_and(|h| h.contains("--low-memory") && h.contains("--dtype")));
         assert!(hint(&anyhow::anyhow!("something else")).is_none());
+        let with_trace = anyhow::anyhow!("cuInit failed\n   0: candle_core::error::Error::bt\n   1: main")
+            .context("cannot open CUDA device 0");
+        assert_eq!(message(&with_trace), "cannot open CUDA device 0: cuInit failed");
     }
 }

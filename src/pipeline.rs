@@ -4,7 +4,7 @@
 //! scheduler, and the random draws in diffusers' order (latents, then one per step, the
 //! last included). No printing, no argument parsing; files come through a `FileSource`.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{
@@ -108,7 +108,7 @@ impl TextEncoder {
         let te = Component::new(src, "text_encoder");
         let cfg: ClipTextConfig = te.config("config.json")?;
         cfg.validate("text_encoder")?;
-        let model = ClipTextModel::new(&cfg, te.weights("model", rt)?).context("loading text_encoder")?;
+        let model = ClipTextModel::new(&cfg, te.weights("model", rt)?)?;
         Ok(Self { tokenizer, model })
     }
 
@@ -258,8 +258,7 @@ impl PriorPipeline {
         let scheduler_config: SchedulerConfig = Component::new(src, "scheduler").config("scheduler_config.json")?;
         scheduler_config.validate()?;
         let text_encoder = TextEncoder::load(src, rt)?;
-        let prior = WuerstchenPrior::new(&prior_config, prior_src.weights("diffusion_pytorch_model", rt)?)
-            .context("loading prior")?;
+        let prior = WuerstchenPrior::new(&prior_config, prior_src.weights("diffusion_pytorch_model", rt)?)?;
         Ok(Self {
             text_encoder,
             prior,
@@ -344,10 +343,8 @@ impl DecoderPipeline {
         let scheduler_config: SchedulerConfig = Component::new(src, "scheduler").config("scheduler_config.json")?;
         scheduler_config.validate()?;
         let text_encoder = TextEncoder::load(src, rt)?;
-        let decoder = WuerstchenDiffNeXt::new(&decoder_config, dec.weights("diffusion_pytorch_model", rt)?)
-            .context("loading decoder")?;
-        let vqgan =
-            PaellaVqDecoder::new(&vqgan_config, vq.weights("diffusion_pytorch_model", rt)?).context("loading vqgan")?;
+        let decoder = WuerstchenDiffNeXt::new(&decoder_config, dec.weights("diffusion_pytorch_model", rt)?)?;
+        let vqgan = PaellaVqDecoder::new(&vqgan_config, vq.weights("diffusion_pytorch_model", rt)?)?;
         Ok(Self {
             text_encoder,
             decoder,

@@ -266,9 +266,9 @@ fn broken_models_exit_1_naming_component_file_and_key() {
                 std::fs::write(p, s).unwrap();
             }),
             vec![
-                "prior: tensor `blocks.0.depthwise.weight`",
-                "has shape [32, 1, 3, 3]",
-                "config.json implies [48, 1, 3, 3]",
+                "prior: tensor `blocks.0.channelwise.0.weight`",
+                "has shape [128, 32]",
+                "config.json implies [192, 48]",
             ],
         ),
         (

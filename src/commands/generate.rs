@@ -323,8 +323,17 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
     let summary = if staged {
         ctx.run_staged(load_prior, load_decoder, &mut progress)?
     } else {
-        let (prior, decoder) = (load_prior()?, load_decoder()?);
-        ctx.run_together(&prior, &decoder, &mut progress)?
+        // the two stages load side by side: reading, converting and (on a GPU) uploading one
+        // overlaps the other's, and tokenizer building is single-threaded
+        let (prior, decoder) = std::thread::scope(|s| {
+            let decoder = s.spawn(load_decoder);
+            let prior = load_prior();
+            let decoder = decoder
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the decoder panicked")));
+            (prior, decoder)
+        });
+        ctx.run_together(&prior?, &decoder?, &mut progress)?
     };
     log_peak_memory();
     if batch {

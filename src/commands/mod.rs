@@ -21,39 +21,45 @@ use crate::pipeline::{DecoderPipeline, PriorPipeline, Runtime};
 use crate::prompts::{self, Shard};
 use crate::request::{self, DeviceSpec, Job, SamplingInput};
 
-/// Device and dtype as requested, validated but not yet opened.
+/// Device and dtype as requested, validated but not yet opened; `None` means the default.
 pub struct RuntimeSpec {
-    pub device: DeviceSpec,
-    pub dtype: DType,
+    pub device: Option<DeviceSpec>,
+    pub dtype: Option<DType>,
 }
 
 pub fn runtime_spec(args: &RuntimeArgs) -> Result<RuntimeSpec> {
-    let device = match &args.device {
-        Some(d) => request::parse_device(d)?,
-        None if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() => DeviceSpec::Cuda(0),
-        None => DeviceSpec::Cpu,
-    };
-    let dtype = match &args.dtype {
-        Some(d) => request::parse_dtype(d)?,
-        None if device == DeviceSpec::Cpu => DType::F32,
-        None => DType::BF16,
-    };
-    Ok(RuntimeSpec { device, dtype })
+    Ok(RuntimeSpec {
+        device: args.device.as_deref().map(request::parse_device).transpose()?,
+        dtype: args.dtype.as_deref().map(request::parse_dtype).transpose()?,
+    })
 }
 
 impl RuntimeSpec {
+    /// Opens the device: the one asked for (failing if it cannot be opened), or by default
+    /// the first GPU of a CUDA build when one can be opened, else the CPU. The default dtype
+    /// is bf16 on a GPU and f32 on the CPU.
     pub fn open(&self) -> Result<Runtime> {
         let device = match self.device {
-            DeviceSpec::Cpu => Device::Cpu,
-            DeviceSpec::Cuda(i) => Device::new_cuda(i)
+            Some(DeviceSpec::Cpu) => Device::Cpu,
+            Some(DeviceSpec::Cuda(i)) => Device::new_cuda(i)
                 .with_context(|| format!("cannot open CUDA device {i} (is a GPU present and the driver loaded?)"))?,
+            None if cfg!(feature = "cuda") => Device::new_cuda(0).unwrap_or_else(|e| {
+                tracing::info!("no usable GPU ({}), running on the CPU", first_line(&e.to_string()));
+                Device::Cpu
+            }),
+            None => Device::Cpu,
         };
-        tracing::info!("running on {:?} in {}", device, dtype_name(self.dtype));
-        Ok(Runtime {
-            device,
-            dtype: self.dtype,
-        })
+        let dtype = self
+            .dtype
+            .unwrap_or(if device.is_cpu() { DType::F32 } else { DType::BF16 });
+        tracing::info!("running on {:?} in {}", device, dtype_name(dtype));
+        Ok(Runtime { device, dtype })
     }
+}
+
+/// The first line of a message (candle appends a backtrace to some errors).
+pub fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or_default()
 }
 
 pub fn dtype_name(dtype: DType) -> &'static str {
