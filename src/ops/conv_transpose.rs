@@ -3,11 +3,11 @@
 //! overlap-add of the k x k patches into the output; candle's CPU kernel loops over every
 //! output element and tap. Elsewhere candle's own kernel runs (NCHW, permuted around).
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::{nchw_to_nhwc, nhwc_to_nchw, slice_of, Float32};
+use super::{nchw_to_nhwc, nhwc_to_nchw, run_float1, Float32, FloatKernel1};
 
 #[derive(Debug, Clone)]
 pub struct ConvTranspose2d {
@@ -76,7 +76,7 @@ impl OverlapAdd {
         ((size - 1) * self.stride + self.k).saturating_sub(2 * self.padding)
     }
 
-    fn run<T: Float32>(&self, src: &[T]) -> Vec<T> {
+    fn overlap_add<T: Float32>(&self, src: &[T]) -> Vec<T> {
         let (oh, ow) = (self.out_size(self.h), self.out_size(self.w));
         let (k, c, s, p) = (self.k, self.c, self.stride as isize, self.padding as isize);
         let mut out = vec![T::from_f32(0.0); self.n * oh * ow * c];
@@ -112,6 +112,12 @@ impl OverlapAdd {
     }
 }
 
+impl FloatKernel1 for OverlapAdd {
+    fn run<T: Float32>(&self, x: &[T], _: &Layout) -> Result<Vec<T>> {
+        Ok(self.overlap_add(x))
+    }
+}
+
 impl CustomOp1 for OverlapAdd {
     fn name(&self) -> &'static str {
         "conv-transpose-overlap-add"
@@ -119,13 +125,7 @@ impl CustomOp1 for OverlapAdd {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from((self.n, self.out_size(self.h), self.out_size(self.w), self.c));
-        let out = match s {
-            CpuStorage::F32(x) => WithDType::to_cpu_storage_owned(self.run(slice_of(x, l)?)),
-            CpuStorage::F16(x) => WithDType::to_cpu_storage_owned(self.run(slice_of(x, l)?)),
-            CpuStorage::BF16(x) => WithDType::to_cpu_storage_owned(self.run(slice_of(x, l)?)),
-            _ => candle_core::bail!("conv_transpose2d: unsupported dtype {:?}", s.dtype()),
-        };
-        Ok((out, shape))
+        Ok((run_float1(self.name(), self, s, l)?, shape))
     }
 }
 

@@ -2,11 +2,11 @@
 //! channels-last input. torch's `Conv2d(c, c, k, padding=k//2, groups=c)` and, with
 //! `Padding::Replicate`, `Sequential(ReplicationPad2d(k//2), Conv2d(c, c, k, groups=c))`.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::{slice_of, Float32};
+use super::{run_float3, Float32, FloatKernel3};
 
 /// How pixels outside the image are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +147,12 @@ fn depthwise_cpu<T: Float32>(
     out
 }
 
+impl FloatKernel3 for DepthwiseShape {
+    fn run<T: Float32>(&self, x: &[T], w: &[T], b: &[T]) -> Result<Vec<T>> {
+        Ok(depthwise_cpu(x, w, b, self.dims, self.k, self.padding))
+    }
+}
+
 impl CustomOp3 for DepthwiseCpu {
     fn name(&self) -> &'static str {
         "depthwise-conv2d-nhwc"
@@ -161,33 +167,21 @@ impl CustomOp3 for DepthwiseCpu {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = l1.shape().dims4()?;
-        let k = l2.shape().dims()[0];
-        macro_rules! run {
-            ($x:expr, $w:expr, $b:expr) => {{
-                let out = depthwise_cpu(
-                    slice_of($x, l1)?,
-                    slice_of($w, l2)?,
-                    slice_of($b, l3)?,
-                    dims,
-                    k,
-                    self.padding,
-                );
-                Ok((WithDType::to_cpu_storage_owned(out), l1.shape().clone()))
-            }};
-        }
-        match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => run!(x, w, b),
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => run!(x, w, b),
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => run!(x, w, b),
-            _ => candle_core::bail!(
-                "depthwise_conv2d: unsupported or mixed dtypes {:?}/{:?}/{:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        }
+        let shape = DepthwiseShape {
+            dims: l1.shape().dims4()?,
+            k: l2.shape().dims()[0],
+            padding: self.padding,
+        };
+        let out = run_float3(self.name(), &shape, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, l1.shape().clone()))
     }
+}
+
+/// What the kernel needs to know besides the data.
+struct DepthwiseShape {
+    dims: (usize, usize, usize, usize),
+    k: usize,
+    padding: Padding,
 }
 
 #[cfg(test)]

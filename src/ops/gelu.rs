@@ -4,10 +4,10 @@
 //! channel MLPs apply it to 4x-widened activations, where candle's scalar libm `erff` took an
 //! eighth of the CPU time.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{exp_nonpositive, slice_of, Float32};
+use super::{exp_nonpositive, run_float1, Float32, FloatKernel1};
 
 /// GELU with the erf form (torch's `nn.GELU()`), any device.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
@@ -47,19 +47,19 @@ fn gelu_slice<T: Float32>(x: &[T]) -> Vec<T> {
     out
 }
 
+impl FloatKernel1 for GeluCpu {
+    fn run<T: Float32>(&self, x: &[T], _: &Layout) -> Result<Vec<T>> {
+        Ok(gelu_slice(x))
+    }
+}
+
 impl CustomOp1 for GeluCpu {
     fn name(&self) -> &'static str {
         "gelu-erf"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(x) => WithDType::to_cpu_storage_owned(gelu_slice(slice_of(x, l)?)),
-            CpuStorage::F16(x) => WithDType::to_cpu_storage_owned(gelu_slice(slice_of(x, l)?)),
-            CpuStorage::BF16(x) => WithDType::to_cpu_storage_owned(gelu_slice(slice_of(x, l)?)),
-            _ => candle_core::bail!("gelu: unsupported dtype {:?}", s.dtype()),
-        };
-        Ok((out, l.shape().clone()))
+        Ok((run_float1(self.name(), self, s, l)?, l.shape().clone()))
     }
 }
 

@@ -3,21 +3,21 @@
 //! composite form spends most of its time in candle's reductions over non-contiguous
 //! dimensions (15 ms for a 64x64x256 block that the fused kernel does in about one).
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{slice_of, Float32};
+use super::{run_float3, Float32, FloatKernel3};
 
 /// `x`: (N, H, W, C); `gamma`, `beta`: C values (any shape with C elements). Per image and
 /// channel, `n = |x|_2 over H, W` divided by the mean of `n` over the channels (+1e-6), then
 /// `gamma * (x * n) + beta + x`.
 pub fn global_response_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() {
-        let c = x.dim(D::Minus1)?;
+        let (n, _, _, c) = x.dims4()?;
         x.contiguous()?.apply_op3_no_bwd(
             &gamma.flatten_all()?.contiguous()?,
             &beta.flatten_all()?.contiguous()?,
-            &GrnCpu { c },
+            &GrnCpu { n, c },
         )
     } else {
         global_response_norm_generic(x, gamma, beta)
@@ -38,6 +38,8 @@ pub fn global_response_norm_generic(x: &Tensor, gamma: &Tensor, beta: &Tensor) -
 }
 
 struct GrnCpu {
+    /// images and channels of the (N, H, W, C) input
+    n: usize,
     c: usize,
 }
 
@@ -85,6 +87,15 @@ fn grn<T: Float32>(x: &[T], gamma: &[T], beta: &[T], c: usize, n: usize) -> Vec<
     out
 }
 
+impl FloatKernel3 for GrnCpu {
+    fn run<T: Float32>(&self, x: &[T], gamma: &[T], beta: &[T]) -> Result<Vec<T>> {
+        if gamma.len() != self.c || beta.len() != self.c {
+            candle_core::bail!("global_response_norm: gamma/beta do not match {} channels", self.c);
+        }
+        Ok(grn(x, gamma, beta, self.c, self.n))
+    }
+}
+
 impl CustomOp3 for GrnCpu {
     fn name(&self) -> &'static str {
         "global-response-norm"
@@ -99,21 +110,7 @@ impl CustomOp3 for GrnCpu {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, _, _, c) = l1.shape().dims4()?;
-        if c != self.c || l2.shape().elem_count() != c || l3.shape().elem_count() != c {
-            candle_core::bail!("global_response_norm: gamma/beta do not match {c} channels");
-        }
-        macro_rules! run {
-            ($x:expr, $g:expr, $b:expr) => {
-                WithDType::to_cpu_storage_owned(grn(slice_of($x, l1)?, slice_of($g, l2)?, slice_of($b, l3)?, c, n))
-            };
-        }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => run!(x, g, b),
-            (CpuStorage::F16(x), CpuStorage::F16(g), CpuStorage::F16(b)) => run!(x, g, b),
-            (CpuStorage::BF16(x), CpuStorage::BF16(g), CpuStorage::BF16(b)) => run!(x, g, b),
-            _ => candle_core::bail!("global_response_norm: unsupported or mixed dtypes {:?}", s1.dtype()),
-        };
+        let out = run_float3(self.name(), self, (s1, l1), (s2, l2), (s3, l3))?;
         Ok((out, l1.shape().clone()))
     }
 }

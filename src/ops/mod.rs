@@ -27,7 +27,7 @@ pub(crate) use math::exp_nonpositive;
 pub use norm::{layer_norm, layer_norm_generic};
 pub use resize::{resize_bicubic_antialias, resize_weights};
 
-use candle_core::{Layout, Result, Tensor, WithDType};
+use candle_core::{backend::BackendStorage, CpuStorage, Layout, Result, Tensor, WithDType};
 use half::{bf16, f16};
 
 /// The float dtypes our CPU kernels take, all computed in f32.
@@ -61,6 +61,54 @@ impl Float32 for bf16 {
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
     }
+}
+
+/// A CPU kernel over one tensor, written once for every float dtype (computed in f32).
+pub(crate) trait FloatKernel1 {
+    fn run<T: Float32>(&self, x: &[T], l: &Layout) -> Result<Vec<T>>;
+}
+
+/// A CPU kernel over a tensor and two parameter tensors of the same dtype.
+pub(crate) trait FloatKernel3 {
+    fn run<T: Float32>(&self, x: &[T], a: &[T], b: &[T]) -> Result<Vec<T>>;
+}
+
+/// Runs `k` on an f32, f16 or bf16 storage.
+pub(crate) fn run_float1(name: &str, k: &impl FloatKernel1, s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+    Ok(match s {
+        CpuStorage::F32(x) => WithDType::to_cpu_storage_owned(k.run(slice_of(x, l)?, l)?),
+        CpuStorage::F16(x) => WithDType::to_cpu_storage_owned(k.run(slice_of(x, l)?, l)?),
+        CpuStorage::BF16(x) => WithDType::to_cpu_storage_owned(k.run(slice_of(x, l)?, l)?),
+        _ => candle_core::bail!("{name}: unsupported dtype {:?}", s.dtype()),
+    })
+}
+
+/// Runs `k` on three storages of one float dtype.
+pub(crate) fn run_float3(
+    name: &str,
+    k: &impl FloatKernel3,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    use CpuStorage::{BF16, F16, F32};
+    Ok(match (s1, s2, s3) {
+        (F32(x), F32(a), F32(b)) => {
+            WithDType::to_cpu_storage_owned(k.run(slice_of(x, l1)?, slice_of(a, l2)?, slice_of(b, l3)?)?)
+        }
+        (F16(x), F16(a), F16(b)) => {
+            WithDType::to_cpu_storage_owned(k.run(slice_of(x, l1)?, slice_of(a, l2)?, slice_of(b, l3)?)?)
+        }
+        (BF16(x), BF16(a), BF16(b)) => {
+            WithDType::to_cpu_storage_owned(k.run(slice_of(x, l1)?, slice_of(a, l2)?, slice_of(b, l3)?)?)
+        }
+        _ => candle_core::bail!(
+            "{name}: unsupported or mixed dtypes {:?}/{:?}/{:?}",
+            s1.dtype(),
+            s2.dtype(),
+            s3.dtype()
+        ),
+    })
 }
 
 /// The part of a CPU storage slice that a contiguous layout covers.

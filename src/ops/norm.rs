@@ -2,12 +2,10 @@
 //! f32 whatever the tensor dtype, computed in two passes (mean, then squared deviations) so
 //! large means do not cancel the variance away.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, D,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{slice_of, Float32};
+use super::{run_float1, run_float3, Float32, FloatKernel1, FloatKernel3};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension; `affine` is
 /// `(weight, bias)` or `None` (torch's `elementwise_affine=False`).
@@ -90,26 +88,30 @@ fn layer_norm_rows<T: Float32>(x: &[T], dim: usize, eps: f32, affine: Option<(&[
     out
 }
 
+impl FloatKernel1 for LayerNormCpu {
+    fn run<T: Float32>(&self, x: &[T], l: &Layout) -> Result<Vec<T>> {
+        Ok(layer_norm_rows(x, last_dim(l), self.eps, None))
+    }
+}
+
+impl FloatKernel3 for LayerNormCpu {
+    /// `w` and `b` are as long as the last dimension (checked by `cpu_fwd`).
+    fn run<T: Float32>(&self, x: &[T], w: &[T], b: &[T]) -> Result<Vec<T>> {
+        Ok(layer_norm_rows(x, w.len(), self.eps, Some((w, b))))
+    }
+}
+
+fn last_dim(l: &Layout) -> usize {
+    l.shape().dims().last().copied().unwrap_or(1).max(1)
+}
+
 impl CustomOp1 for LayerNormCpu {
     fn name(&self) -> &'static str {
         "layer-norm-f32-stats"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dim = l.shape().dims().last().copied().unwrap_or(1).max(1);
-        let out = match s {
-            CpuStorage::F32(x) => {
-                WithDType::to_cpu_storage_owned(layer_norm_rows(slice_of(x, l)?, dim, self.eps, None))
-            }
-            CpuStorage::F16(x) => {
-                WithDType::to_cpu_storage_owned(layer_norm_rows(slice_of(x, l)?, dim, self.eps, None))
-            }
-            CpuStorage::BF16(x) => {
-                WithDType::to_cpu_storage_owned(layer_norm_rows(slice_of(x, l)?, dim, self.eps, None))
-            }
-            _ => candle_core::bail!("layer_norm: unsupported dtype {:?}", s.dtype()),
-        };
-        Ok((out, l.shape().clone()))
+        Ok((run_float1(CustomOp1::name(self), self, s, l)?, l.shape().clone()))
     }
 }
 
@@ -127,26 +129,11 @@ impl CustomOp3 for LayerNormCpu {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dim = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        let dim = last_dim(l1);
         if l2.shape().elem_count() != dim || l3.shape().elem_count() != dim {
             candle_core::bail!("layer_norm: weight/bias do not match the last dimension {dim}");
         }
-        macro_rules! run {
-            ($x:expr, $w:expr, $b:expr) => {
-                WithDType::to_cpu_storage_owned(layer_norm_rows(
-                    slice_of($x, l1)?,
-                    dim,
-                    self.eps,
-                    Some((slice_of($w, l2)?, slice_of($b, l3)?)),
-                ))
-            };
-        }
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => run!(x, w, b),
-            (CpuStorage::F16(x), CpuStorage::F16(w), CpuStorage::F16(b)) => run!(x, w, b),
-            (CpuStorage::BF16(x), CpuStorage::BF16(w), CpuStorage::BF16(b)) => run!(x, w, b),
-            _ => candle_core::bail!("layer_norm: unsupported or mixed dtypes"),
-        };
+        let out = run_float3(CustomOp3::name(self), self, (s1, l1), (s2, l2), (s3, l3))?;
         Ok((out, l1.shape().clone()))
     }
 }
