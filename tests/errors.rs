@@ -415,3 +415,52 @@ fn long_prompts_are_truncated_with_a_warning_and_empty_prompts_work() {
     assert_eq!(o.code, Some(0), "{}", o.stderr);
     let _ = FAST;
 }
+
+#[test]
+fn embeddings_from_elsewhere_decode_with_a_prompt_and_seed_given() {
+    // a file with just the tensor (as a Python user might save the prior's output)
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("foreign.safetensors");
+    let values: Vec<u8> = (0..16 * 3 * 3)
+        .flat_map(|i| ((i % 7) as f32 - 3.0).to_le_bytes())
+        .collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 16, 3, 3], &values).unwrap();
+    std::fs::write(
+        &path,
+        safetensors::serialize([("image_embeddings", view)], None).unwrap(),
+    )
+    .unwrap();
+    let decode = |extra: &[&str]| {
+        wuerstchen(dir.path())
+            .current_dir(dir.path())
+            .arg("decode")
+            .args(&model_args("tiny-a")[2..])
+            .args([
+                "--embeddings",
+                path.to_str().unwrap(),
+                "--decoder-steps",
+                "2",
+                "--output",
+                "d.png",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = decode(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("records no prompt; pass --prompt"));
+    let out = decode(&["--prompt", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("records no seed; pass --seed"));
+    let out = decode(&["--prompt", "x", "--seed", "3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"));
+    assert_eq!(read_png(&dir.path().join("d.png")).0, 128);
+    // not a safetensors file at all: a model-file error naming it
+    std::fs::write(&path, b"garbage").unwrap();
+    let out = decode(&["--prompt", "x", "--seed", "3", "--overwrite"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("foreign.safetensors"));
+}
