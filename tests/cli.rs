@@ -39,6 +39,31 @@ fn generate_writes_a_png_of_the_requested_size_and_the_same_seed_gives_the_same_
     };
     let a = run("a.png");
     let b = run("b.png");
+    // and the same bytes whatever the number of threads
+    let single = dir.path().join("single.png");
+    wuerstchen(dir.path())
+        .env("RAYON_NUM_THREADS", "1")
+        .arg("generate")
+        .args(model_args("tiny-a"))
+        .args([
+            "--prompt",
+            "a red fox",
+            "--width",
+            "256",
+            "--height",
+            "128",
+            "--seed",
+            "7",
+        ])
+        .args(["--prior-steps", "4", "--decoder-steps", "3", "--output"])
+        .arg(&single)
+        .assert()
+        .success();
+    assert_eq!(
+        std::fs::read(&single).unwrap(),
+        std::fs::read(&a).unwrap(),
+        "1 thread vs default"
+    );
     let (w, h, pixels, text) = read_png(&a);
     assert_eq!((w, h), (256, 128));
     assert_eq!(pixels.len(), 256 * 128 * 3);

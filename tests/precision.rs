@@ -37,6 +37,13 @@ fn run(pipeline: &str, dtype: DType) -> (candle_core::Tensor, candle_core::Tenso
 
 fn half_precision_tracks_f32(pipeline: &str) {
     let (emb32, img32) = run(pipeline, DType::F32);
+    // deterministic: the same seed gives the same bits again
+    let (emb_again, _) = run(pipeline, DType::BF16);
+    let (emb_bf16, _) = run(pipeline, DType::BF16);
+    assert_eq!(
+        emb_again.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        emb_bf16.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
     for dtype in [DType::BF16, DType::F16] {
         let (emb, img) = run(pipeline, dtype);
         let e = rel_err(&emb, &emb32);

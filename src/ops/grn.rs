@@ -51,7 +51,10 @@ fn grn<T: Float32>(x: &[T], gamma: &[T], beta: &[T], c: usize, n: usize) -> Vec<
     let rows = (16384 / c).max(1);
     let mut out = vec![T::from_f32(0.0); x.len()];
     for (img, dst) in x.chunks(per_image).zip(out.chunks_mut(per_image)) {
-        let sumsq = img
+        // partial sums per block of rows, added in block order: the same result whatever the
+        // thread count or scheduling (a parallel reduce would associate the sums differently
+        // from run to run, and the same seed must give the same image)
+        let partials: Vec<Vec<f32>> = img
             .par_chunks(rows * c)
             .map(|block| {
                 let mut acc = vec![0f32; c];
@@ -63,13 +66,11 @@ fn grn<T: Float32>(x: &[T], gamma: &[T], beta: &[T], c: usize, n: usize) -> Vec<
                 }
                 acc
             })
-            .reduce(
-                || vec![0f32; c],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+            .collect();
+        let mut sumsq = vec![0f32; c];
+        for p in &partials {
+            sumsq.iter_mut().zip(p).for_each(|(s, v)| *s += v);
+        }
         let agg: Vec<f32> = sumsq.iter().map(|s| s.sqrt()).collect();
         let mean = agg.iter().sum::<f32>() / c as f32;
         let stand: Vec<f32> = agg.iter().map(|a| a / (mean + 1e-6)).collect();
@@ -136,6 +137,12 @@ mod tests {
             let first = global_response_norm(&x.narrow(0, 0, 1)?, &g, &b)?;
             let diff = (first - fast.narrow(0, 0, 1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert_eq!(diff, 0.0);
+            // bit-identical from run to run
+            let again = global_response_norm(&x, &g, &b)?;
+            assert_eq!(
+                again.flatten_all()?.to_vec1::<f32>()?,
+                fast.flatten_all()?.to_vec1::<f32>()?
+            );
         }
         // half precision: the sum of squares of 128x128 values near 300 overflows f16 unless
         // accumulated in f32
