@@ -438,8 +438,10 @@ mod tests {
 
     #[test]
     fn impossible_configs_are_rejected() {
-        let mut c = DecoderConfig::default();
-        c.nhead = vec![-1, 3, 20, 20]; // 640 % 3 != 0
+        let c = DecoderConfig {
+            nhead: vec![-1, 3, 20, 20], // 640 % 3 != 0
+            ..Default::default()
+        };
         assert!(c.validate().is_err());
         let mut c = DecoderConfig::default();
         c.level_config[1] = "CTX".into();

@@ -511,57 +511,6 @@ impl SizeRule {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn published() -> SizeRule {
-        SizeRule {
-            resolution_multiple: 42.67,
-            latent_dim_scale: 10.67,
-            decoder_downscale: 16,
-            vqgan_upscale: 4,
-        }
-    }
-
-    #[test]
-    fn published_models_take_multiples_of_128() {
-        let r = published();
-        for k in 1..=40 {
-            assert!(r.is_valid(128 * k), "{}", 128 * k);
-        }
-        assert_eq!(r.produced(1000), Some(1024));
-        assert_eq!(r.produced(1100), None); // diffusers' decoder would crash
-        assert!(!r.is_valid(1000));
-        assert_eq!(r.nearest(1000), (Some(896), Some(1024)));
-        assert_eq!(r.step(), 128);
-        let msg = r.check("--width", 1000).unwrap_err().to_string();
-        assert!(
-            msg.contains("896") && msg.contains("1024") && msg.contains("multiples of 128"),
-            "{msg}"
-        );
-        assert!(r
-            .check("--height", 0)
-            .unwrap_err()
-            .to_string()
-            .contains("greater than 0"));
-        // beyond the largest size the rule can produce (12672 px), the message names it
-        let msg = r.check("--width", 20000).unwrap_err().to_string();
-        assert!(msg.contains("use 12672"), "{msg}");
-    }
-
-    #[test]
-    fn lerp_is_torchs_two_sided_formula() -> candle_core::Result<()> {
-        let dev = Device::Cpu;
-        let a = Tensor::new(&[1f32, -2.0], &dev)?;
-        let b = Tensor::new(&[3f32, 5.0], &dev)?;
-        assert_eq!(lerp(&a, &b, 4.0)?.to_vec1::<f32>()?, vec![9.0, 26.0]);
-        assert_eq!(lerp(&a, &b, 0.25)?.to_vec1::<f32>()?, vec![1.5, -0.25]);
-        assert_eq!(lerp(&a, &b, 1.0)?.to_vec1::<f32>()?, vec![3.0, 5.0]);
-        Ok(())
-    }
-}
-
 /// Free memory on a CUDA device (`None` for the CPU, or when it cannot be read).
 pub fn free_device_memory(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
@@ -611,4 +560,55 @@ pub fn check_embedding_size(decoder: &dyn FileSource, h: usize, w: usize) -> Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn published() -> SizeRule {
+        SizeRule {
+            resolution_multiple: 42.67,
+            latent_dim_scale: 10.67,
+            decoder_downscale: 16,
+            vqgan_upscale: 4,
+        }
+    }
+
+    #[test]
+    fn published_models_take_multiples_of_128() {
+        let r = published();
+        for k in 1..=40 {
+            assert!(r.is_valid(128 * k), "{}", 128 * k);
+        }
+        assert_eq!(r.produced(1000), Some(1024));
+        assert_eq!(r.produced(1100), None); // diffusers' decoder would crash
+        assert!(!r.is_valid(1000));
+        assert_eq!(r.nearest(1000), (Some(896), Some(1024)));
+        assert_eq!(r.step(), 128);
+        let msg = r.check("--width", 1000).unwrap_err().to_string();
+        assert!(
+            msg.contains("896") && msg.contains("1024") && msg.contains("multiples of 128"),
+            "{msg}"
+        );
+        assert!(r
+            .check("--height", 0)
+            .unwrap_err()
+            .to_string()
+            .contains("greater than 0"));
+        // beyond the largest size the rule can produce (12672 px), the message names it
+        let msg = r.check("--width", 20000).unwrap_err().to_string();
+        assert!(msg.contains("use 12672"), "{msg}");
+    }
+
+    #[test]
+    fn lerp_is_torchs_two_sided_formula() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::new(&[1f32, -2.0], &dev)?;
+        let b = Tensor::new(&[3f32, 5.0], &dev)?;
+        assert_eq!(lerp(&a, &b, 4.0)?.to_vec1::<f32>()?, vec![9.0, 26.0]);
+        assert_eq!(lerp(&a, &b, 0.25)?.to_vec1::<f32>()?, vec![1.5, -0.25]);
+        assert_eq!(lerp(&a, &b, 1.0)?.to_vec1::<f32>()?, vec![3.0, 5.0]);
+        Ok(())
+    }
 }

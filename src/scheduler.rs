@@ -137,6 +137,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::excessive_precision)] // torch's values as Python prints them
     fn linear_timesteps_match_torch_linspace() {
         // torch.linspace(1.0, 0.0, 13) (float32), printed with repr(float)
         let want: [f32; 13] = [

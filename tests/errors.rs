@@ -218,7 +218,8 @@ fn broken_models_exit_1_naming_component_file_and_key() {
     let args = ["-p", "x", "--width", "128", "--height", "128", "--seed", "1"];
     let prior_weights = "prior/prior/diffusion_pytorch_model.safetensors";
     let decoder_weights = "decoder/decoder/diffusion_pytorch_model.safetensors";
-    let cases: Vec<(Box<dyn FnOnce(&Path)>, Vec<&str>)> = vec![
+    type Edit = Box<dyn FnOnce(&Path)>;
+    let cases: Vec<(Edit, Vec<&str>)> = vec![
         (Box::new(|_| {}), vec![]), // the unbroken copy works (checked below)
         (
             Box::new(|r| std::fs::remove_file(r.join("prior/prior/config.json")).unwrap()),

@@ -146,7 +146,7 @@ impl WuerstchenDiffNeXt {
     /// The spatial size of each down level's activations for a latent of `(h, w)`.
     fn level_sizes(&self, (h, w): (usize, usize)) -> Vec<(usize, usize)> {
         (0..self.down.len())
-            .map(|i| (h / self.patch_size >> i, w / self.patch_size >> i))
+            .map(|i| ((h / self.patch_size) >> i, (w / self.patch_size) >> i))
             .collect()
     }
 
