@@ -110,6 +110,8 @@ impl HubOptions {
         Self::from_vars(|name| std::env::var(name).ok())
     }
 
+    /// Not hf-hub's `resolve_cache_dir` / `HFClient::new`: they read the process environment
+    /// directly (untestable here), take an empty variable as set, and know no `HF_HUB_OFFLINE`.
     fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
         let var = |name: &str| var(name).filter(|v| !v.is_empty());
         // huggingface_hub/constants.py: HF_HOME defaults to $XDG_CACHE_HOME/huggingface or
@@ -136,13 +138,13 @@ impl HubOptions {
     }
 }
 
-/// huggingface_hub's `_is_true`: `1`, `true`, `yes`, `on`, in any case.
+/// huggingface_hub's `_is_true`: `1`, `true`, `yes`, `on`, in any case (hf-hub has no offline switch).
 fn is_truthy(value: &str) -> bool {
     matches!(value.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
 }
 
-/// Told about each file download. Called from hf-hub's runtime thread while bytes arrive, so
-/// it must not block. Files served from the cache produce no calls.
+/// Told about each file download. `start` and `advance` are called from hf-hub's runtime thread
+/// while bytes arrive, so they must not block. Files served from the cache produce no calls.
 pub trait DownloadProgress: Send + Sync {
     /// A download of `file` (repo-relative path) begins; `total_bytes` is the size the Hub
     /// announced, 0 if it announced none.
@@ -154,7 +156,7 @@ pub trait DownloadProgress: Send + Sync {
 }
 
 /// Hub failures a user can act on. Each names the repo (`owner/name@revision`) and, where
-/// one file is concerned, the file.
+/// one file is concerned, the file; hf-hub's `HFError` names neither the revision nor a remedy.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error(
@@ -318,31 +320,39 @@ impl HubRepo {
         &self.options
     }
 
-    /// `<cache_dir>/models--owner--name`.
-    pub fn cache_folder(&self) -> PathBuf {
-        self.options.cache_dir.join(repo_folder_name(&self.repo_id))
-    }
-
-    /// Whether the Hub said `rel_path` does not exist at this revision: the `.no_exist`
-    /// marker hf-hub (and huggingface_hub) writes when a 404 names the commit it resolved.
-    /// A 404 without a commit means the repo or revision itself was not found.
+    /// Whether the Hub said `rel_path` does not exist at this revision. hf-hub reports every 404
+    /// as EntryNotFound, but writes the `.no_exist` marker only when the 404 named a commit (a
+    /// missing file, not a missing repo); its cache-only lookup tells the two apart.
     fn absence_recorded(&self, rel_path: &str) -> bool {
-        self.resolved_commit()
-            .is_some_and(|c| self.cache_folder().join(".no_exist").join(c).join(rel_path).exists())
+        let cached = self
+            .repo
+            .download_file()
+            .filename(rel_path)
+            .revision(self.revision.clone())
+            .local_files_only(true)
+            .send();
+        matches!(cached, Err(hf_hub::HFError::EntryNotFound { .. }))
     }
 
-    /// The commit the revision resolved to, from the cache's `refs/` (or the revision itself
-    /// when it is a commit hash).
+    /// The commit the revision resolved to: the revision itself when it is a commit hash, else
+    /// the snapshot hf-hub's cache-only lookup finds through `refs/<revision>`.
     fn resolved_commit(&self) -> Option<String> {
         if is_commit_hash(&self.revision) {
             return Some(self.revision.clone());
         }
-        std::fs::read_to_string(self.cache_folder().join("refs").join(&self.revision))
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|c| !c.is_empty())
+        let snapshot = self
+            .repo
+            .snapshot_download()
+            .revision(self.revision.clone())
+            .local_files_only(true)
+            .send()
+            .ok()?;
+        // An empty `refs/<revision>` makes hf-hub return `snapshots/` itself.
+        let commit = snapshot.file_name()?.to_str()?;
+        is_commit_hash(commit).then(|| commit.to_string())
     }
 
+    /// hf-hub's errors -> [`HubError`]; `Ok(None)` for a file the Hub said is not there.
     fn classify(&self, rel_path: &str, err: hf_hub::HFError) -> Result<Option<PathBuf>> {
         use hf_hub::HFError as E;
         let repo = self.describe();
@@ -460,7 +470,8 @@ impl FileSource for HubRepo {
 }
 
 /// Turns hf-hub's download events for one file into [`DownloadProgress`] calls, and remembers
-/// the size the Hub announced for the size check.
+/// the size the Hub announced for the size check. hf-hub sends running totals, and a `Complete`
+/// for cache hits too; `DownloadProgress` wants one start, deltas and one finish per download.
 struct ProgressBridge {
     sink: Option<Arc<dyn DownloadProgress>>,
     state: Mutex<BridgeState>,
@@ -473,7 +484,6 @@ struct BridgeState {
     /// A body transfer began (`FileStatus::Started` / `InProgress`).
     started: bool,
     done: u64,
-    finished: bool,
 }
 
 impl ProgressBridge {
@@ -490,51 +500,29 @@ impl ProgressBridge {
     }
 
     fn file_event(&self, st: &mut BridgeState, file: &hf_hub::progress::FileProgress) {
-        use hf_hub::progress::FileStatus;
-        match file.status {
-            FileStatus::Started | FileStatus::InProgress => {
-                if st.finished {
-                    return;
-                }
-                if !st.started {
-                    st.started = true;
-                    if let Some(sink) = &self.sink {
-                        sink.start(&file.filename, file.total_bytes);
-                    }
-                }
-                self.advance_to(st, &file.filename, file.bytes_completed);
-            }
+        if !st.started {
             // Also sent, without a start, when the blob was already cached: no bar for that.
-            FileStatus::Complete => {
-                if st.started && !st.finished {
-                    self.advance_to(st, &file.filename, file.bytes_completed);
-                    st.finished = true;
-                    if let Some(sink) = &self.sink {
-                        sink.finish(&file.filename);
-                    }
-                }
+            if file.status == hf_hub::progress::FileStatus::Complete {
+                return;
             }
-        }
-    }
-
-    fn advance_to(&self, st: &mut BridgeState, file: &str, bytes_completed: u64) {
-        if bytes_completed > st.done {
-            let delta = bytes_completed - st.done;
-            st.done = bytes_completed;
+            st.started = true;
             if let Some(sink) = &self.sink {
-                sink.advance(file, delta);
+                sink.start(&file.filename, file.total_bytes);
+            }
+        }
+        if file.bytes_completed > st.done {
+            let delta = file.bytes_completed - st.done;
+            st.done = file.bytes_completed;
+            if let Some(sink) = &self.sink {
+                sink.advance(&file.filename, delta);
             }
         }
     }
 
-    /// After the call: a started download that hf-hub never completed (it failed) still ends.
+    /// After the call, whether hf-hub completed the download or failed: a started one ends.
     fn close(&self, rel_path: &str) {
-        let mut st = self.lock();
-        if st.started && !st.finished {
-            st.finished = true;
-            if let Some(sink) = &self.sink {
-                sink.finish(rel_path);
-            }
+        if let (true, Some(sink)) = (self.lock().started, &self.sink) {
+            sink.finish(rel_path);
         }
     }
 
@@ -548,27 +536,20 @@ impl ProgressBridge {
 impl hf_hub::progress::ProgressHandler for ProgressBridge {
     fn on_progress(&self, event: &hf_hub::progress::ProgressEvent) {
         use hf_hub::progress::{DownloadEvent, ProgressEvent};
-        let ProgressEvent::Download(event) = event else {
-            return;
-        };
         let mut st = self.lock();
         match event {
-            DownloadEvent::Start { total_bytes, .. } => st.announced = Some(*total_bytes),
-            DownloadEvent::Progress { files } => {
+            ProgressEvent::Download(DownloadEvent::Start { total_bytes, .. }) => st.announced = Some(*total_bytes),
+            ProgressEvent::Download(DownloadEvent::Progress { files }) => {
                 for file in files {
                     self.file_event(&mut st, file);
                 }
             }
-            DownloadEvent::AggregateProgress { .. } | DownloadEvent::Complete => {}
+            _ => {}
         }
     }
 }
 
-/// `owner/name` -> `models--owner--name`, the cache folder name.
-fn repo_folder_name(repo_id: &str) -> String {
-    format!("models--{}", repo_id.replace('/', "--"))
-}
-
+/// hf-hub's `is_commit_hash` is crate-private: a pinned commit is known before anything is cached.
 fn is_commit_hash(revision: &str) -> bool {
     revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -576,7 +557,7 @@ fn is_commit_hash(revision: &str) -> bool {
 /// Hub naming rules for `owner/name` (huggingface_hub's `validate_repo_id`, owner required):
 /// ASCII letters, digits, `-`, `_`, `.`; each part 1..=96 characters, starting and ending with
 /// a letter or digit or `_`; no `--` or `..` (`--` separates the parts of cache folder names);
-/// not ending in `.git`.
+/// not ending in `.git`. hf-hub checks nothing (`split_id` takes any string).
 pub fn check_repo_id(id: &str) -> std::result::Result<(), &'static str> {
     let Some((owner, name)) = id.split_once('/') else {
         return Err("expected `owner/name`");
@@ -610,7 +591,8 @@ pub fn check_repo_id(id: &str) -> std::result::Result<(), &'static str> {
     Ok(())
 }
 
-/// A repo-relative file path must stay inside the snapshot folder it is joined to.
+/// A repo-relative file path must stay inside the snapshot folder it is joined to (hf-hub joins
+/// it unchecked, so `../` would escape the cache).
 fn check_rel_path(rel_path: &str) -> std::result::Result<(), &'static str> {
     if rel_path.is_empty() {
         return Err("empty path");
@@ -806,8 +788,23 @@ mod tests {
 
     #[test]
     fn cache_folder_names() {
-        assert_eq!(repo_folder_name("warp-ai/wuerstchen"), "models--warp-ai--wuerstchen");
-        assert!(is_commit_hash("0123456789abcdef0123456789abcdef01234567"));
+        // The layout hf-hub reads: <cache>/models--owner--name/{refs,snapshots,.no_exist}.
+        let cache = tempfile::tempdir().unwrap();
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        let folder = cache.path().join("models--warp-ai--wuerstchen");
+        std::fs::create_dir_all(folder.join("snapshots").join(commit)).unwrap();
+        std::fs::create_dir_all(folder.join("refs")).unwrap();
+        std::fs::write(folder.join("refs/main"), commit).unwrap();
+        std::fs::create_dir_all(folder.join(".no_exist").join(commit)).unwrap();
+        std::fs::write(folder.join(".no_exist").join(commit).join("absent.json"), "").unwrap();
+        let repo = HubRepo::new("warp-ai/wuerstchen", None, &HubOptions::new(cache.path())).unwrap();
+        assert_eq!(repo.commit().as_deref(), Some(commit));
+        assert!(repo.absence_recorded("absent.json"));
+        assert!(!repo.absence_recorded("present.json"));
+        std::fs::write(folder.join("refs/empty"), "").unwrap();
+        let empty_ref = HubRepo::new("warp-ai/wuerstchen", Some("empty"), &HubOptions::new(cache.path())).unwrap();
+        assert_eq!(empty_ref.commit(), None);
+        assert!(is_commit_hash(commit));
         assert!(!is_commit_hash("main"));
     }
 }
