@@ -44,6 +44,8 @@ pub enum Command {
     TinyModel(TinyModelArgs),
     /// Time the pipeline: load, warm up, per-stage medians and ms per step as JSON on stdout
     Bench(BenchArgs),
+    /// Check that every op, block and the whole pipeline compute the CPU's numbers on a device
+    Selftest(SelftestArgs),
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +161,39 @@ pub struct BenchArgs {
     /// Untimed runs first (kernel compilation, allocator warm-up)
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+}
+
+/// Which shapes `selftest` checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SelftestShapes {
+    /// small odd shapes: seconds
+    Small,
+    /// the published models' activation shapes: minutes on a CPU
+    Real,
+    /// both
+    All,
+}
+
+#[derive(Debug, Args)]
+pub struct SelftestArgs {
+    /// cpu, cuda or cuda:N [default: CUDA when built with it and a GPU is present]
+    #[arg(long, env = "WUERSTCHEN_DEVICE")]
+    pub device: Option<String>,
+    /// f32, f16 or bf16 [default: as for generate]
+    #[arg(long, env = "WUERSTCHEN_DTYPE")]
+    pub dtype: Option<String>,
+    /// Which shapes to check [default: all on a GPU, small on the CPU]
+    #[arg(long, value_enum)]
+    pub shapes: Option<SelftestShapes>,
+    /// Seed of the random inputs and weights
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// One JSON object on stdout instead of the table
+    #[arg(long)]
+    pub json: bool,
+    /// Perturb one check's device result (shows that a wrong op fails the run)
+    #[arg(long, hide = true, value_name = "CHECK")]
+    pub inject_fault: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -313,12 +348,16 @@ pub struct OutputArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Runtime")]
 pub struct RuntimeArgs {
-    /// f32, f16 or bf16 [default: bf16 on CUDA, f32 on the CPU]
-    #[arg(long)]
+    /// f32, f16 or bf16 [default: f32 on the CPU; bf16 on a GPU of compute capability 8.0+, f16 below]
+    #[arg(long, env = "WUERSTCHEN_DTYPE")]
     pub dtype: Option<String>,
     /// cpu, cuda or cuda:N [default: CUDA when built with it and a GPU is present]
-    #[arg(long)]
+    #[arg(long, env = "WUERSTCHEN_DEVICE")]
     pub device: Option<String>,
+    /// Memory one attention layer's scores may take (512M, 2G; a bare number is MiB):
+    /// attention runs in blocks of query rows that fit, with the same numbers
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    pub attention_budget: String,
     /// Hold only one stage's weights at a time (a batch runs all priors, then all decodes);
     /// chosen automatically when the GPU has too little free memory for both
     #[arg(long)]
@@ -335,6 +374,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Download(args) => crate::commands::download::run(&args, &cli.log),
         Command::TinyModel(args) => crate::commands::tiny_model(&args),
         Command::Bench(args) => crate::commands::bench::run(&args, &cli.log),
+        Command::Selftest(args) => crate::commands::selftest::run(&args),
     }
 }
 

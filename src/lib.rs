@@ -15,6 +15,7 @@ pub mod prompts;
 pub mod request;
 pub mod rng;
 pub mod scheduler;
+pub mod selftest;
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;

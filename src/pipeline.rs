@@ -527,6 +527,18 @@ pub fn free_device_memory(device: &Device) -> Option<u64> {
     None
 }
 
+/// The compute capability (major, minor) of a CUDA device; `None` for the CPU, or when it
+/// cannot be read.
+pub fn compute_capability(device: &Device) -> Option<(u32, u32)> {
+    #[cfg(feature = "cuda")]
+    if let Ok(dev) = device.as_cuda_device() {
+        let (major, minor) = dev.cuda_stream().context().compute_capability().ok()?;
+        return Some((u32::try_from(major).ok()?, u32::try_from(minor).ok()?));
+    }
+    let _ = device;
+    None
+}
+
 /// Roughly the bytes a component's weights take in `dtype`: the file sizes, assuming f32
 /// storage as in the published repos.
 pub fn weight_bytes(src: &dyn FileSource, folder: &str, stem: &str, dtype: DType) -> Option<u64> {

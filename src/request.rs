@@ -268,9 +268,50 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
+/// A memory size as typed: a number of MiB, or a number with a unit (binary: `64K`, `512M`,
+/// `2G`, `2GiB`, `4096B`), in bytes; at least 1 KiB.
+pub fn parse_memory_size(flag: &str, s: &str) -> Result<usize> {
+    let bad = || {
+        InputError::new(format!(
+            "{flag} {s:?}: use a size of at least 1K, like 512M, 2G or 64K (a bare number is MiB)"
+        ))
+    };
+    let upper = s.trim().to_ascii_uppercase();
+    let (t, bytes_unit) = match upper.strip_suffix("IB").or_else(|| upper.strip_suffix('B')) {
+        Some(t) => (t, 1u64),
+        None => (upper.as_str(), 1 << 20),
+    };
+    let (number, unit) = match t.char_indices().last() {
+        Some((i, 'K')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M')) => (&t[..i], 1 << 20),
+        Some((i, 'G')) => (&t[..i], 1 << 30),
+        _ => (t, bytes_unit),
+    };
+    let value: f64 = number.trim().parse().map_err(|_| bad())?;
+    let bytes = value * unit as f64;
+    if !bytes.is_finite() || bytes < 1024.0 {
+        return Err(bad());
+    }
+    Ok(bytes.min(usize::MAX as f64) as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_sizes() {
+        assert_eq!(parse_memory_size("--x", "1024").unwrap(), 1 << 30);
+        assert_eq!(parse_memory_size("--x", "512M").unwrap(), 512 << 20);
+        assert_eq!(parse_memory_size("--x", "2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_memory_size("--x", "64k").unwrap(), 64 << 10);
+        assert_eq!(parse_memory_size("--x", "1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_memory_size("--x", "4096B").unwrap(), 4096);
+        for bad in ["", "G", "-1M", "0", "12 apples", "nan", "inf"] {
+            assert!(parse_memory_size("--x", bad).is_err(), "{bad}");
+        }
+        assert!(parse_memory_size("--x", "512B").is_err(), "under 1 KiB");
+    }
 
     fn input() -> SamplingInput {
         SamplingInput {

@@ -3,7 +3,7 @@
 //! [`TorchCpuGenerator`] reproduces, bit for bit, what
 //! `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)`
 //! returns on the CPU (checked against torch 2.15 by the fixtures in `tests/fixtures/rng.*`).
-//! The pure-numpy mirror it follows line by line is `shared/reference/torch_rng.py`.
+//! It follows ATen's CPU kernels line by line, as summarised below.
 //!
 //! What torch does (ATen `normal_kernel` / `normal_fill`):
 //! * engine: MT19937 seeded with `init_genrand(seed & 0xffffffff)`;

@@ -242,8 +242,8 @@ fn mid() -> TinyArch {
     }
 }
 
-/// The published models' configs (../shared/reference/configs.py REAL, checked against the
-/// Hub's files and diffusers' conversion script).
+/// The published models' configs (the Hub's `config.json` files of warp-ai/wuerstchen-prior and
+/// warp-ai/wuerstchen, checked against diffusers' conversion script).
 fn real() -> TinyArch {
     TinyArch {
         prior: PriorConfig {

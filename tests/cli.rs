@@ -165,3 +165,101 @@ fn tiny_a_same_seed_same_image_as_diffusers() {
 fn tiny_b_same_seed_same_image_as_diffusers() {
     same_seed_same_image_as_diffusers("tiny-b");
 }
+
+/// `selftest` on the test device: every generic form against the CPU kernels passes, and a
+/// perturbed op fails the run with exit code 1, naming it.
+#[test]
+fn selftest_passes_and_a_broken_op_fails_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        let out = wuerstchen(dir.path())
+            .args(["selftest", "--shapes", "small", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            out.status.code(),
+            report,
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, report, stderr) = run(&[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(report["passed"], true);
+    let results = report["results"].as_array().unwrap();
+    assert!(results.len() > 20, "{}", results.len());
+    assert!(results
+        .iter()
+        .all(|r| r["ok"] == true && r["rel_err"].as_f64().unwrap() <= r["tol"].as_f64().unwrap()));
+
+    let (code, report, stderr) = run(&["--inject-fault", "gelu"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(report["passed"], false);
+    let failed: Vec<&str> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["ok"] == false)
+        .map(|r| r["check"].as_str().unwrap())
+        .collect();
+    assert!(!failed.is_empty() && failed.iter().all(|c| *c == "gelu"), "{failed:?}");
+    assert!(
+        stderr.contains("error: selftest:") && stderr.contains("gelu"),
+        "{stderr}"
+    );
+}
+
+/// Attention in blocks of a few query rows (a 16 KiB budget) writes the same image as whole
+/// attention, up to f32 rounding.
+#[test]
+fn a_small_attention_budget_gives_the_same_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, budget: &[&str]| -> Vec<u8> {
+        let out = dir.path().join(name);
+        wuerstchen(dir.path())
+            .arg("generate")
+            .args(model_args("tiny-b"))
+            .args([
+                "--prompt",
+                "a lighthouse",
+                "--width",
+                "256",
+                "--height",
+                "256",
+                "--seed",
+                "3",
+            ])
+            .args(["--prior-steps", "3", "--decoder-steps", "2", "--decoder-guidance", "2"])
+            .args(budget)
+            .arg("--output")
+            .arg(&out)
+            .assert()
+            .success();
+        read_png(&out).2
+    };
+    let whole = run("whole.png", &[]);
+    let blocked = run("blocked.png", &["--attention-budget", "16K"]);
+    assert_eq!(whole.len(), blocked.len());
+    let differ = whole.iter().zip(&blocked).filter(|(a, b)| a != b).count();
+    let max = whole
+        .iter()
+        .zip(&blocked)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    eprintln!("{differ} of {} values differ, by at most {max}", whole.len());
+    // the matrix products see fewer rows, which can change their summation order: the same
+    // image up to f32 rounding (a wrong block would change most values)
+    assert!(
+        max <= 1 && differ * 1000 <= whole.len(),
+        "{differ} of {} values differ, by at most {max}",
+        whole.len()
+    );
+    let bad = wuerstchen(dir.path())
+        .args(["generate", "--prompt", "x", "--attention-budget", "lots"])
+        .assert()
+        .code(2);
+    let stderr = String::from_utf8_lossy(&bad.get_output().stderr).to_string();
+    assert!(stderr.contains("--attention-budget"), "{stderr}");
+}

@@ -25,7 +25,7 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
 }
 
 fn text_encoders(pipeline: &str) {
-    let rt = cpu_f32();
+    let rt = test_runtime();
     let (prior_src, decoder_src) = sources(pipeline);
     let r = reference(pipeline);
     let ids = rows_u32(&r["prior_te.ids"]);
@@ -43,7 +43,7 @@ fn text_encoders(pipeline: &str) {
 }
 
 fn prior_forward(pipeline: &str) {
-    let rt = cpu_f32();
+    let rt = test_runtime();
     let r = reference(pipeline);
     let prior = PriorPipeline::load(&sources(pipeline).0, None, &rt).unwrap();
     let cond = prior.prior.condition(&r["prior.c"]).unwrap();
@@ -52,7 +52,7 @@ fn prior_forward(pipeline: &str) {
 }
 
 fn decoder_forward(pipeline: &str) {
-    let rt = cpu_f32();
+    let rt = test_runtime();
     let r = reference(pipeline);
     let dec = DecoderPipeline::load(&sources(pipeline).1, &rt).unwrap();
     let (_, _, h, w) = r["decoder.x"].dims4().unwrap();
@@ -67,7 +67,7 @@ fn decoder_forward(pipeline: &str) {
 }
 
 fn vqgan_decode(pipeline: &str) {
-    let rt = cpu_f32();
+    let rt = test_runtime();
     let r = reference(pipeline);
     let dec = DecoderPipeline::load(&sources(pipeline).1, &rt).unwrap();
     let got = dec.vqgan.decode(&r["vqgan.latents"]).unwrap();
@@ -75,7 +75,7 @@ fn vqgan_decode(pipeline: &str) {
 }
 
 fn scheduler_steps(pipeline: &str) {
-    let rt = cpu_f32();
+    let rt = test_runtime();
     let r = reference(pipeline);
     let (prior_src, decoder_src) = sources(pipeline);
     let prior = PriorPipeline::load(&prior_src, None, &rt).unwrap();
@@ -102,7 +102,7 @@ fn scheduler_steps(pipeline: &str) {
 
 /// Run r1 of reference.json with diffusers' recorded draws as the noise.
 fn whole_pipeline_with_diffusers_noise(pipeline: &str) {
-    let rt = cpu_f32();
+    let rt = test_runtime();
     let r = reference(pipeline);
     let meta = reference_json(pipeline);
     let run = &meta["runs"][0];

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod download;
 pub mod generate;
+pub mod selftest;
 pub mod stages;
 
 use std::path::PathBuf;
@@ -25,19 +26,22 @@ use crate::request::{self, DeviceSpec, Job, SamplingInput};
 pub struct RuntimeSpec {
     pub device: Option<DeviceSpec>,
     pub dtype: Option<DType>,
+    /// bytes one attention block's scores may take
+    pub attention_budget: usize,
 }
 
 pub fn runtime_spec(args: &RuntimeArgs) -> Result<RuntimeSpec> {
     Ok(RuntimeSpec {
         device: args.device.as_deref().map(request::parse_device).transpose()?,
         dtype: args.dtype.as_deref().map(request::parse_dtype).transpose()?,
+        attention_budget: request::parse_memory_size("--attention-budget", &args.attention_budget)?,
     })
 }
 
 impl RuntimeSpec {
     /// Opens the device: the one asked for (failing if it cannot be opened), or by default
     /// the first GPU of a CUDA build when one can be opened, else the CPU. The default dtype
-    /// is bf16 on a GPU and f32 on the CPU.
+    /// is f32 on the CPU, bf16 on a GPU that has bf16 kernels and f16 on older GPUs.
     pub fn open(&self) -> Result<Runtime> {
         let device = match self.device {
             Some(DeviceSpec::Cpu) => Device::Cpu,
@@ -49,12 +53,53 @@ impl RuntimeSpec {
             }),
             None => Device::Cpu,
         };
-        let dtype = self
-            .dtype
-            .unwrap_or(if device.is_cpu() { DType::F32 } else { DType::BF16 });
-        tracing::info!("running on {:?} in {}", device, dtype_name(dtype));
+        crate::ops::set_attention_budget(self.attention_budget);
+        let capability = crate::pipeline::compute_capability(&device);
+        let dtype = match self.dtype {
+            Some(DType::BF16) if !has_bf16(capability) => {
+                return Err(InputError::new(format!(
+                    "bf16 needs a GPU of compute capability 8.0 or newer, this one has {}; use --dtype f16 or f32",
+                    capability_name(capability)
+                ))
+                .into())
+            }
+            Some(dtype) => dtype,
+            None => default_dtype(device.is_cpu(), capability),
+        };
+        match capability {
+            Some(_) => tracing::info!(
+                "running on {:?} (compute capability {}) in {}",
+                device,
+                capability_name(capability),
+                dtype_name(dtype)
+            ),
+            None => tracing::info!("running on {:?} in {}", device, dtype_name(dtype)),
+        }
         Ok(Runtime { device, dtype })
     }
+}
+
+/// Whether candle has bf16 kernels for a device: everywhere but on GPUs older than compute
+/// capability 8.0 (Ampere), for which its CUDA kernels are built without bf16.
+fn has_bf16(capability: Option<(u32, u32)>) -> bool {
+    capability.is_none_or(|(major, _)| major >= 8)
+}
+
+/// The dtype when none is asked for: f32 on the CPU; on a GPU bf16 (f16's range without its
+/// overflows) where it has bf16 kernels, else f16. Either way the sampling state and the norm
+/// statistics stay in f32.
+pub fn default_dtype(cpu: bool, capability: Option<(u32, u32)>) -> DType {
+    if cpu {
+        DType::F32
+    } else if has_bf16(capability) {
+        DType::BF16
+    } else {
+        DType::F16
+    }
+}
+
+fn capability_name(capability: Option<(u32, u32)>) -> String {
+    capability.map_or("unknown".into(), |(major, minor)| format!("{major}.{minor}"))
 }
 
 /// The first line of a message (candle appends a backtrace to some errors).
@@ -96,6 +141,7 @@ impl PriorSources {
         let t = std::time::Instant::now();
         let p = PriorPipeline::load(self.prior.as_ref(), self.stage_c.as_deref(), rt)
             .with_context(|| format!("loading the prior from {}", self.prior.describe()))?;
+        finish_uploads(rt)?;
         tracing::info!("prior loaded in {:.2}s", t.elapsed().as_secs_f64());
         Ok(p)
     }
@@ -105,8 +151,18 @@ impl PriorSources {
 pub fn load_decoder(src: &dyn FileSource, rt: &Runtime) -> Result<DecoderPipeline> {
     let t = std::time::Instant::now();
     let d = DecoderPipeline::load(src, rt).with_context(|| format!("loading the decoder from {}", src.describe()))?;
+    finish_uploads(rt)?;
     tracing::info!("decoder loaded in {:.2}s", t.elapsed().as_secs_f64());
     Ok(d)
+}
+
+/// Waits until the uploads and casts this thread issued have run. The stages load on two
+/// threads, and work queued on a GPU from one thread is not ordered before another thread's
+/// use of its results: each loader synchronises before handing its weights over.
+fn finish_uploads(rt: &Runtime) -> Result<()> {
+    rt.device
+        .synchronize()
+        .context("waiting for the weights to reach the device")
 }
 
 /// Ctrl-C: the first press asks the running work to stop after the current step (finished
@@ -255,4 +311,26 @@ pub fn tiny_model(args: &TinyModelArgs) -> Result<()> {
     println!("{}", paths.prior.display());
     println!("{}", paths.decoder.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_follows_the_device() {
+        assert_eq!(default_dtype(true, None), DType::F32);
+        // H100/H200 (9.0), A100 (8.0), RTX 4090 (8.9): bf16
+        for cc in [(9, 0), (8, 0), (8, 9), (12, 0)] {
+            assert_eq!(default_dtype(false, Some(cc)), DType::BF16, "{cc:?}");
+        }
+        // V100 (7.0), T4 (7.5), P100 (6.0): no bf16 kernels in candle
+        for cc in [(7, 0), (7, 5), (6, 0)] {
+            assert_eq!(default_dtype(false, Some(cc)), DType::F16, "{cc:?}");
+            assert!(!has_bf16(Some(cc)));
+        }
+        // a GPU whose capability cannot be read keeps the usual default
+        assert_eq!(default_dtype(false, None), DType::BF16);
+        assert!(has_bf16(None));
+    }
 }

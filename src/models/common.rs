@@ -279,8 +279,9 @@ impl Attention {
         let q = heads(self.to_q.forward(x)?)?;
         let k = heads(Tensor::cat(&[&self.to_k.forward(x)?, &cond.k], 1)?)?;
         let v = heads(Tensor::cat(&[&self.to_v.forward(x)?, &cond.v], 1)?)?;
-        let probs = ops::scaled_softmax_last_dim(&q.matmul(&k.t()?)?, (d as f64).powf(-0.5))?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, lq, c))?;
+        let out = ops::attention(&q, &k, &v, (d as f64).powf(-0.5))?
+            .transpose(1, 2)?
+            .reshape((n, lq, c))?;
         self.to_out.forward(&out)
     }
 }

@@ -40,7 +40,7 @@ impl ConvTranspose2d {
 
     /// (N, H, W, c_in) -> (N, (H-1)*stride + k - 2*padding, ..., c_out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !x.device().is_cpu() {
+        if !super::cpu_kernel(x) {
             let y = nhwc_to_nchw(x)?.conv_transpose2d(&self.weight, self.padding, 0, self.stride, 1)?;
             return nchw_to_nhwc(&y)?.broadcast_add(&self.bias);
         }

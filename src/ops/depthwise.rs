@@ -32,6 +32,12 @@ impl DepthwiseConv {
             .permute((1, 2, 0))?
             .contiguous()?;
         let bias = vb.get(channels, "bias")?;
+        // the device-generic form accumulates in f32: converting once here, not at every call
+        let (weight, bias) = if vb.device().is_cpu() {
+            (weight, bias)
+        } else {
+            (weight.to_dtype(DType::F32)?, bias.to_dtype(DType::F32)?)
+        };
         Ok(Self { weight, bias, padding })
     }
 
@@ -40,7 +46,8 @@ impl DepthwiseConv {
     }
 }
 
-/// `x`: (N, H, W, C), `weight`: (k, k, C) with k odd, `bias`: (C). Accumulates in f32.
+/// `x`: (N, H, W, C), `weight`: (k, k, C) with k odd, `bias`: (C). Accumulates in f32. The CPU
+/// kernel takes weights in `x`'s dtype; the generic form any float dtype (f32 spares casts).
 pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: Padding) -> Result<Tensor> {
     let (_, _, _, c) = x.dims4()?;
     let (k, k2, wc) = weight.dims3()?;
@@ -52,7 +59,7 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: Pad
             x.dims()
         );
     }
-    if x.device().is_cpu() {
+    if super::cpu_kernel(x) {
         x.contiguous()?
             .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &DepthwiseCpu { padding })
     } else {

@@ -11,7 +11,7 @@ use super::{exp_nonpositive, run_float1, Float32, FloatKernel1};
 
 /// GELU with the erf form (torch's `nn.GELU()`), any device.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if super::cpu_kernel(x) {
         x.contiguous()?.apply_op1_no_bwd(&GeluCpu)
     } else {
         x.gelu_erf()

@@ -12,7 +12,7 @@ use super::{run_float3, Float32, FloatKernel3};
 /// channel, `n = |x|_2 over H, W` divided by the mean of `n` over the channels (+1e-6), then
 /// `gamma * (x * n) + beta + x`.
 pub fn global_response_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if super::cpu_kernel(x) {
         let (n, _, _, c) = x.dims4()?;
         x.contiguous()?.apply_op3_no_bwd(
             &gamma.flatten_all()?.contiguous()?,

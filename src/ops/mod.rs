@@ -4,9 +4,11 @@
 //! bicubic resize.
 //!
 //! Each op has a fast CPU kernel (candle custom op) and a device-generic form built from
-//! candle tensor ops, used on other devices; tests check that the two agree.
+//! candle tensor ops, used on other devices; tests and `wuerstchen selftest` check that the
+//! two agree ([`with_generic_forms`] makes the CPU run the generic forms).
 //! Activations are channels-last (N, H, W, C) throughout the models.
 
+mod attention;
 mod conv_transpose;
 mod depthwise;
 mod gelu;
@@ -16,6 +18,9 @@ mod norm;
 mod resize;
 mod softmax;
 
+pub use attention::{
+    attention, attention_budget, attention_with_budget, bytes_per_score, chunk_plan, set_attention_budget, ChunkPlan,
+};
 pub use conv_transpose::ConvTranspose2d;
 pub use depthwise::depthwise_conv2d_generic;
 pub use depthwise::{depthwise_conv2d, DepthwiseConv, Padding};
@@ -27,8 +32,32 @@ pub(crate) use math::exp_nonpositive;
 pub use norm::{layer_norm, layer_norm_generic};
 pub use resize::{resize_bicubic_antialias, resize_weights};
 
+use std::cell::Cell;
+
 use candle_core::{backend::BackendStorage, CpuStorage, Layout, Result, Tensor, WithDType};
 use half::{bf16, f16};
+
+thread_local! {
+    static GENERIC_FORMS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every op on this thread taking its device-generic form, also on the CPU:
+/// how the CPU checks what other devices run against its own kernels.
+pub fn with_generic_forms<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GENERIC_FORMS.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GENERIC_FORMS.with(|g| g.replace(true)));
+    f()
+}
+
+/// Whether an op on `x` takes its CPU kernel (on the CPU, unless generic forms are forced).
+pub(crate) fn cpu_kernel(x: &Tensor) -> bool {
+    x.device().is_cpu() && !GENERIC_FORMS.with(|g| g.get())
+}
 
 /// The float dtypes our CPU kernels take, all computed in f32.
 pub(crate) trait Float32: WithDType + Copy + Send + Sync {

@@ -10,7 +10,7 @@ use super::{run_float1, run_float3, Float32, FloatKernel1, FloatKernel3};
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension; `affine` is
 /// `(weight, bias)` or `None` (torch's `elementwise_affine=False`).
 pub fn layer_norm(x: &Tensor, eps: f64, affine: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    if !super::cpu_kernel(x) {
         return layer_norm_generic(x, eps, affine);
     }
     let x = x.contiguous()?;

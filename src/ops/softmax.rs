@@ -10,7 +10,7 @@ use super::{exp_nonpositive, slice_of};
 /// `softmax(scale * x)` along the last dimension, computed in f32 (the result is f32).
 pub fn scaled_softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
     let x = x.to_dtype(DType::F32)?;
-    if x.device().is_cpu() {
+    if super::cpu_kernel(&x) {
         x.contiguous()?.apply_op1_no_bwd(&SoftmaxCpu { scale: scale as f32 })
     } else {
         candle_nn::ops::softmax_last_dim(&(x * scale)?)

@@ -21,10 +21,22 @@ pub fn sources(pipeline: &str) -> (LocalDir, LocalDir) {
     (LocalDir::new(root.join("prior")), LocalDir::new(root.join("decoder")))
 }
 
-/// The tensors diffusers computed for `pipeline` (reference.safetensors), on the CPU.
+/// The tensors diffusers computed for `pipeline` (reference.safetensors), on the test device.
 pub fn reference(pipeline: &str) -> HashMap<String, Tensor> {
     let path = fixtures().join(pipeline).join("reference.safetensors");
-    candle_core::safetensors::load(&path, &Device::Cpu).expect("reading reference.safetensors")
+    candle_core::safetensors::load(&path, &test_device()).expect("reading reference.safetensors")
+}
+
+/// The device the golden, seed and CLI tests run on: `WUERSTCHEN_TEST_DEVICE` (`cpu`, `cuda`,
+/// `cuda:N`; default the CPU), e.g. `WUERSTCHEN_TEST_DEVICE=cuda cargo test --features cuda`.
+pub fn test_device() -> Device {
+    let Some(spec) = std::env::var("WUERSTCHEN_TEST_DEVICE").ok() else {
+        return Device::Cpu;
+    };
+    match wuerstchen::request::parse_device(&spec).expect("WUERSTCHEN_TEST_DEVICE") {
+        wuerstchen::request::DeviceSpec::Cpu => Device::Cpu,
+        wuerstchen::request::DeviceSpec::Cuda(i) => Device::new_cuda(i).expect("opening WUERSTCHEN_TEST_DEVICE"),
+    }
 }
 
 pub fn reference_json(pipeline: &str) -> serde_json::Value {
@@ -33,9 +45,10 @@ pub fn reference_json(pipeline: &str) -> serde_json::Value {
         .expect("parsing reference.json")
 }
 
-pub fn cpu_f32() -> Runtime {
+/// f32 on the test device.
+pub fn test_runtime() -> Runtime {
     Runtime {
-        device: Device::Cpu,
+        device: test_device(),
         dtype: DType::F32,
     }
 }
@@ -82,6 +95,10 @@ pub fn wuerstchen(home: &Path) -> Command {
         .env("HOME", home)
         .env("HF_HUB_OFFLINE", "1")
         .env("RUST_BACKTRACE", "0");
+    // the test device, in f32 (the seed tests compare with diffusers' f32 images)
+    if let Ok(device) = std::env::var("WUERSTCHEN_TEST_DEVICE") {
+        cmd.env("WUERSTCHEN_DEVICE", device).env("WUERSTCHEN_DTYPE", "f32");
+    }
     cmd
 }
 

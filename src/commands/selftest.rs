@@ -1,0 +1,81 @@
+//! `wuerstchen selftest`: runs [`crate::selftest`] on the chosen device and dtype, prints a
+//! row per check as it finishes (or one JSON object), and fails when any check fails.
+
+use anyhow::Result;
+
+use super::{dtype_name, RuntimeSpec};
+use crate::cli::{SelftestArgs, SelftestShapes};
+use crate::request;
+use crate::selftest::{self, Check, Shapes};
+
+pub fn run(args: &SelftestArgs) -> Result<()> {
+    let spec = RuntimeSpec {
+        device: args.device.as_deref().map(request::parse_device).transpose()?,
+        dtype: args.dtype.as_deref().map(request::parse_dtype).transpose()?,
+        attention_budget: crate::ops::attention_budget(),
+    };
+    let rt = spec.open()?;
+    let shapes = match args.shapes {
+        Some(SelftestShapes::Small) => Shapes::Small,
+        Some(SelftestShapes::Real) => Shapes::Real,
+        Some(SelftestShapes::All) => Shapes::All,
+        None if rt.device.is_cpu() => Shapes::Small,
+        None => Shapes::All,
+    };
+    let opts = selftest::Options {
+        device: rt.device.clone(),
+        dtype: rt.dtype,
+        shapes,
+        seed: args.seed,
+        inject_fault: args.inject_fault.clone(),
+    };
+    let device = format!("{:?}", rt.device);
+    if !args.json {
+        println!("selftest on {device} in {}: device vs CPU f32", dtype_name(rt.dtype));
+        println!(
+            "{:<26} {:<5} {:<22} {:>10} {:>8} {:>10}  result",
+            "check", "dtype", "shape", "rel err", "tol", "ms"
+        );
+    }
+    let json = args.json;
+    let checks = selftest::run(&opts, &mut |c| {
+        if !json {
+            println!("{}", row(c));
+        }
+    })?;
+    let failed: Vec<&Check> = checks.iter().filter(|c| !c.ok).collect();
+    if json {
+        let report = serde_json::json!({
+            "device": device,
+            "dtype": dtype_name(rt.dtype),
+            "passed": failed.is_empty(),
+            "results": checks,
+        });
+        println!("{report}");
+    } else {
+        println!("{} of {} checks passed", checks.len() - failed.len(), checks.len());
+    }
+    if !failed.is_empty() {
+        let names: Vec<String> = failed.iter().map(|c| format!("{} {}", c.check, c.shape)).collect();
+        anyhow::bail!(
+            "selftest: {} of {} checks failed in {} ({})",
+            failed.len(),
+            checks.len(),
+            dtype_name(rt.dtype),
+            names.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn row(c: &Check) -> String {
+    let result = match (&c.error, c.ok) {
+        (Some(e), _) => format!("FAIL: {e}"),
+        (None, true) => "ok".into(),
+        (None, false) => "FAIL".into(),
+    };
+    format!(
+        "{:<26} {:<5} {:<22} {:>10.3e} {:>8.0e} {:>10.2}  {result}",
+        c.check, c.dtype, c.shape, c.rel_err, c.tol, c.ms
+    )
+}

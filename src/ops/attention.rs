@@ -1,0 +1,186 @@
+//! Scaled dot-product attention, `softmax(q k^T * scale) v`, computed in blocks of query rows
+//! (and, for very long keys, of heads) so that the scores never exist whole: at 1024x1536
+//! with decoder guidance the whole scores of one layer would take ~10 GB, and past 2^31
+//! elements candle's CUDA softmax (32-bit indexing) would compute garbage. Each block's rows
+//! are computed exactly as they would be unblocked: the logits go to f32 before the scale and
+//! softmax, whatever the storage dtype.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{DType, Result, Tensor};
+
+use super::scaled_softmax_last_dim;
+
+/// Default memory for one block's scores and their temporaries.
+const DEFAULT_BUDGET: usize = 1 << 30;
+
+/// Most elements one op may hold: candle's CUDA kernels index with `int`.
+const MAX_ELEMENTS: usize = (1 << 31) - 1;
+
+static BUDGET: AtomicUsize = AtomicUsize::new(DEFAULT_BUDGET);
+
+/// Sets the bytes one attention block may use for its scores (the `--attention-budget`
+/// option); blocks shrink to fit, down to one query row of one head.
+pub fn set_attention_budget(bytes: usize) {
+    BUDGET.store(bytes.max(1), Ordering::Relaxed);
+}
+
+/// The bytes one attention block may use for its scores.
+pub fn attention_budget() -> usize {
+    BUDGET.load(Ordering::Relaxed)
+}
+
+/// Bytes held per score element while a block is computed: the product in the storage dtype,
+/// its f32 copy, the scaled copy (device-generic form) and the probabilities in f32 and back
+/// in the storage dtype. An upper bound for every path.
+pub fn bytes_per_score(dtype: DType) -> usize {
+    let s = dtype.size_in_bytes();
+    s + 4 + 4 + 4 + s
+}
+
+/// How attention over `bh` heads (batch x heads), `lq` queries and `lk` keys is split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkPlan {
+    /// heads per block
+    pub heads: usize,
+    /// query rows per block
+    pub rows: usize,
+}
+
+impl ChunkPlan {
+    /// Score elements of one block.
+    pub fn elements(&self, lk: usize) -> usize {
+        self.heads * self.rows * lk
+    }
+}
+
+/// The largest blocks whose scores fit `budget` bytes and `MAX_ELEMENTS` elements: all heads
+/// and as many query rows as fit, or, when one row of every head does not fit, fewer heads.
+pub fn chunk_plan(bh: usize, lq: usize, lk: usize, dtype: DType, budget: usize) -> ChunkPlan {
+    let per_row = lk.max(1);
+    let max_elements = (budget / bytes_per_score(dtype)).clamp(1, MAX_ELEMENTS);
+    let fits = max_elements / per_row; // (head, row) pairs per block
+    if fits >= bh.max(1) {
+        ChunkPlan {
+            heads: bh,
+            rows: (fits / bh.max(1)).clamp(1, lq.max(1)),
+        }
+    } else {
+        ChunkPlan {
+            heads: fits.max(1),
+            rows: 1,
+        }
+    }
+}
+
+/// `q`: (B, H, Lq, D), `k` and `v`: (B, H, Lk, D), contiguous -> (B, H, Lq, D) in `v`'s dtype,
+/// in blocks of at most `attention_budget()` bytes of scores.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_with_budget(q, k, v, scale, attention_budget())
+}
+
+/// [`attention`] with an explicit budget.
+pub fn attention_with_budget(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, budget: usize) -> Result<Tensor> {
+    let (b, h, lq, d) = q.dims4()?;
+    let lk = k.dim(2)?;
+    let bh = b * h;
+    let plan = chunk_plan(bh, lq, lk, q.dtype(), budget);
+    if plan.heads >= bh && plan.rows >= lq {
+        return block(q, k, v, scale);
+    }
+    let (q, k, v) = (
+        q.reshape((bh, lq, d))?,
+        k.reshape((bh, lk, d))?,
+        v.reshape((bh, lk, d))?,
+    );
+    let mut per_heads = Vec::with_capacity(bh.div_ceil(plan.heads));
+    for h0 in (0..bh).step_by(plan.heads) {
+        let nh = plan.heads.min(bh - h0);
+        let (qh, kh, vh) = (q.narrow(0, h0, nh)?, k.narrow(0, h0, nh)?, v.narrow(0, h0, nh)?);
+        let mut rows = Vec::with_capacity(lq.div_ceil(plan.rows));
+        for r0 in (0..lq).step_by(plan.rows) {
+            rows.push(block(&qh.narrow(1, r0, plan.rows.min(lq - r0))?, &kh, &vh, scale)?);
+        }
+        per_heads.push(Tensor::cat(&rows, 1)?);
+    }
+    Tensor::cat(&per_heads, 0)?.reshape((b, h, lq, d))
+}
+
+/// One block, scores whole: `softmax(q k^T * scale)` in f32, then times `v`.
+fn block(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let scores = q.contiguous()?.matmul(&k.t()?)?;
+    scaled_softmax_last_dim(&scores, scale)?.to_dtype(v.dtype())?.matmul(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        (d / n).sqrt()
+    }
+
+    #[test]
+    fn plans_fit_the_budget_and_the_index_limit() {
+        // everything fits: one block
+        assert_eq!(
+            chunk_plan(20, 4096, 4173, DType::BF16, usize::MAX),
+            ChunkPlan { heads: 20, rows: 4096 }
+        );
+        // 1 GiB for bf16 scores (16 bytes each): 67108864 elements, 804 rows of 20 heads
+        let p = chunk_plan(20, 4096, 4173, DType::BF16, 1 << 30);
+        assert_eq!(p, ChunkPlan { heads: 20, rows: 804 });
+        assert!(p.elements(4173) * bytes_per_score(DType::BF16) <= 1 << 30);
+        // the decoder's level at 1792x1792 with guidance: never 2^31 elements in one op
+        let p = chunk_plan(40, 12544, 12621, DType::F32, usize::MAX);
+        assert!(p.elements(12621) <= MAX_ELEMENTS, "{p:?}");
+        // less than one row of every head: fewer heads, one row
+        assert_eq!(
+            chunk_plan(8, 100, 1000, DType::F32, 3 * 1000 * 20),
+            ChunkPlan { heads: 3, rows: 1 }
+        );
+        // nothing fits: still one row of one head
+        assert_eq!(chunk_plan(8, 100, 1000, DType::F32, 1), ChunkPlan { heads: 1, rows: 1 });
+    }
+
+    #[test]
+    fn blocked_equals_whole_within_f32_rounding() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, lq, lk, d) = (2, 3, 37, 45, 8);
+        let q = Tensor::randn(0f32, 1., (b, h, lq, d), &dev)?;
+        let k = Tensor::randn(0f32, 1., (b, h, lk, d), &dev)?;
+        let v = Tensor::randn(0f32, 1., (b, h, lk, d), &dev)?;
+        let scale = (d as f64).powf(-0.5);
+        let whole = attention_with_budget(&q, &k, &v, scale, usize::MAX)?;
+        // an independent reference: candle's softmax over the whole scores
+        let want = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?.matmul(&v)?;
+        assert!(rel_err(&whole, &want) < 1e-6);
+        let per_score = bytes_per_score(DType::F32);
+        for budget in [per_score * lk * b * h * 5, per_score * lk * 4, 1] {
+            let blocked = attention_with_budget(&q, &k, &v, scale, budget)?;
+            let err = rel_err(&blocked, &whole);
+            assert!(err < 1e-6, "budget {budget}: {err}");
+        }
+        // half precision: the same blocks, the same rounding
+        let (qh, kh, vh) = (
+            q.to_dtype(DType::BF16)?,
+            k.to_dtype(DType::BF16)?,
+            v.to_dtype(DType::BF16)?,
+        );
+        let whole = attention_with_budget(&qh, &kh, &vh, scale, usize::MAX)?;
+        let blocked = attention_with_budget(&qh, &kh, &vh, scale, 1)?;
+        assert_eq!(whole.dtype(), DType::BF16);
+        assert!(rel_err(&blocked.to_dtype(DType::F32)?, &whole.to_dtype(DType::F32)?) < 1e-6);
+        Ok(())
+    }
+}
