@@ -1,11 +1,18 @@
-//! The command line: clap definitions, grouped by concern, and dispatch to the commands.
+//! The command line (part of the binary: the library never sees clap): clap definitions,
+//! grouped by concern; each command's arguments become the library's validated plan
+//! (`wuerstchen::request`), which the command runs.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::{ArgAction, Args, Parser, Subcommand};
-
-use crate::request::SamplingInput;
+use candle_core::DType;
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use wuerstchen::commands;
+use wuerstchen::request::{
+    self, DecodePlan, DeviceSpec, GeneratePlan, ModelSpec, OutputInput, PromptsInput, RuntimeSpec, SamplingInput,
+    DEFAULT_DECODER_GUIDANCE, DEFAULT_DECODER_STEPS,
+};
+use wuerstchen::rng::BoxMuller;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -177,11 +184,11 @@ pub enum SelftestShapes {
 #[derive(Debug, Args)]
 pub struct SelftestArgs {
     /// cpu, cuda or cuda:N [default: CUDA when built with it and a GPU is present]
-    #[arg(long, env = "WUERSTCHEN_DEVICE")]
-    pub device: Option<String>,
-    /// f32, f16 or bf16 [default: as for generate]
-    #[arg(long, env = "WUERSTCHEN_DTYPE")]
-    pub dtype: Option<String>,
+    #[arg(long, env = "WUERSTCHEN_DEVICE", value_parser = parse_device)]
+    pub device: Option<DeviceSpec>,
+    /// [default: as for generate]
+    #[arg(long, value_enum, env = "WUERSTCHEN_DTYPE")]
+    pub dtype: Option<DtypeArg>,
     /// Which shapes to check [default: all on a GPU, small on the CPU]
     #[arg(long, value_enum)]
     pub shapes: Option<SelftestShapes>,
@@ -207,10 +214,9 @@ pub struct TinyModelArgs {
     /// Replace existing DIR/prior and DIR/decoder
     #[arg(long)]
     pub overwrite: bool,
-    /// tiny (~6 MB, smoke tests), mid (~440 MB, CPU benchmarks) or real (the published models'
-    /// sizes, ~12.5 GB: GPU benchmarks without downloading)
-    #[arg(long, default_value = "tiny")]
-    pub size: String,
+    /// Which architecture
+    #[arg(long, value_enum, default_value_t = SizeArg::Tiny)]
+    pub size: SizeArg,
 }
 
 #[derive(Debug, Args)]
@@ -265,34 +271,33 @@ pub struct PriorSamplingArgs {
     /// and logged. In a batch, lines without their own seed use SEED + their index
     #[arg(long, num_args = 0..=1)]
     pub seed: Option<Option<u64>>,
-    /// Which of torch's CPU randn kernels to reproduce: `cpu` (x86-64 builds, AVX2/AVX512)
-    /// or `cpu-scalar` (torch's default-capability build, e.g. ARM)
-    #[arg(long, default_value = "cpu")]
-    pub rng: String,
+    /// Which of torch's CPU randn kernels to reproduce
+    #[arg(long, value_enum, default_value_t = RngArg::Cpu)]
+    pub rng: RngArg,
 }
 
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Sampling")]
 pub struct DecoderSamplingArgs {
     /// Decoder steps, evenly spaced
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = DEFAULT_DECODER_STEPS)]
     pub decoder_steps: usize,
     /// Classifier-free guidance of the decoder (on when > 1)
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = DEFAULT_DECODER_GUIDANCE, allow_negative_numbers = true)]
     pub decoder_guidance: f64,
 }
 
 impl PriorSamplingArgs {
-    pub fn input(&self, decoder: Option<&DecoderSamplingArgs>) -> SamplingInput {
+    fn input(&self, decoder: Option<&DecoderSamplingArgs>) -> SamplingInput {
         SamplingInput {
             width: self.width,
             height: self.height,
             prior_steps: self.prior_steps,
             prior_timesteps: self.prior_timesteps.clone(),
             prior_guidance: self.prior_guidance,
-            decoder_steps: Some(decoder.map_or(12, |d| d.decoder_steps)),
+            decoder_steps: Some(decoder.map_or(DEFAULT_DECODER_STEPS, |d| d.decoder_steps)),
             decoder_timesteps: None,
-            decoder_guidance: decoder.map_or(0.0, |d| d.decoder_guidance),
+            decoder_guidance: decoder.map_or(DEFAULT_DECODER_GUIDANCE, |d| d.decoder_guidance),
             num_images: self.num_images,
         }
     }
@@ -348,12 +353,12 @@ pub struct OutputArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Runtime")]
 pub struct RuntimeArgs {
-    /// f32, f16 or bf16 [default: f32 on the CPU; bf16 on a GPU of compute capability 8.0+, f16 below]
-    #[arg(long, env = "WUERSTCHEN_DTYPE")]
-    pub dtype: Option<String>,
+    /// [default: f32 on the CPU; bf16 on a GPU of compute capability 8.0+, f16 below]
+    #[arg(long, value_enum, env = "WUERSTCHEN_DTYPE")]
+    pub dtype: Option<DtypeArg>,
     /// cpu, cuda or cuda:N [default: CUDA when built with it and a GPU is present]
-    #[arg(long, env = "WUERSTCHEN_DEVICE")]
-    pub device: Option<String>,
+    #[arg(long, env = "WUERSTCHEN_DEVICE", value_parser = parse_device)]
+    pub device: Option<DeviceSpec>,
     /// Memory one attention layer's scores may take (512M, 2G; a bare number is MiB):
     /// attention runs in blocks of query rows that fit, with the same numbers
     #[arg(long, value_name = "SIZE", default_value = "1G")]
@@ -364,17 +369,211 @@ pub struct RuntimeArgs {
     pub low_memory: bool,
 }
 
+/// `--dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    #[value(alias = "float32", alias = "fp32")]
+    F32,
+    #[value(alias = "float16", alias = "fp16", alias = "half")]
+    F16,
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
+impl From<DtypeArg> for DType {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// `--rng`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RngArg {
+    /// torch on x86-64 (its AVX2/AVX512 kernels)
+    Cpu,
+    /// torch's default-capability build (e.g. ARM)
+    CpuScalar,
+}
+
+impl From<RngArg> for BoxMuller {
+    fn from(r: RngArg) -> Self {
+        match r {
+            RngArg::Cpu => BoxMuller::Vectorized,
+            RngArg::CpuScalar => BoxMuller::Scalar,
+        }
+    }
+}
+
+/// `tiny-model --size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SizeArg {
+    /// ~6 MB: smoke tests
+    Tiny,
+    /// ~440 MB: CPU benchmarks
+    Mid,
+    /// the published models' sizes, ~12.5 GB: GPU benchmarks without downloading
+    Real,
+}
+
+fn parse_device(s: &str) -> Result<DeviceSpec, wuerstchen::error::InputError> {
+    request::parse_device(s)
+}
+
+impl RuntimeArgs {
+    fn spec(&self) -> Result<RuntimeSpec> {
+        Ok(RuntimeSpec {
+            device: self.device,
+            dtype: self.dtype.map(DType::from),
+            attention_budget: request::parse_memory_size("--attention-budget", &self.attention_budget)?,
+            low_memory: self.low_memory,
+        })
+    }
+}
+
+impl PromptArgs {
+    fn input(&self, batch: &BatchArgs, seed: Option<Option<u64>>) -> PromptsInput {
+        PromptsInput {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            file: self.prompts.clone(),
+            shard: batch.shard.clone(),
+            keep_going: batch.keep_going,
+            seed,
+        }
+    }
+}
+
+fn models(prior: &PriorModelArgs, decoder: Option<&DecoderModelArgs>, hub: &HubArgs) -> ModelSpec {
+    ModelSpec {
+        prior: prior.prior.clone(),
+        stage_c: prior.stage_c.clone(),
+        // `prior` loads no decoder
+        decoder: decoder.map(|d| d.decoder.clone()).unwrap_or_default(),
+        revision: hub.revision.clone(),
+    }
+}
+
+impl GenerateArgs {
+    fn plan(&self) -> Result<GeneratePlan> {
+        let p = &self.prior_sampling;
+        let output = OutputInput {
+            images: Some(self.output.output.clone()),
+            embeddings: self.save_embeddings.clone(),
+            overwrite: self.output.overwrite,
+            json: self.output.json,
+        };
+        request::plan_generate(
+            &self.prompt.input(&self.batch, p.seed),
+            &p.input(Some(&self.decoder_sampling)),
+            &output,
+            p.rng.into(),
+            models(&self.prior_model, Some(&self.decoder_model), &self.hub),
+            self.runtime.spec()?,
+        )
+    }
+}
+
+impl PriorArgs {
+    fn plan(&self) -> Result<GeneratePlan> {
+        let p = &self.prior_sampling;
+        let output = OutputInput {
+            images: None,
+            embeddings: Some(self.out.clone()),
+            overwrite: self.overwrite,
+            json: self.json,
+        };
+        request::plan_generate(
+            &self.prompt.input(&self.batch, p.seed),
+            &p.input(None),
+            &output,
+            p.rng.into(),
+            models(&self.prior_model, None, &self.hub),
+            self.runtime.spec()?,
+        )
+    }
+}
+
+impl DecodeArgs {
+    fn plan(&self) -> Result<DecodePlan> {
+        Ok(DecodePlan {
+            embeddings: self.embeddings.clone(),
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            decoder_steps: self.decoder_sampling.decoder_steps,
+            decoder_guidance: self.decoder_sampling.decoder_guidance,
+            seed: self.seed,
+            output: OutputInput {
+                images: Some(self.output.output.clone()),
+                embeddings: None,
+                overwrite: self.output.overwrite,
+                json: self.output.json,
+            },
+            models: ModelSpec {
+                prior: String::new(), // recorded in the embeddings file
+                stage_c: None,
+                decoder: self.decoder_model.decoder.clone(),
+                revision: self.hub.revision.clone(),
+            },
+            runtime: self.runtime.spec()?,
+        })
+    }
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
-    crate::progress::init_logging(cli.log.quiet, cli.log.verbose);
+    wuerstchen::progress::init_logging(cli.log.quiet, cli.log.verbose);
+    let quiet = cli.log.quiet;
     match cli.command {
-        Command::Generate(args) => crate::commands::generate::run(&args, &cli.log),
-        Command::Prior(args) => crate::commands::stages::run_prior(&args, &cli.log),
-        Command::Decode(args) => crate::commands::stages::run_decode(&args, &cli.log),
-        Command::Download(args) => crate::commands::download::run(&args, &cli.log),
-        Command::TinyModel(args) => crate::commands::tiny_model(&args),
-        Command::Bench(args) => crate::commands::bench::run(&args, &cli.log),
-        Command::Selftest(args) => crate::commands::selftest::run(&args),
+        Command::Generate(args) => commands::generate::run(args.plan()?, quiet),
+        Command::Prior(args) => commands::stages::run_prior(args.plan()?, quiet),
+        Command::Decode(args) => commands::stages::run_decode(args.plan()?, quiet),
+        Command::Download(args) => {
+            commands::download::run(&models(&args.prior_model, Some(&args.decoder_model), &args.hub), quiet)
+        }
+        Command::TinyModel(args) => {
+            let size = match args.size {
+                SizeArg::Tiny => wuerstchen::tiny::ModelSize::Tiny,
+                SizeArg::Mid => wuerstchen::tiny::ModelSize::Mid,
+                SizeArg::Real => wuerstchen::tiny::ModelSize::Real,
+            };
+            let opts = wuerstchen::tiny::TinyModelOptions {
+                seed: args.seed,
+                overwrite: args.overwrite,
+                size,
+            };
+            commands::tiny_model(&args.out, &opts)
+        }
+        Command::Bench(args) => {
+            let p = &args.prior_sampling;
+            let plan = request::plan_bench(
+                &p.input(Some(&args.decoder_sampling)),
+                p.seed.flatten(),
+                (args.runs, args.warmup),
+                models(&args.prior_model, Some(&args.decoder_model), &args.hub),
+                args.runtime.spec()?,
+            )?;
+            commands::bench::run(plan, quiet)
+        }
+        Command::Selftest(args) => {
+            let shapes = args.shapes.map(|s| match s {
+                SelftestShapes::Small => wuerstchen::selftest::Shapes::Small,
+                SelftestShapes::Real => wuerstchen::selftest::Shapes::Real,
+                SelftestShapes::All => wuerstchen::selftest::Shapes::All,
+            });
+            let plan = commands::selftest::SelftestPlan {
+                device: args.device,
+                dtype: args.dtype.map(DType::from),
+                shapes,
+                seed: args.seed,
+                json: args.json,
+                inject_fault: args.inject_fault,
+            };
+            commands::selftest::run(&plan)
+        }
     }
 }
 

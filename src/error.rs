@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 /// Bad usage or bad input: exit code 2, checked before any model loads.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct InputError(pub String);
 

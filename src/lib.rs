@@ -1,7 +1,6 @@
 //! Würstchen v2 text-to-image (arXiv 2306.00637) on candle, loading diffusers-format weights
 //! and computing what diffusers 0.42.1 computes.
 
-pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod error;
@@ -12,6 +11,7 @@ pub mod output;
 pub mod pipeline;
 pub mod progress;
 pub mod prompts;
+pub mod record;
 pub mod request;
 pub mod rng;
 pub mod scheduler;

@@ -1,4 +1,4 @@
-//! `wuerstchen`: parse the command line, run it, map the outcome to an exit code
+//! `wuerstchen`: parse the command line (`cli`), run it, map the outcome to an exit code
 //! (0 success, 2 bad input, 130 interrupted, 1 anything else).
 
 use std::process::ExitCode;
@@ -6,11 +6,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use wuerstchen::error::{InputError, Interrupted};
 
+mod cli;
+
 fn main() -> ExitCode {
     keep_freed_memory();
     park_idle_workers();
-    let cli = wuerstchen::cli::Cli::parse();
-    match wuerstchen::cli::run(cli) {
+    match cli::run(cli::Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", message(&err));

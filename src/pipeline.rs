@@ -83,14 +83,20 @@ fn locate(
         files.push(required(s, folder, &join(f, "config.json"))?);
         files.extend(component_weight_files(s, f, folder, stem)?);
     }
-    ClipTokenizer::load(src, "tokenizer")?;
-    for name in [
-        "tokenizer.json",
-        "vocab.json",
-        "merges.txt",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ] {
+    // the tokenizer's tables: tokenizer.json, or vocab.json + merges.txt; and its settings
+    let mut tables = Vec::new();
+    for name in ["tokenizer.json", "vocab.json", "merges.txt"] {
+        tables.push(src.get(&format!("tokenizer/{name}"))?);
+    }
+    if tables[0].is_none() && (tables[1].is_none() || tables[2].is_none()) {
+        return Err(crate::error::ModelError::MissingFile {
+            component: "tokenizer".into(),
+            path: std::path::Path::new(&src.describe()).join("tokenizer/tokenizer.json"),
+        }
+        .into());
+    }
+    files.extend(tables.into_iter().flatten());
+    for name in ["tokenizer_config.json", "special_tokens_map.json"] {
         files.extend(src.get(&format!("tokenizer/{name}"))?);
     }
     Ok(files)
@@ -103,12 +109,15 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
-    pub fn load(src: &dyn FileSource, rt: &Runtime) -> Result<Self> {
-        let tokenizer = ClipTokenizer::load(src, "tokenizer")?;
-        let te = Component::new(src, "text_encoder");
-        let cfg: ClipTextConfig = te.config("config.json")?;
+    fn read_config(src: &dyn FileSource) -> Result<ClipTextConfig> {
+        let cfg: ClipTextConfig = Component::new(src, "text_encoder").config("config.json")?;
         cfg.validate("text_encoder")?;
-        let model = ClipTextModel::new(&cfg, te.weights("model", rt)?)?;
+        Ok(cfg)
+    }
+
+    pub fn load(src: &dyn FileSource, cfg: &ClipTextConfig, rt: &Runtime) -> Result<Self> {
+        let tokenizer = ClipTokenizer::load(src, "tokenizer")?;
+        let model = ClipTextModel::new(cfg, Component::new(src, "text_encoder").weights("model", rt)?)?;
         Ok(Self { tokenizer, model })
     }
 
@@ -229,6 +238,48 @@ pub struct PriorParams {
     pub num_images: usize,
 }
 
+/// The prior stage's configuration files, parsed and validated once: the size rule and the
+/// loader both read them from here.
+#[derive(Debug, Clone)]
+pub struct PriorConfigs {
+    pub pipeline: PriorPipelineConfig,
+    pub prior: PriorConfig,
+    pub scheduler: SchedulerConfig,
+    pub text_encoder: ClipTextConfig,
+}
+
+impl PriorConfigs {
+    /// Reads a `warp-ai/wuerstchen-prior`-layout source's configs; `stage_c` replaces only
+    /// the Stage C network's (a folder or repo holding `config.json` + weights).
+    pub fn read(src: &dyn FileSource, stage_c: Option<&dyn FileSource>) -> Result<Self> {
+        let pipeline: PriorPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
+        pipeline.validate()?;
+        let prior: PriorConfig = prior_component(src, stage_c).config("config.json")?;
+        prior.validate()?;
+        let scheduler: SchedulerConfig = Component::new(src, "scheduler").config("scheduler_config.json")?;
+        scheduler.validate()?;
+        let text_encoder = TextEncoder::read_config(src)?;
+        Ok(Self {
+            pipeline,
+            prior,
+            scheduler,
+            text_encoder,
+        })
+    }
+}
+
+/// Where the Stage C network lives: the source's `prior` folder, or the root of `stage_c`.
+fn prior_component<'a>(src: &'a dyn FileSource, stage_c: Option<&'a dyn FileSource>) -> Component<'a> {
+    match stage_c {
+        Some(s) => Component {
+            src: s,
+            folder: "",
+            name: "prior",
+        },
+        None => Component::new(src, "prior"),
+    }
+}
+
 /// Stage C: text -> image embeddings.
 pub struct PriorPipeline {
     pub text_encoder: TextEncoder,
@@ -240,31 +291,26 @@ pub struct PriorPipeline {
 }
 
 impl PriorPipeline {
-    /// Loads a `warp-ai/wuerstchen-prior`-layout source; `stage_c` replaces only the Stage C
-    /// network (a folder or repo holding `config.json` + `diffusion_pytorch_model.safetensors`).
+    /// Reads the configs and loads the networks (see [`PriorConfigs::read`]).
     pub fn load(src: &dyn FileSource, stage_c: Option<&dyn FileSource>, rt: &Runtime) -> Result<Self> {
-        let config: PriorPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
-        config.validate()?;
-        let prior_src = match stage_c {
-            Some(s) => Component {
-                src: s,
-                folder: "",
-                name: "prior",
-            },
-            None => Component::new(src, "prior"),
-        };
-        let prior_config: PriorConfig = prior_src.config("config.json")?;
-        prior_config.validate()?;
-        let scheduler_config: SchedulerConfig = Component::new(src, "scheduler").config("scheduler_config.json")?;
-        scheduler_config.validate()?;
-        let text_encoder = TextEncoder::load(src, rt)?;
-        let prior = WuerstchenPrior::new(&prior_config, prior_src.weights("diffusion_pytorch_model", rt)?)?;
+        Self::load_with(&PriorConfigs::read(src, stage_c)?, src, stage_c, rt)
+    }
+
+    /// Loads the networks described by configs already read from `src`.
+    pub fn load_with(
+        configs: &PriorConfigs,
+        src: &dyn FileSource,
+        stage_c: Option<&dyn FileSource>,
+        rt: &Runtime,
+    ) -> Result<Self> {
+        let text_encoder = TextEncoder::load(src, &configs.text_encoder, rt)?;
+        let weights = prior_component(src, stage_c).weights("diffusion_pytorch_model", rt)?;
         Ok(Self {
             text_encoder,
-            prior,
-            prior_config,
-            scheduler: DdpmWuerstchen::new(&scheduler_config),
-            config,
+            prior: WuerstchenPrior::new(&configs.prior, weights)?,
+            prior_config: configs.prior.clone(),
+            scheduler: DdpmWuerstchen::new(&configs.scheduler),
+            config: configs.pipeline.clone(),
             runtime: rt.clone(),
         })
     }
@@ -317,6 +363,60 @@ pub struct DecoderParams {
     pub guidance: f64,
 }
 
+/// The decoder stage's configuration files, parsed and validated once.
+#[derive(Debug, Clone)]
+pub struct DecoderConfigs {
+    pub pipeline: DecoderPipelineConfig,
+    pub decoder: DecoderConfig,
+    pub vqgan: VqganConfig,
+    pub scheduler: SchedulerConfig,
+    pub text_encoder: ClipTextConfig,
+}
+
+impl DecoderConfigs {
+    /// Reads a `warp-ai/wuerstchen`-layout source's configs.
+    pub fn read(src: &dyn FileSource) -> Result<Self> {
+        let pipeline: DecoderPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
+        pipeline.validate()?;
+        let decoder: DecoderConfig = Component::new(src, "decoder").config("config.json")?;
+        decoder.validate()?;
+        let vqgan: VqganConfig = Component::new(src, "vqgan").config("config.json")?;
+        vqgan.validate()?;
+        let scheduler: SchedulerConfig = Component::new(src, "scheduler").config("scheduler_config.json")?;
+        scheduler.validate()?;
+        let text_encoder = TextEncoder::read_config(src)?;
+        Ok(Self {
+            pipeline,
+            decoder,
+            vqgan,
+            scheduler,
+            text_encoder,
+        })
+    }
+
+    /// The decoder latent's (H, W) for an embedding of (h, w): `int(size * latent_dim_scale)`.
+    pub fn latent_size(&self, h: usize, w: usize) -> (usize, usize) {
+        scale_latent((h, w), self.pipeline.latent_dim_scale)
+    }
+
+    /// For stored embeddings of (h, w): the (width, height) in pixels of the images they
+    /// decode to, or an input error when this decoder cannot run on them (its latent,
+    /// `int(size * latent_dim_scale)`, must divide by the decoder's downscale).
+    pub fn image_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        let (lh, lw) = self.latent_size(h, w);
+        let down = self.decoder.downscale();
+        if lh == 0 || lw == 0 || lh % down != 0 || lw % down != 0 {
+            return Err(crate::error::InputError::new(format!(
+                "embeddings of {h}x{w} give a decoder latent of {lh}x{lw}, which this decoder cannot run \
+                 (sides must divide by {down}); were they made for another model?"
+            ))
+            .into());
+        }
+        let up = self.vqgan.upscale();
+        Ok((lw * up, lh * up))
+    }
+}
+
 /// Stage B + Stage A: image embeddings (+ text) -> images.
 pub struct DecoderPipeline {
     pub text_encoder: TextEncoder,
@@ -330,29 +430,24 @@ pub struct DecoderPipeline {
 }
 
 impl DecoderPipeline {
-    /// Loads a `warp-ai/wuerstchen`-layout source.
+    /// Reads the configs and loads the networks of a `warp-ai/wuerstchen`-layout source.
     pub fn load(src: &dyn FileSource, rt: &Runtime) -> Result<Self> {
-        let config: DecoderPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
-        config.validate()?;
-        let dec = Component::new(src, "decoder");
-        let decoder_config: DecoderConfig = dec.config("config.json")?;
-        decoder_config.validate()?;
-        let vq = Component::new(src, "vqgan");
-        let vqgan_config: VqganConfig = vq.config("config.json")?;
-        vqgan_config.validate()?;
-        let scheduler_config: SchedulerConfig = Component::new(src, "scheduler").config("scheduler_config.json")?;
-        scheduler_config.validate()?;
-        let text_encoder = TextEncoder::load(src, rt)?;
-        let decoder = WuerstchenDiffNeXt::new(&decoder_config, dec.weights("diffusion_pytorch_model", rt)?)?;
-        let vqgan = PaellaVqDecoder::new(&vqgan_config, vq.weights("diffusion_pytorch_model", rt)?)?;
+        Self::load_with(&DecoderConfigs::read(src)?, src, rt)
+    }
+
+    /// Loads the networks described by configs already read from `src`.
+    pub fn load_with(configs: &DecoderConfigs, src: &dyn FileSource, rt: &Runtime) -> Result<Self> {
+        let text_encoder = TextEncoder::load(src, &configs.text_encoder, rt)?;
+        let decoder_weights = Component::new(src, "decoder").weights("diffusion_pytorch_model", rt)?;
+        let vqgan_weights = Component::new(src, "vqgan").weights("diffusion_pytorch_model", rt)?;
         Ok(Self {
             text_encoder,
-            decoder,
-            decoder_config,
-            vqgan,
-            vqgan_config,
-            scheduler: DdpmWuerstchen::new(&scheduler_config),
-            config,
+            decoder: WuerstchenDiffNeXt::new(&configs.decoder, decoder_weights)?,
+            decoder_config: configs.decoder.clone(),
+            vqgan: PaellaVqDecoder::new(&configs.vqgan, vqgan_weights)?,
+            vqgan_config: configs.vqgan.clone(),
+            scheduler: DdpmWuerstchen::new(&configs.scheduler),
+            config: configs.pipeline.clone(),
             runtime: rt.clone(),
         })
     }
@@ -369,8 +464,7 @@ impl DecoderPipeline {
 
     /// The VQGAN latent's (H, W) for an embedding of (h, w): `int(size * latent_dim_scale)`.
     pub fn latent_size(&self, h: usize, w: usize) -> (usize, usize) {
-        let s = self.config.latent_dim_scale;
-        ((h as f64 * s) as usize, (w as f64 * s) as usize)
+        scale_latent((h, w), self.config.latent_dim_scale)
     }
 
     /// Images (N, 3, H, W) in [0, 1], f32, from image embeddings (N, c, h, w).
@@ -418,6 +512,14 @@ impl DecoderPipeline {
     }
 }
 
+/// diffusers' decoder latent size for an embedding of (h, w): `int(size * latent_dim_scale)`.
+fn scale_latent((h, w): (usize, usize), latent_dim_scale: f64) -> (usize, usize) {
+    (
+        (h as f64 * latent_dim_scale) as usize,
+        (w as f64 * latent_dim_scale) as usize,
+    )
+}
+
 /// The default decoder schedule: `steps` equal steps from 1 to 0.
 pub fn decoder_timesteps(steps: usize) -> Vec<f32> {
     scheduler::linear_timesteps(steps)
@@ -436,22 +538,13 @@ pub struct SizeRule {
 }
 
 impl SizeRule {
-    /// Reads the four small JSON files involved (no weights).
-    pub fn read(prior: &dyn FileSource, decoder: &dyn FileSource) -> Result<Self> {
-        let p: PriorPipelineConfig = read_json(prior, "model_index.json", "model_index.json")?;
-        p.validate()?;
-        let d: DecoderPipelineConfig = read_json(decoder, "model_index.json", "model_index.json")?;
-        d.validate()?;
-        let dec: DecoderConfig = Component::new(decoder, "decoder").config("config.json")?;
-        dec.validate()?;
-        let vq: VqganConfig = Component::new(decoder, "vqgan").config("config.json")?;
-        vq.validate()?;
-        Ok(Self {
-            resolution_multiple: p.resolution_multiple,
-            latent_dim_scale: d.latent_dim_scale,
-            decoder_downscale: dec.downscale(),
-            vqgan_upscale: vq.upscale(),
-        })
+    pub fn new(prior: &PriorConfigs, decoder: &DecoderConfigs) -> Self {
+        Self {
+            resolution_multiple: prior.pipeline.resolution_multiple,
+            latent_dim_scale: decoder.pipeline.latent_dim_scale,
+            decoder_downscale: decoder.decoder.downscale(),
+            vqgan_upscale: decoder.vqgan.upscale(),
+        }
     }
 
     /// The side length diffusers would produce when asked for `px`, or `None` where its
@@ -549,29 +642,6 @@ pub fn weight_bytes(src: &dyn FileSource, folder: &str, stem: &str, dtype: DType
         .map(|m| m.len())
         .sum();
     Some(stored / 4 * dtype.size_in_bytes() as u64)
-}
-
-/// For decoding stored embeddings: whether the decoder can run on an embedding of (h, w)
-/// (its latent, `int(size * latent_dim_scale)`, must divide by the decoder's downscale).
-pub fn check_embedding_size(decoder: &dyn FileSource, h: usize, w: usize) -> Result<()> {
-    let d: DecoderPipelineConfig = read_json(decoder, "model_index.json", "model_index.json")?;
-    d.validate()?;
-    let dec: DecoderConfig = Component::new(decoder, "decoder").config("config.json")?;
-    dec.validate()?;
-    for side in [h, w] {
-        let latent = (side as f64 * d.latent_dim_scale) as usize;
-        if latent == 0 || latent % dec.downscale() != 0 {
-            return Err(crate::error::InputError::new(format!(
-                "embeddings of {h}x{w} give a decoder latent of {}x{}, which this decoder cannot run \
-                 (sides must divide by {}); were they made for another model?",
-                (h as f64 * d.latent_dim_scale) as usize,
-                (w as f64 * d.latent_dim_scale) as usize,
-                dec.downscale()
-            ))
-            .into());
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,11 +1,15 @@
 //! User input -> validated values. Every check of what a user typed lives here and fails
 //! with an `InputError` (exit code 2) before any model loads.
 
+use std::path::PathBuf;
+
+use anyhow::Context;
 use candle_core::DType;
 
 use crate::error::InputError;
+use crate::output;
 use crate::pipeline::{DecoderParams, PriorParams};
-use crate::prompts::{Entry, PromptLine};
+use crate::prompts::{self, Entry, PromptLine, Shard};
 use crate::rng::BoxMuller;
 use crate::scheduler;
 
@@ -222,7 +226,7 @@ pub fn generate_request(prompt: &str, negative_prompt: &str, s: &SamplingInput, 
         )?,
         prior_guidance: check_guidance("--prior-guidance", s.prior_guidance)?,
         decoder_timesteps: timesteps("decoder", s.decoder_steps, s.decoder_timesteps.as_deref(), || {
-            scheduler::linear_timesteps(12)
+            scheduler::linear_timesteps(DEFAULT_DECODER_STEPS)
         })?,
         decoder_guidance: check_guidance("--decoder-guidance", s.decoder_guidance)?,
         num_images: s.num_images,
@@ -293,6 +297,378 @@ pub fn parse_memory_size(flag: &str, s: &str) -> Result<usize> {
         return Err(bad());
     }
     Ok(bytes.min(usize::MAX as f64) as usize)
+}
+
+/// diffusers' decoder defaults (`WuerstchenDecoderPipeline.__call__`): 12 steps, no guidance.
+pub const DEFAULT_DECODER_STEPS: usize = 12;
+pub const DEFAULT_DECODER_GUIDANCE: f64 = 0.0;
+
+/// Device, dtype and memory options as given: validated, not yet opened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeSpec {
+    /// `None`: the first GPU of a CUDA build when one opens, else the CPU
+    pub device: Option<DeviceSpec>,
+    /// `None`: the device's default
+    pub dtype: Option<DType>,
+    /// bytes one attention block's scores may take
+    pub attention_budget: usize,
+    /// hold one stage's weights at a time (also chosen automatically when memory is short)
+    pub low_memory: bool,
+}
+
+/// Where the models come from, as given: Hub repo ids or local folders.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub prior: String,
+    /// other Stage C weights for the prior
+    pub stage_c: Option<String>,
+    pub decoder: String,
+    /// Hub branch, tag or commit
+    pub revision: String,
+}
+
+/// The prompts of a run as given.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PromptsInput {
+    pub prompt: Option<String>,
+    pub negative_prompt: String,
+    /// a prompts file, `-` for stdin
+    pub file: Option<String>,
+    pub shard: Option<String>,
+    pub keep_going: bool,
+    /// `--seed` (`Some(None)`: the flag without a value)
+    pub seed: Option<Option<u64>>,
+}
+
+/// A job with the files it will write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedJob {
+    pub job: Job,
+    /// one per image (empty where a command writes no images)
+    pub images: Vec<PathBuf>,
+    pub embeddings: Option<PathBuf>,
+}
+
+/// The jobs of a run, every output name computed and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobPlan {
+    pub jobs: Vec<PlannedJob>,
+    /// bad prompts-file lines skipped under `--keep-going`
+    pub skipped: Vec<InputError>,
+    /// whether the prompts came from a file
+    pub batch: bool,
+    pub keep_going: bool,
+    pub overwrite: bool,
+    /// JSON lines on stdout instead of bare paths
+    pub json: bool,
+}
+
+impl JobPlan {
+    /// The model's size rule, applied to every job: a bad size stops the run, or, in a batch
+    /// with `--keep-going`, skips the job (`{origin}: ...`).
+    pub fn check_sizes(&mut self, check: impl Fn(&GenerateRequest) -> Result<()>) -> Result<()> {
+        let mut kept = Vec::with_capacity(self.jobs.len());
+        for p in std::mem::take(&mut self.jobs) {
+            match check(&p.job.req) {
+                Ok(()) => kept.push(p),
+                Err(e) if !self.batch => return Err(e),
+                Err(e) => {
+                    let e = InputError::new(format!("{}: {e}", p.job.origin));
+                    if !self.keep_going {
+                        return Err(e);
+                    }
+                    tracing::warn!("skipped: {e}");
+                    self.skipped.push(e);
+                }
+            }
+        }
+        self.jobs = kept;
+        Ok(())
+    }
+}
+
+/// What to write where, as given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputInput {
+    /// image path template (`{seed}`, `{image}`, `{index}`, `{prompt}`)
+    pub images: Option<String>,
+    /// embeddings path template
+    pub embeddings: Option<String>,
+    pub overwrite: bool,
+    pub json: bool,
+}
+
+/// `generate`, `prior`: everything validated before a model file is read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratePlan {
+    pub jobs: JobPlan,
+    pub rng: BoxMuller,
+    pub models: ModelSpec,
+    pub runtime: RuntimeSpec,
+}
+
+/// Validates the prompts, the sampling options and every output name.
+pub fn plan_generate(
+    prompts: &PromptsInput,
+    sampling: &SamplingInput,
+    output: &OutputInput,
+    rng: BoxMuller,
+    models: ModelSpec,
+    runtime: RuntimeSpec,
+) -> anyhow::Result<GeneratePlan> {
+    let (jobs, skipped) = plan_jobs(prompts, sampling)?;
+    let batch = prompts.file.is_some();
+    let images = match &output.images {
+        Some(t) => image_paths(&jobs, t, batch, output.overwrite)?,
+        None => vec![Vec::new(); jobs.len()],
+    };
+    let embeddings = match &output.embeddings {
+        Some(t) => embedding_paths(&jobs, t, batch, output.overwrite)?
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => vec![None; jobs.len()],
+    };
+    let jobs = jobs
+        .into_iter()
+        .zip(images)
+        .zip(embeddings)
+        .map(|((job, images), embeddings)| PlannedJob {
+            job,
+            images,
+            embeddings,
+        })
+        .collect();
+    Ok(GeneratePlan {
+        jobs: JobPlan {
+            jobs,
+            skipped,
+            batch,
+            keep_going: prompts.keep_going,
+            overwrite: output.overwrite,
+            json: output.json,
+        },
+        rng,
+        models,
+        runtime,
+    })
+}
+
+/// The requests of a run: the `--prompt`, or the prompts file's lines (sharded). Bad lines
+/// are errors; with `--keep-going` they are returned beside the good jobs instead.
+pub fn plan_jobs(prompts: &PromptsInput, sampling: &SamplingInput) -> anyhow::Result<(Vec<Job>, Vec<InputError>)> {
+    let (base_seed, picked) = seed_or_random(prompts.seed);
+    if picked {
+        tracing::info!("seed {base_seed} (picked at random; pass --seed {base_seed} to repeat)");
+    }
+    let shard = prompts.shard.as_deref().map(Shard::parse).transpose()?;
+    let Some(file) = &prompts.file else {
+        if shard.is_some() {
+            return Err(InputError::new("--shard needs --prompts").into());
+        }
+        let text = prompts.prompt.as_deref().unwrap_or_default();
+        let req = generate_request(text, &prompts.negative_prompt, sampling, base_seed)?;
+        let job = Job {
+            index: 0,
+            origin: "--prompt".into(),
+            req,
+            output: None,
+        };
+        return Ok((vec![job], vec![]));
+    };
+    let bytes = if file == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading prompts from stdin")?;
+        buf
+    } else {
+        std::fs::read(file).map_err(|e| InputError::new(format!("cannot read prompts file {file}: {e}")))?
+    };
+    let name = if file == "-" { "<stdin>" } else { file.as_str() };
+    let mut jobs = Vec::new();
+    let mut bad = Vec::new();
+    for entry in prompts::parse(name, &bytes) {
+        let job = entry.and_then(|e| job_from_entry(name, &e, sampling, &prompts.negative_prompt, base_seed));
+        match job {
+            Ok(j) if shard.is_none_or(|s| s.takes(j.index)) => jobs.push(j),
+            Ok(_) => {}
+            Err(e) if prompts.keep_going => {
+                tracing::warn!("skipped: {e}");
+                bad.push(e);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if jobs.is_empty() && bad.is_empty() {
+        let where_ = if shard.is_some() { " in this shard" } else { "" };
+        tracing::warn!("{name}: no prompts{where_}");
+    }
+    Ok((jobs, bad))
+}
+
+/// Where each job's images go: computed and checked (folder writable, nothing overwritten
+/// without `overwrite`, no two files with one name) before any model loads.
+pub fn image_paths(jobs: &[Job], template: &str, batch: bool, overwrite: bool) -> Result<Vec<Vec<PathBuf>>> {
+    let mut taken = std::collections::HashMap::new();
+    jobs.iter()
+        .map(|job| {
+            let t = job.output.as_deref().unwrap_or(template);
+            (0..job.req.num_images)
+                .map(|n| {
+                    let path = output::output_path(
+                        t,
+                        &job.name_fields(n),
+                        job.req.num_images > 1,
+                        batch && job.output.is_none(),
+                    );
+                    claim(&mut taken, path, job, overwrite)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// One embeddings file per job, checked like the images.
+pub fn embedding_paths(jobs: &[Job], template: &str, batch: bool, overwrite: bool) -> Result<Vec<PathBuf>> {
+    let mut taken = std::collections::HashMap::new();
+    jobs.iter()
+        .map(|job| {
+            let path = output::output_path(template, &job.name_fields(0), false, batch);
+            claim(&mut taken, path, job, overwrite)
+        })
+        .collect()
+}
+
+/// Checks that `path` can be written and that no other job of the run writes it.
+fn claim(
+    taken: &mut std::collections::HashMap<PathBuf, String>,
+    path: PathBuf,
+    job: &Job,
+    overwrite: bool,
+) -> Result<PathBuf> {
+    output::check_writable(&path, overwrite).map_err(|e| InputError::new(format!("{}: {e}", job.origin)))?;
+    if let Some(other) = taken.insert(path.clone(), job.origin.clone()) {
+        return Err(InputError::new(format!(
+            "{other} and {} would both write {}; use {{index}} or {{seed}} in the output name",
+            job.origin,
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+impl Job {
+    fn name_fields(&self, image: usize) -> output::NameFields<'_> {
+        output::NameFields {
+            index: self.index,
+            image,
+            seed: self.req.seed,
+            prompt: &self.req.prompt,
+        }
+    }
+}
+
+/// `decode`: the options as given; the request is completed from the embeddings file's
+/// record by [`decode_request`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodePlan {
+    pub embeddings: PathBuf,
+    pub prompt: Option<String>,
+    pub negative_prompt: Option<String>,
+    pub decoder_steps: usize,
+    pub decoder_guidance: f64,
+    /// fresh noise from this seed instead of continuing the recorded stream
+    pub seed: Option<u64>,
+    pub output: OutputInput,
+    pub models: ModelSpec,
+    pub runtime: RuntimeSpec,
+}
+
+/// Where `decode`'s noise starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoiseStart {
+    pub seed: u64,
+    pub rng: BoxMuller,
+    /// draws (count, elements each) to skip: the prior's, when continuing its stream
+    pub skip: Option<crate::record::NoiseDraws>,
+}
+
+/// The decode request from the options and the file's record (`None` when the file has
+/// none): the options win; what neither gives is an input error naming the file.
+/// `num_images` and the image size come from the embeddings themselves.
+pub fn decode_request(
+    plan: &DecodePlan,
+    record: Option<&crate::record::GenerationRecord>,
+    num_images: usize,
+    (width, height): (usize, usize),
+) -> Result<(GenerateRequest, NoiseStart)> {
+    let file = plan.embeddings.display();
+    let prompt = plan
+        .prompt
+        .clone()
+        .or_else(|| record.map(|r| r.prompt.clone()))
+        .ok_or_else(|| InputError::new(format!("{file} records no prompt; pass --prompt")))?;
+    let negative_prompt = plan
+        .negative_prompt
+        .clone()
+        .or_else(|| record.map(|r| r.negative_prompt.clone()))
+        .unwrap_or_default();
+    let rng = record.map_or(BoxMuller::default(), |r| r.rng.into());
+    let noise = match (plan.seed, record) {
+        (Some(seed), _) => NoiseStart { seed, rng, skip: None },
+        (None, Some(r)) => NoiseStart {
+            seed: r.seed,
+            rng,
+            skip: Some(r.prior_noise_draws.ok_or_else(|| {
+                InputError::new(format!(
+                    "{file} records no prior_noise_draws to continue the seed's stream from; pass --seed"
+                ))
+            })?),
+        },
+        (None, None) => return Err(InputError::new(format!("{file} records no seed; pass --seed"))),
+    };
+    let decoder_steps = Some(plan.decoder_steps);
+    let req = GenerateRequest {
+        prompt,
+        negative_prompt,
+        width,
+        height,
+        prior_timesteps: record.map(|r| r.prior_timesteps.clone()).unwrap_or_default(),
+        prior_guidance: record.map_or(0.0, |r| r.prior_guidance),
+        decoder_timesteps: timesteps("decoder", decoder_steps, None, Vec::new)?,
+        decoder_guidance: check_guidance("--decoder-guidance", plan.decoder_guidance)?,
+        num_images,
+        seed: noise.seed,
+    };
+    Ok((req, noise))
+}
+
+/// `bench`: one request, timed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchPlan {
+    pub req: GenerateRequest,
+    pub runs: usize,
+    pub warmup: usize,
+    pub models: ModelSpec,
+    pub runtime: RuntimeSpec,
+}
+
+pub fn plan_bench(
+    sampling: &SamplingInput,
+    seed: Option<u64>,
+    (runs, warmup): (usize, usize),
+    models: ModelSpec,
+    runtime: RuntimeSpec,
+) -> Result<BenchPlan> {
+    if runs == 0 {
+        return Err(InputError::new("--runs must be at least 1"));
+    }
+    Ok(BenchPlan {
+        req: generate_request("a photo of a cat", "", sampling, seed.unwrap_or(0))?,
+        runs,
+        warmup,
+        models,
+        runtime,
+    })
 }
 
 #[cfg(test)]

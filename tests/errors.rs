@@ -74,9 +74,15 @@ fn bad_input_exits_2_before_any_model_loads() {
         (vec!["--prior-timesteps", "0.5,0.7,0"], vec!["strictly descending"]),
         (vec!["--prior-timesteps", "1.5,0"], vec!["not a number in [0, 1]"]),
         (vec!["--num-images", "0"], vec!["--num-images must be at least 1"]),
-        (vec!["--dtype", "f8"], vec!["unknown dtype", "f32, f16 or bf16"]),
+        (
+            vec!["--dtype", "f8"],
+            vec!["invalid value 'f8' for '--dtype", "possible values: f32, f16, bf16"],
+        ),
         (vec!["--device", "tpu"], vec!["unknown device", "cpu, cuda"]),
-        (vec!["--rng", "gpu"], vec!["unknown --rng"]),
+        (
+            vec!["--rng", "gpu"],
+            vec!["invalid value 'gpu' for '--rng", "possible values: cpu, cpu-scalar"],
+        ),
         (
             vec!["--output", "no/such/dir/x.png"],
             vec!["output folder no/such/dir does not exist"],
@@ -464,4 +470,81 @@ fn embeddings_from_elsewhere_decode_with_a_prompt_and_seed_given() {
     let out = decode(&["--prompt", "x", "--seed", "3", "--overwrite"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("foreign.safetensors"));
+}
+
+/// An embeddings file whose record is broken is a model-file error (exit 1) naming the file
+/// and the field, never a silent default; a good record decodes.
+#[test]
+fn embeddings_with_a_broken_record_name_the_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.safetensors");
+    let out = wuerstchen(dir.path())
+        .arg("prior")
+        .args(&model_args("tiny-a")[..2])
+        .args(["--prompt", "a boat", "--width", "128", "--height", "128", "--seed", "5"])
+        .args(["--prior-steps", "2", "--out"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&good).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["wuerstchen"]).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = tensors.tensor("image_embeddings").unwrap();
+    let rewrite = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut r = record.clone();
+        edit(&mut r);
+        let meta = std::collections::HashMap::from([("wuerstchen".to_string(), r.to_string())]);
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            safetensors::serialize([("image_embeddings", view.clone())], Some(meta)).unwrap(),
+        )
+        .unwrap();
+        path
+    };
+    let decode = |path: &Path| {
+        wuerstchen(dir.path())
+            .current_dir(dir.path())
+            .arg("decode")
+            .args(&model_args("tiny-a")[2..])
+            .arg("--embeddings")
+            .arg(path)
+            .args(["--decoder-steps", "2", "--output", "{seed}-{index}.png", "--overwrite"])
+            .output()
+            .unwrap()
+    };
+    for (name, edit, field) in [
+        (
+            "wide.safetensors",
+            &(|r: &mut serde_json::Value| r["width"] = "wide".into()) as &dyn Fn(&mut serde_json::Value),
+            "width",
+        ),
+        (
+            "noseed.safetensors",
+            &|r: &mut serde_json::Value| {
+                r.as_object_mut().unwrap().remove("seed");
+            },
+            "seed",
+        ),
+        (
+            "draws.safetensors",
+            &|r: &mut serde_json::Value| r["prior_noise_draws"]["count"] = (-1).into(),
+            "prior_noise_draws.count",
+        ),
+    ] {
+        let out = decode(&rewrite(name, edit));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains(name) && stderr.contains(field), "{name}: {stderr}");
+        assert_eq!(
+            stderr.lines().filter(|l| l.starts_with("error:")).count(),
+            1,
+            "{stderr}"
+        );
+    }
+    let out = decode(&good);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(dir.path().join("5-0.png").exists());
 }

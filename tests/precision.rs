@@ -10,7 +10,10 @@ use wuerstchen::progress::Silent;
 use wuerstchen::rng::TorchCpuGenerator;
 
 fn run(pipeline: &str, dtype: DType) -> (candle_core::Tensor, candle_core::Tensor) {
-    let rt = Runtime { dtype, ..test_runtime() };
+    let rt = Runtime {
+        dtype,
+        ..test_runtime()
+    };
     let (p, d) = sources(pipeline);
     let prior = PriorPipeline::load(&p, None, &rt).unwrap();
     let decoder = DecoderPipeline::load(&d, &rt).unwrap();

@@ -7,11 +7,10 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::Device;
 
-use super::{dtype_name, load_decoder, peak_host_memory, runtime_spec, source, PriorSources};
-use crate::cli::{BenchArgs, LogArgs};
-use crate::pipeline::{free_device_memory, SizeRule};
+use super::{dtype_name, load_decoder, peak_host_memory, source, PriorSources};
+use crate::pipeline::{free_device_memory, DecoderConfigs, SizeRule};
 use crate::progress::Progress;
-use crate::request;
+use crate::request::BenchPlan;
 use crate::rng::TorchCpuGenerator;
 
 /// Times stages with the device synchronised at both ends, and samples device memory.
@@ -62,20 +61,15 @@ fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
-pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
-    let sampling = args.prior_sampling.input(Some(&args.decoder_sampling));
-    let seed = args.prior_sampling.seed.flatten().unwrap_or(0);
-    let req = request::generate_request("a photo of a cat", "", &sampling, seed)?;
-    if args.runs == 0 {
-        return Err(crate::error::InputError::new("--runs must be at least 1").into());
-    }
-    let spec = runtime_spec(&args.runtime)?;
-    let prior_src = PriorSources::resolve(&args.prior_model, &args.hub, log.quiet)?;
-    let decoder_src = source(&args.decoder_model.decoder, &args.hub, log.quiet)?;
-    let rule = SizeRule::read(prior_src.prior.as_ref(), decoder_src.as_ref())?;
+pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
+    let req = &plan.req;
+    let prior_src = PriorSources::resolve(&plan.models, quiet)?;
+    let decoder_src = source(&plan.models.decoder, &plan.models.revision, quiet)?;
+    let (prior_cfg, decoder_cfg) = (prior_src.configs()?, DecoderConfigs::read(decoder_src.as_ref())?);
+    let rule = SizeRule::new(&prior_cfg, &decoder_cfg);
     rule.check("--width", req.width)?;
     rule.check("--height", req.height)?;
-    let rt = spec.open()?;
+    let rt = plan.runtime.open()?;
     let mut clock = StageClock {
         device: rt.device.clone(),
         started: Instant::now(),
@@ -86,16 +80,16 @@ pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
     let free_before = clock.min_free;
 
     let t = Instant::now();
-    let prior = prior_src.load(&rt)?;
+    let prior = prior_src.load(&prior_cfg, &rt)?;
     rt.device.synchronize()?;
     let load_prior = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let decoder = load_decoder(decoder_src.as_ref(), &rt)?;
+    let decoder = load_decoder(decoder_src.as_ref(), &decoder_cfg, &rt)?;
     rt.device.synchronize()?;
     let load_decoder = t.elapsed().as_secs_f64();
 
     let mut totals = Vec::new();
-    for i in 0..args.warmup + args.runs {
+    for i in 0..plan.warmup + plan.runs {
         clock.stages.clear();
         let t = Instant::now();
         let mut noise = TorchCpuGenerator::new(req.seed);
@@ -103,10 +97,10 @@ pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
         let images = decoder.run(&emb, &req.decoder_params(), &mut noise, &mut clock)?;
         let _ = images.to_device(&Device::Cpu)?; // the images on the host end every run
         let total = t.elapsed().as_secs_f64();
-        if i >= args.warmup {
+        if i >= plan.warmup {
             totals.push((total, clock.stages.clone()));
         }
-        tracing::info!("run {} of {}: {total:.3}s", i + 1, args.warmup + args.runs);
+        tracing::info!("run {} of {}: {total:.3}s", i + 1, plan.warmup + plan.runs);
     }
     let stage = |name: &str| {
         median(
@@ -135,8 +129,8 @@ pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
         "prior_guidance": req.prior_guidance,
         "decoder_steps": decoder_steps,
         "decoder_guidance": req.decoder_guidance,
-        "warmup": args.warmup,
-        "runs": args.runs,
+        "warmup": plan.warmup,
+        "runs": plan.runs,
         "threads": candle_core::utils::get_num_threads(),
         "load_s": { "prior": round3(load_prior), "decoder": round3(load_decoder) },
         "median_s": {

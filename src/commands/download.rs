@@ -4,12 +4,12 @@
 use anyhow::Result;
 
 use super::{source, PriorSources};
-use crate::cli::{DownloadArgs, LogArgs};
 use crate::pipeline::{DecoderPipeline, PriorPipeline};
+use crate::request::ModelSpec;
 
-pub fn run(args: &DownloadArgs, log: &LogArgs) -> Result<()> {
-    let prior = PriorSources::resolve(&args.prior_model, &args.hub, log.quiet)?;
-    let decoder = source(&args.decoder_model.decoder, &args.hub, log.quiet)?;
+pub fn run(models: &ModelSpec, quiet: bool) -> Result<()> {
+    let prior = PriorSources::resolve(models, quiet)?;
+    let decoder = source(&models.decoder, &models.revision, quiet)?;
     let mut files = PriorPipeline::locate(prior.prior.as_ref(), prior.stage_c.as_deref())?;
     files.extend(DecoderPipeline::locate(decoder.as_ref())?);
     let bytes: u64 = files

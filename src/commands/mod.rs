@@ -1,5 +1,5 @@
-//! The subcommands, and what they share: device choice, model sources, batches of jobs,
-//! Ctrl-C, and writing results.
+//! The subcommands, each running a validated plan from `request`, and what they share:
+//! device choice, model sources, Ctrl-C, writing results and a run's outcome.
 
 pub mod bench;
 pub mod download;
@@ -7,36 +7,20 @@ pub mod generate;
 pub mod selftest;
 pub mod stages;
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 
-use crate::cli::{BatchArgs, HubArgs, PriorModelArgs, PromptArgs, RuntimeArgs, TinyModelArgs};
 use crate::error::{InputError, Interrupted};
 use crate::hub::{self, DownloadProgress, FileSource};
-use crate::output::{self, NameFields};
-use crate::pipeline::{DecoderPipeline, PriorPipeline, Runtime};
-use crate::prompts::{self, Shard};
-use crate::request::{self, DeviceSpec, Job, SamplingInput};
-
-/// Device and dtype as requested, validated but not yet opened; `None` means the default.
-pub struct RuntimeSpec {
-    pub device: Option<DeviceSpec>,
-    pub dtype: Option<DType>,
-    /// bytes one attention block's scores may take
-    pub attention_budget: usize,
-}
-
-pub fn runtime_spec(args: &RuntimeArgs) -> Result<RuntimeSpec> {
-    Ok(RuntimeSpec {
-        device: args.device.as_deref().map(request::parse_device).transpose()?,
-        dtype: args.dtype.as_deref().map(request::parse_dtype).transpose()?,
-        attention_budget: request::parse_memory_size("--attention-budget", &args.attention_budget)?,
-    })
-}
+use crate::output;
+use crate::pipeline::{DecoderConfigs, DecoderPipeline, PriorConfigs, PriorPipeline, Runtime};
+use crate::record::GenerationRecord;
+use crate::request::{DeviceSpec, Job, JobPlan, ModelSpec, RuntimeSpec};
 
 impl RuntimeSpec {
     /// Opens the device: the one asked for (failing if it cannot be opened), or by default
@@ -116,10 +100,10 @@ pub fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
-/// Resolves a model option to its source, with download bars.
-pub fn source(spec: &str, hub: &HubArgs, quiet: bool) -> Result<Box<dyn FileSource>> {
+/// Resolves a model option (repo id or folder) to its source, with download bars.
+pub fn source(spec: &str, revision: &str, quiet: bool) -> Result<Box<dyn FileSource>> {
     let bars: Arc<dyn DownloadProgress> = Arc::new(crate::progress::DownloadBars::new(quiet));
-    hub::resolve(spec, Some(&hub.revision), Some(bars))
+    hub::resolve(spec, Some(revision), Some(bars))
 }
 
 /// Where the prior comes from: its pipeline, and optionally other Stage C weights.
@@ -129,17 +113,26 @@ pub struct PriorSources {
 }
 
 impl PriorSources {
-    pub fn resolve(m: &PriorModelArgs, hub: &HubArgs, quiet: bool) -> Result<Self> {
+    pub fn resolve(m: &ModelSpec, quiet: bool) -> Result<Self> {
         Ok(Self {
-            prior: source(&m.prior, hub, quiet)?,
-            stage_c: m.stage_c.as_deref().map(|s| source(s, hub, quiet)).transpose()?,
+            prior: source(&m.prior, &m.revision, quiet)?,
+            stage_c: m
+                .stage_c
+                .as_deref()
+                .map(|s| source(s, &m.revision, quiet))
+                .transpose()?,
         })
     }
 
+    /// Reads and validates the prior's configs.
+    pub fn configs(&self) -> Result<PriorConfigs> {
+        PriorConfigs::read(self.prior.as_ref(), self.stage_c.as_deref())
+    }
+
     /// Loads the prior stage, logging how long it took.
-    pub fn load(&self, rt: &Runtime) -> Result<PriorPipeline> {
+    pub fn load(&self, configs: &PriorConfigs, rt: &Runtime) -> Result<PriorPipeline> {
         let t = std::time::Instant::now();
-        let p = PriorPipeline::load(self.prior.as_ref(), self.stage_c.as_deref(), rt)
+        let p = PriorPipeline::load_with(configs, self.prior.as_ref(), self.stage_c.as_deref(), rt)
             .with_context(|| format!("loading the prior from {}", self.prior.describe()))?;
         finish_uploads(rt)?;
         tracing::info!("prior loaded in {:.2}s", t.elapsed().as_secs_f64());
@@ -148,9 +141,10 @@ impl PriorSources {
 }
 
 /// Loads the decoder stage, logging how long it took.
-pub fn load_decoder(src: &dyn FileSource, rt: &Runtime) -> Result<DecoderPipeline> {
+pub fn load_decoder(src: &dyn FileSource, configs: &DecoderConfigs, rt: &Runtime) -> Result<DecoderPipeline> {
     let t = std::time::Instant::now();
-    let d = DecoderPipeline::load(src, rt).with_context(|| format!("loading the decoder from {}", src.describe()))?;
+    let d = DecoderPipeline::load_with(configs, src, rt)
+        .with_context(|| format!("loading the decoder from {}", src.describe()))?;
     finish_uploads(rt)?;
     tracing::info!("decoder loaded in {:.2}s", t.elapsed().as_secs_f64());
     Ok(d)
@@ -190,101 +184,6 @@ pub fn check_interrupt(flag: &AtomicBool) -> Result<()> {
     }
 }
 
-/// The requests of a run: the `--prompt`, or the `--prompts` file's lines (sharded). Bad
-/// lines are errors; with `--keep-going` they are returned beside the good jobs instead.
-pub fn plan_jobs(
-    prompt: &PromptArgs,
-    batch: &BatchArgs,
-    sampling: &SamplingInput,
-    seed: Option<Option<u64>>,
-) -> Result<(Vec<Job>, Vec<InputError>)> {
-    let (base_seed, picked) = request::seed_or_random(seed);
-    if picked {
-        tracing::info!("seed {base_seed} (picked at random; pass --seed {base_seed} to repeat)");
-    }
-    let shard = batch.shard.as_deref().map(Shard::parse).transpose()?;
-    let Some(file) = &prompt.prompts else {
-        if shard.is_some() {
-            return Err(InputError::new("--shard needs --prompts").into());
-        }
-        let text = prompt.prompt.as_deref().unwrap_or_default();
-        let req = request::generate_request(text, &prompt.negative_prompt, sampling, base_seed)?;
-        return Ok((
-            vec![Job {
-                index: 0,
-                origin: "--prompt".into(),
-                req,
-                output: None,
-            }],
-            vec![],
-        ));
-    };
-    let bytes = if file == "-" {
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading prompts from stdin")?;
-        buf
-    } else {
-        std::fs::read(file).map_err(|e| InputError::new(format!("cannot read prompts file {file}: {e}")))?
-    };
-    let name = if file == "-" { "<stdin>" } else { file.as_str() };
-    let mut jobs = Vec::new();
-    let mut bad = Vec::new();
-    for entry in prompts::parse(name, &bytes) {
-        let job = entry.and_then(|e| request::job_from_entry(name, &e, sampling, &prompt.negative_prompt, base_seed));
-        match job {
-            Ok(j) if shard.is_none_or(|s| s.takes(j.index)) => jobs.push(j),
-            Ok(_) => {}
-            Err(e) if batch.keep_going => {
-                tracing::warn!("skipped: {e}");
-                bad.push(e);
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    if jobs.is_empty() && bad.is_empty() {
-        tracing::warn!(
-            "{name}: no prompts{}",
-            if shard.is_some() { " in this shard" } else { "" }
-        );
-    }
-    Ok((jobs, bad))
-}
-
-/// Where each job's files go: computed, checked (folder writable, nothing overwritten without
-/// `--overwrite`, no two files with one name) before any model loads.
-pub fn plan_outputs(jobs: &[Job], template: &str, batch: bool, overwrite: bool) -> Result<Vec<Vec<PathBuf>>> {
-    let mut all: std::collections::HashMap<PathBuf, String> = Default::default();
-    let mut out = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let t = job.output.as_deref().unwrap_or(template);
-        let paths: Vec<PathBuf> = (0..job.req.num_images)
-            .map(|n| {
-                let fields = NameFields {
-                    index: job.index,
-                    image: n,
-                    seed: job.req.seed,
-                    prompt: &job.req.prompt,
-                };
-                output::output_path(t, &fields, job.req.num_images > 1, batch && job.output.is_none())
-            })
-            .collect();
-        for p in &paths {
-            output::check_writable(p, overwrite).map_err(|e| InputError::new(format!("{}: {e}", job.origin)))?;
-            if let Some(other) = all.insert(p.clone(), job.origin.clone()) {
-                return Err(InputError::new(format!(
-                    "{} and {} would both write {}; use {{index}} or {{seed}} in the output name",
-                    other,
-                    job.origin,
-                    p.display()
-                ))
-                .into());
-            }
-        }
-        out.push(paths);
-    }
-    Ok(out)
-}
-
 /// Peak resident memory of this process, from /proc (Linux); `None` elsewhere.
 pub fn peak_host_memory() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -299,18 +198,124 @@ pub fn log_peak_memory() {
     }
 }
 
-pub fn tiny_model(args: &TinyModelArgs) -> Result<()> {
-    let paths = crate::tiny::write_tiny_model(
-        &args.out,
-        &crate::tiny::TinyModelOptions {
-            seed: args.seed,
-            overwrite: args.overwrite,
-            size: args.size.parse()?,
-        },
-    )?;
+pub fn tiny_model(out: &std::path::Path, opts: &crate::tiny::TinyModelOptions) -> Result<()> {
+    let paths = crate::tiny::write_tiny_model(out, opts)?;
     println!("{}", paths.prior.display());
     println!("{}", paths.decoder.display());
     Ok(())
+}
+
+/// The Hub commits of those sources that are Hub repos, by name.
+pub fn commits(sources: &[(&str, Option<&dyn FileSource>)]) -> BTreeMap<String, String> {
+    sources
+        .iter()
+        .filter_map(|(name, src)| Some((name.to_string(), src.as_ref()?.commit()?)))
+        .collect()
+}
+
+/// Writes a request's files and says what it wrote: the path on stdout, or with `json` one
+/// JSON line per file (its path, index, image number, timings and the request's record).
+pub struct Writer {
+    pub overwrite: bool,
+    pub json: bool,
+}
+
+impl Writer {
+    pub fn images(
+        &self,
+        job: &Job,
+        images: &[output::RgbImage],
+        paths: &[PathBuf],
+        record: &GenerationRecord,
+        timings: &[(String, f64)],
+    ) -> Result<()> {
+        for (n, (img, path)) in images.iter().zip(paths).enumerate() {
+            let png = output::encode_png(img, &record.png_chunks(n))?;
+            output::write_atomic(path, &png, self.overwrite)?;
+            self.report(path, job, n, record, timings);
+        }
+        Ok(())
+    }
+
+    pub fn report(&self, path: &Path, job: &Job, n: usize, record: &GenerationRecord, timings: &[(String, f64)]) {
+        if !self.json {
+            println!("{}", path.display());
+            return;
+        }
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            path: String,
+            index: usize,
+            image: usize,
+            timings_s: BTreeMap<&'a str, f64>,
+            #[serde(flatten)]
+            record: &'a GenerationRecord,
+        }
+        let line = Line {
+            path: path.display().to_string(),
+            index: job.index,
+            image: n,
+            timings_s: timings
+                .iter()
+                .map(|(k, v)| (k.as_str(), (v * 1000.0).round() / 1000.0))
+                .collect(),
+            record,
+        };
+        println!("{}", serde_json::to_string(&line).unwrap_or_default());
+    }
+}
+
+/// How the jobs of a run went: the one place that decides whether a failed job stops the
+/// run (`--keep-going`) and what the run's outcome is.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub done: usize,
+    pub failed: Vec<(String, anyhow::Error)>,
+}
+
+impl Summary {
+    /// A half-done job's result: its value, or `None` after a failure that `keep_going` lets
+    /// the run survive. Interruption always stops the run.
+    pub fn failure<T>(&mut self, origin: &str, result: Result<T>, keep_going: bool) -> Result<Option<T>> {
+        match result {
+            Ok(v) => Ok(Some(v)),
+            Err(err) if err.chain().any(|e| e.is::<Interrupted>()) || !keep_going => {
+                Err(err.context(origin.to_string()))
+            }
+            Err(err) => {
+                tracing::error!("{origin}: {err:#}");
+                self.failed.push((origin.to_string(), err));
+                Ok(None)
+            }
+        }
+    }
+
+    /// A finished job's result.
+    pub fn record(&mut self, origin: &str, result: Result<()>, keep_going: bool) -> Result<()> {
+        if self.failure(origin, result, keep_going)?.is_some() {
+            self.done += 1;
+        }
+        Ok(())
+    }
+
+    /// The run's outcome: an error when prompts failed or prompts-file lines were skipped.
+    pub fn finish(self, plan: &JobPlan) -> Result<()> {
+        if plan.batch {
+            tracing::info!("{} of {} prompts done", self.done, plan.jobs.len() + plan.skipped.len());
+        }
+        if !self.failed.is_empty() {
+            let names: Vec<&str> = self.failed.iter().map(|(o, _)| o.as_str()).collect();
+            anyhow::bail!("{} prompt(s) failed: {}", self.failed.len(), names.join(", "));
+        }
+        if !plan.skipped.is_empty() {
+            return Err(InputError::new(format!(
+                "{} prompts-file line(s) skipped (see the warnings above)",
+                plan.skipped.len()
+            ))
+            .into());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

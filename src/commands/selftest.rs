@@ -2,23 +2,34 @@
 //! row per check as it finishes (or one JSON object), and fails when any check fails.
 
 use anyhow::Result;
+use candle_core::DType;
 
-use super::{dtype_name, RuntimeSpec};
-use crate::cli::{SelftestArgs, SelftestShapes};
-use crate::request;
+use super::dtype_name;
+use crate::request::{DeviceSpec, RuntimeSpec};
 use crate::selftest::{self, Check, Shapes};
 
-pub fn run(args: &SelftestArgs) -> Result<()> {
+/// What `selftest` runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SelftestPlan {
+    pub device: Option<DeviceSpec>,
+    pub dtype: Option<DType>,
+    /// `None`: all on a GPU, small on the CPU
+    pub shapes: Option<Shapes>,
+    pub seed: u64,
+    pub json: bool,
+    pub inject_fault: Option<String>,
+}
+
+pub fn run(args: &SelftestPlan) -> Result<()> {
     let spec = RuntimeSpec {
-        device: args.device.as_deref().map(request::parse_device).transpose()?,
-        dtype: args.dtype.as_deref().map(request::parse_dtype).transpose()?,
+        device: args.device,
+        dtype: args.dtype,
         attention_budget: crate::ops::attention_budget(),
+        low_memory: false,
     };
     let rt = spec.open()?;
     let shapes = match args.shapes {
-        Some(SelftestShapes::Small) => Shapes::Small,
-        Some(SelftestShapes::Real) => Shapes::Real,
-        Some(SelftestShapes::All) => Shapes::All,
+        Some(s) => s,
         None if rt.device.is_cpu() => Shapes::Small,
         None => Shapes::All,
     };

@@ -3,114 +3,72 @@
 //! recorded seed's random stream where the prior left it, so `prior` then `decode` gives the
 //! same image as `generate`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use super::generate::{embeddings_file, RunInfo, Writer};
-use super::{
-    check_interrupt, install_interrupt, load_decoder, log_peak_memory, plan_jobs, runtime_spec, source, PriorSources,
-};
-use crate::cli::{DecodeArgs, LogArgs, PriorArgs};
+use super::generate::embeddings_file;
+use super::{check_interrupt, install_interrupt, load_decoder, log_peak_memory, source, PriorSources, Summary, Writer};
 use crate::error::{InputError, ModelError};
-use crate::output::{self, NameFields};
+use crate::output;
+use crate::pipeline::DecoderConfigs;
 use crate::progress::TerminalProgress;
-use crate::request::{self, GenerateRequest, Job};
+use crate::record::{GenerationRecord, RunInfo};
+use crate::request::{self, DecodePlan, GeneratePlan};
 use crate::rng::{NoiseSource, TorchCpuGenerator};
 
-/// One embeddings file per job, checked like image outputs.
-pub fn plan_embedding_outputs(jobs: &[Job], template: &str, batch: bool, overwrite: bool) -> Result<Vec<PathBuf>> {
-    let mut seen = std::collections::HashSet::new();
-    jobs.iter()
-        .map(|job| {
-            let fields = NameFields {
-                index: job.index,
-                image: 0,
-                seed: job.req.seed,
-                prompt: &job.req.prompt,
-            };
-            let path = output::output_path(template, &fields, false, batch);
-            output::check_writable(&path, overwrite).map_err(|e| InputError::new(format!("{}: {e}", job.origin)))?;
-            if !seen.insert(path.clone()) {
-                return Err(InputError::new(format!(
-                    "two prompts would write {}; use {{index}} in the name",
-                    path.display()
-                ))
-                .into());
-            }
-            Ok(path)
-        })
-        .collect()
-}
-
-pub fn run_prior(args: &PriorArgs, log: &LogArgs) -> Result<()> {
+pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     let interrupt = install_interrupt();
-    let sampling = args.prior_sampling.input(None);
-    let kernel = request::parse_rng(&args.prior_sampling.rng)?;
-    let (jobs, bad) = plan_jobs(&args.prompt, &args.batch, &sampling, args.prior_sampling.seed)?;
-    let spec = runtime_spec(&args.runtime)?;
-    let batch = args.prompt.prompts.is_some();
-    let paths = plan_embedding_outputs(&jobs, &args.out, batch, args.overwrite)?;
-    let prior_src = PriorSources::resolve(&args.prior_model, &args.hub, log.quiet)?;
-    // sizes are the prior's business only: its latent is ceil(size / resolution_multiple)
-    for job in &jobs {
-        for (flag, v) in [("--width", job.req.width), ("--height", job.req.height)] {
-            if v == 0 {
-                return Err(InputError::new(format!("{}: {flag} must be greater than 0", job.origin)).into());
-            }
-        }
-    }
-    let rt = spec.open()?;
-    let prior = prior_src.load(&rt)?;
+    let prior_src = PriorSources::resolve(&plan.models, quiet)?;
+    // sizes are the prior's business only (its latent is ceil(size / resolution_multiple)),
+    // and `generate_request` already refused 0
+    plan.jobs.check_sizes(|_| Ok(()))?;
+    let configs = prior_src.configs()?;
+    let rt = plan.runtime.open()?;
+    let prior = prior_src.load(&configs, &rt)?;
     let info = RunInfo {
         prior: prior_src.prior.describe(),
         decoder: String::new(),
         stage_c: prior_src.stage_c.as_ref().map(|s| s.describe()),
-        commits: super::generate::commits(&[
+        commits: super::commits(&[
             ("prior", Some(prior_src.prior.as_ref())),
             ("stage_c", prior_src.stage_c.as_deref()),
         ]),
-        dtype: rt.dtype,
-        rng: kernel,
+        dtype: super::dtype_name(rt.dtype).to_string(),
+        rng: plan.rng,
     };
     let writer = Writer {
-        overwrite: args.overwrite,
-        json: args.json,
+        overwrite: plan.jobs.overwrite,
+        json: plan.jobs.json,
     };
-    let mut progress = TerminalProgress::new(log.quiet, Some(interrupt.clone()));
-    let mut failed = 0;
-    for (job, path) in jobs.iter().zip(&paths) {
+    let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
+    let mut summary = Summary::default();
+    for p in &plan.jobs.jobs {
         check_interrupt(&interrupt)?;
         let result = (|| {
-            let mut noise = TorchCpuGenerator::with_kernel(job.req.seed, kernel);
-            let emb = prior.run(&job.req.prior_params(), &mut noise, &mut progress)?;
-            output::write_atomic(path, &embeddings_file(&emb, &job.req, &info)?, args.overwrite)?;
-            writer.report(path, job, 0, &progress.take_timings());
+            let path = p
+                .embeddings
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("no embeddings file planned"))?;
+            let mut noise = TorchCpuGenerator::with_kernel(p.job.req.seed, plan.rng);
+            let emb = prior.run(&p.job.req.prior_params(), &mut noise, &mut progress)?;
+            output::write_atomic(path, &embeddings_file(&emb, &p.job.req, &info)?, writer.overwrite)?;
+            let record = GenerationRecord::new(&p.job.req, &info);
+            writer.report(path, &p.job, 0, &record, &progress.take_timings());
             anyhow::Ok(())
         })();
-        if let Err(e) = result {
-            if !args.batch.keep_going || e.chain().any(|c| c.is::<crate::error::Interrupted>()) {
-                return Err(e.context(job.origin.clone()));
-            }
-            tracing::error!("{}: {e:#}", job.origin);
-            failed += 1;
-        }
+        summary.record(&p.job.origin, result, plan.jobs.keep_going)?;
     }
     log_peak_memory();
-    if failed > 0 {
-        anyhow::bail!("{failed} prompt(s) failed");
-    }
-    if !bad.is_empty() {
-        return Err(InputError::new(format!("{} prompts-file line(s) skipped", bad.len())).into());
-    }
-    Ok(())
+    summary.finish(&plan.jobs)
 }
 
 /// What `decode` reads back from an embeddings file.
 struct Embeddings {
     tensor: Tensor,
-    record: serde_json::Value,
+    /// `None` for a file without our metadata
+    record: Option<GenerationRecord>,
 }
 
 fn read_embeddings(path: &Path) -> Result<Embeddings> {
@@ -138,106 +96,57 @@ fn read_embeddings(path: &Path) -> Result<Embeddings> {
         .metadata()
         .as_ref()
         .and_then(|m| m.get("wuerstchen"))
-        .map(|s| serde_json::from_str(s))
+        .map(|s| GenerationRecord::from_json(s))
         .transpose()
-        .map_err(|e| bad(format!("invalid `wuerstchen` metadata: {e}")))?
-        .unwrap_or(serde_json::Value::Null);
+        .map_err(|e| bad(format!("bad `wuerstchen` metadata: {e}")))?;
     Ok(Embeddings { tensor, record })
 }
 
-pub fn run_decode(args: &DecodeArgs, log: &LogArgs) -> Result<()> {
+pub fn run_decode(plan: DecodePlan, quiet: bool) -> Result<()> {
     let interrupt = install_interrupt();
-    let emb = read_embeddings(&args.embeddings)?;
-    let rec = &emb.record;
-    let text = |key: &str| rec[key].as_str().map(str::to_string);
-    let prompt = args.prompt.clone().or_else(|| text("prompt")).ok_or_else(|| {
-        InputError::new(format!(
-            "{} records no prompt; pass --prompt",
-            args.embeddings.display()
-        ))
-    })?;
-    let negative = args
-        .negative_prompt
-        .clone()
-        .or_else(|| text("negative_prompt"))
-        .unwrap_or_default();
-    let kernel = request::parse_rng(rec["rng"].as_str().unwrap_or("cpu"))?;
-    // the noise: a fresh stream from --seed, or the recorded seed's stream after the prior's draws
-    let (seed, skip) = match (args.seed, rec["seed"].as_u64()) {
-        (Some(s), _) => (s, None),
-        (None, Some(s)) => (s, Some(&rec["prior_noise_draws"])),
-        (None, None) => {
-            return Err(InputError::new(format!("{} records no seed; pass --seed", args.embeddings.display())).into())
-        }
-    };
-    let mut noise = TorchCpuGenerator::with_kernel(seed, kernel);
-    if let Some(draws) = skip {
-        let (count, numel) = (
-            draws["count"].as_u64().unwrap_or(0),
-            draws["numel"].as_u64().unwrap_or(0),
-        );
-        for _ in 0..count {
-            noise.standard_normal(&[numel as usize])?;
-        }
-    }
+    let emb = read_embeddings(&plan.embeddings)?;
     let (n, _, h, w) = emb.tensor.dims4()?;
-    let decoder_timesteps = request::timesteps("decoder", Some(args.decoder_sampling.decoder_steps), None, Vec::new)?;
-    let req = GenerateRequest {
-        prompt,
-        negative_prompt: negative,
-        width: rec["width"].as_u64().map_or(0, |v| v as usize),
-        height: rec["height"].as_u64().map_or(0, |v| v as usize),
-        prior_timesteps: rec["prior_timesteps"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_f64()).map(|v| v as f32).collect())
-            .unwrap_or_default(),
-        prior_guidance: rec["prior_guidance"].as_f64().unwrap_or(0.0),
-        decoder_timesteps,
-        decoder_guidance: request::check_guidance("--decoder-guidance", args.decoder_sampling.decoder_guidance)?,
-        num_images: n,
-        seed,
-    };
-    let job = Job {
+    let decoder_src = source(&plan.models.decoder, &plan.models.revision, quiet)?;
+    let configs = DecoderConfigs::read(decoder_src.as_ref())?;
+    let image_size = configs.image_size(h, w)?;
+    let (req, start) = request::decode_request(&plan, emb.record.as_ref(), n, image_size)?;
+    let job = request::Job {
         index: 0,
-        origin: args.embeddings.display().to_string(),
+        origin: plan.embeddings.display().to_string(),
         req,
         output: None,
     };
-    let spec = runtime_spec(&args.runtime)?;
-    let paths = super::plan_outputs(
-        std::slice::from_ref(&job),
-        &args.output.output,
-        false,
-        args.output.overwrite,
-    )?
-    .remove(0);
-    let decoder_src = source(&args.decoder_model.decoder, &args.hub, log.quiet)?;
-    crate::pipeline::check_embedding_size(decoder_src.as_ref(), h, w)?;
-    let rt = spec.open()?;
-    let decoder = load_decoder(decoder_src.as_ref(), &rt)?;
+    let template = plan.output.images.as_deref().unwrap_or("wuerstchen-{seed}.png");
+    let paths = request::image_paths(std::slice::from_ref(&job), template, false, plan.output.overwrite)?.remove(0);
+    let mut noise = TorchCpuGenerator::with_kernel(start.seed, start.rng);
+    if let Some(draws) = start.skip {
+        for _ in 0..draws.count {
+            noise.standard_normal(&[draws.numel])?;
+        }
+    }
+    let rt = plan.runtime.open()?;
+    let decoder = load_decoder(decoder_src.as_ref(), &configs, &rt)?;
+    let recorded = emb.record.as_ref();
+    let mut commits = recorded.map(|r| r.commits.clone()).unwrap_or_default();
+    commits.extend(super::commits(&[("decoder", Some(decoder_src.as_ref()))]));
     let info = RunInfo {
-        prior: rec["prior"].as_str().unwrap_or("").to_string(),
+        prior: recorded.map(|r| r.prior.clone()).unwrap_or_default(),
         decoder: decoder_src.describe(),
-        stage_c: rec["stage_c"].as_str().map(str::to_string),
-        commits: {
-            let mut c = rec["commits"].as_object().cloned().unwrap_or_default();
-            if let Some(commit) = decoder_src.commit() {
-                c.insert("decoder".into(), commit.into());
-            }
-            c.into()
-        },
-        dtype: rt.dtype,
-        rng: kernel,
+        stage_c: recorded.and_then(|r| r.stage_c.clone()),
+        commits,
+        dtype: super::dtype_name(rt.dtype).to_string(),
+        rng: start.rng,
     };
-    let mut progress = TerminalProgress::new(log.quiet, Some(interrupt.clone()));
+    let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
     check_interrupt(&interrupt)?;
     let images = decoder.run(&emb.tensor, &job.req.decoder_params(), &mut noise, &mut progress)?;
     let writer = Writer {
-        overwrite: args.output.overwrite,
-        json: args.output.json,
+        overwrite: plan.output.overwrite,
+        json: plan.output.json,
     };
     let timings = progress.take_timings();
-    writer.images(&job, &output::to_rgb8(&images)?, &paths, &info, &timings)?;
+    let record = GenerationRecord::new(&job.req, &info);
+    writer.images(&job, &output::to_rgb8(&images)?, &paths, &record, &timings)?;
     log_peak_memory();
     Ok(())
 }
