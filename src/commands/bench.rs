@@ -94,6 +94,29 @@ pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
     rt.device.synchronize()?;
     let load_decoder = t.elapsed().as_secs_f64();
 
+    // the estimate `generate` weighs against free device memory, for comparison with the peaks
+    let shapes = crate::memory::ModelShapes::read(
+        prior_src.prior.as_ref(),
+        prior_src.stage_c.as_deref(),
+        decoder_src.as_ref(),
+    )?;
+    let run = crate::memory::RunShapes {
+        width: req.width,
+        height: req.height,
+        num_images: req.num_images,
+        prior_guidance: req.prior_guidance,
+        decoder_guidance: req.decoder_guidance,
+        dtype: rt.dtype,
+        attention_budget: crate::ops::attention_budget(),
+    };
+    let estimated_activations = crate::memory::peak_activation_bytes(&run, &shapes);
+    let estimated_weights = crate::memory::weight_bytes(
+        prior_src.prior.as_ref(),
+        prior_src.stage_c.as_deref(),
+        decoder_src.as_ref(),
+        rt.dtype,
+    );
+
     let mut totals = Vec::new();
     for i in 0..args.warmup + args.runs {
         clock.stages.clear();
@@ -149,6 +172,8 @@ pub fn run(args: &BenchArgs, log: &LogArgs) -> Result<()> {
         "decoder_ms_per_step": round3(decoder_s * 1000.0 / decoder_steps as f64),
         "peak_host_bytes": peak_host_memory(),
         "device_memory_growth_bytes": device_peak,
+        "estimated_peak_bytes": estimated_weights + estimated_activations,
+        "estimated_activation_bytes": estimated_activations,
     });
     println!("{report}");
     Ok(())

@@ -209,36 +209,54 @@ fn generator(req: &GenerateRequest, kernel: BoxMuller) -> TorchCpuGenerator {
     TorchCpuGenerator::with_kernel(req.seed, kernel)
 }
 
-/// Whether to hold one stage at a time: asked for, or needed because the GPU cannot hold
-/// both stages' weights (estimated from the file sizes) with room to run.
-fn staged(asked: bool, rt: &Runtime, prior: &dyn FileSource, decoder: &dyn FileSource) -> bool {
+/// Whether to hold one stage at a time: asked for, or needed because the GPU cannot hold both
+/// stages' weights (estimated from the file sizes) plus the activations of the run's most
+/// demanding job (estimated from the configs and its sizes, `memory::peak_activation_bytes`).
+fn staged(
+    asked: bool,
+    rt: &Runtime,
+    prior: &PriorSources,
+    decoder: &dyn FileSource,
+    jobs: &[&GenerateRequest],
+) -> Result<bool> {
     if asked {
-        return true;
+        return Ok(true);
     }
     let Some(free) = crate::pipeline::free_device_memory(&rt.device) else {
-        return false;
+        return Ok(false);
     };
-    let parts: [(&dyn FileSource, &str, &str); 5] = [
-        (prior, "text_encoder", "model"),
-        (prior, "prior", "diffusion_pytorch_model"),
-        (decoder, "text_encoder", "model"),
-        (decoder, "decoder", "diffusion_pytorch_model"),
-        (decoder, "vqgan", "diffusion_pytorch_model"),
-    ];
-    let bytes: u64 = parts
+    let shapes = crate::memory::ModelShapes::read(prior.prior.as_ref(), prior.stage_c.as_deref(), decoder)?;
+    let activations = jobs
         .iter()
-        .map(|(src, folder, stem)| crate::pipeline::weight_bytes(*src, folder, stem, rt.dtype).unwrap_or(0))
-        .sum();
-    const HEADROOM: u64 = 3 << 30; // activations at 1024x1024, batch 2 with guidance
-    let low = bytes + HEADROOM > free;
+        .map(|req| {
+            let run = crate::memory::RunShapes {
+                width: req.width,
+                height: req.height,
+                num_images: req.num_images,
+                prior_guidance: req.prior_guidance,
+                decoder_guidance: req.decoder_guidance,
+                dtype: rt.dtype,
+                attention_budget: crate::ops::attention_budget(),
+            };
+            crate::memory::peak_activation_bytes(&run, &shapes)
+        })
+        .max()
+        .unwrap_or(0);
+    let weights = crate::memory::weight_bytes(prior.prior.as_ref(), prior.stage_c.as_deref(), decoder, rt.dtype);
+    let need = weights + activations;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    tracing::info!(
+        "estimated peak {:.1} GiB (weights {:.1} GiB, activations {:.1} GiB), {:.1} GiB free on the GPU",
+        gib(need),
+        gib(weights),
+        gib(activations),
+        gib(free)
+    );
+    let low = need > free;
     if low {
-        tracing::info!(
-            "{:.1} GiB free on the GPU, both stages need ~{:.1} GiB: loading one stage at a time",
-            free as f64 / (1u64 << 30) as f64,
-            (bytes + HEADROOM) as f64 / (1u64 << 30) as f64
-        );
+        tracing::info!("too little for both stages: loading one stage at a time");
     }
-    low
+    Ok(low)
 }
 
 pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
@@ -304,12 +322,14 @@ pub fn run(args: &GenerateArgs, log: &LogArgs) -> Result<()> {
         json: args.output.json,
     };
     let mut progress = TerminalProgress::new(log.quiet, Some(interrupt.clone()));
+    let requests: Vec<&GenerateRequest> = planned.iter().map(|p| &p.job.req).collect();
     let staged = staged(
         args.runtime.low_memory,
         &rt,
-        prior_src.prior.as_ref(),
+        &prior_src,
         decoder_src.as_ref(),
-    );
+        &requests,
+    )?;
     let ctx = Ctx {
         planned: &planned,
         info: &info,
