@@ -14,16 +14,22 @@
 #   --python PATH  python with torch (default: $PYTHON, python3, /opt/torch/.venv/bin/python3)
 #   --budget S     wall-clock budget in seconds (default 450); a step that would not fit is
 #                  recorded as "not run" and the rest go on
-#   --dry-run      CPU, tiny model, 256x256, 3 + 3 steps, one run each; diffusers' tiny config
-#                  on the CPU stands in for the GPU baseline; the numbers only show that
-#                  every step works
+#   --dry-run      CPU, tiny model, 256x256, 3 + 3 steps (step 2b keeps the prior's 29), one
+#                  run each; diffusers' tiny config on the CPU stands in for the GPU baseline;
+#                  the numbers only show that every step works
 #
-# Steps (estimates for an H200 host, ~6.5 minutes in all; each runs under `timeout`, a failure
-# is recorded and the next step still runs; every step appends one line to steps.jsonl):
+# Steps (estimates for an H200 host, ~7.5 minutes in all, about the whole budget; each runs
+# under `timeout`, a failure is recorded and the next step still runs; every step appends one
+# line to steps.jsonl; what does not fit is dropped from the end, the 1024x1536 diffusers
+# line first):
 #   1. wuerstchen tiny-model --size real: 12.5 GB of random f32 weights in the Hub layout
 #      (~60-90 s on one core, in the background while steps 2 and 4 run)
 #   2. wuerstchen selftest --dtype bf16, f16, f32 --shapes all --json (~20-30 s each, most of
 #      it the CPU f32 reference at the real shapes)
+#   2b. once step 1's weights exist: wuerstchen prior, "a photo of a cat", seed 1, 1024x1024,
+#      the default schedule (29 steps, guidance 4), in f32, bf16 and f16; the relative error
+#      ||x - f32|| / ||f32|| of the bf16 and f16 image embeddings, target <= 2e-2 (~3 x (29
+#      steps at ~40 ms + ~15 s to load the prior and start CUDA) = ~50 s; 60 s limit each)
 #   3. wuerstchen bench at 1024x1024 bf16 and f16, batch 1 and 4, and 1024x1536 bf16 batch 1
 #      (~15-30 s each at ~2 s per image; the run counts shrink when the first line is slower)
 #   4. diffusers' GPU baseline (gpu-bundle/diffusers-bench): the same 1024x1024 workload, bf16
@@ -40,7 +46,7 @@ set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root" || exit 1
 
-usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; }
 
 DEVICE="" BIN="gpu-bundle/wuerstchen" DRY=0 OUT_DIR="${OUT:-}" WORK="" PY="${PYTHON:-}" BUDGET=450
 while [[ $# -gt 0 ]]; do
@@ -193,6 +199,68 @@ def get():
     print("" if v is None else v)
 
 
+EMB_TOL = 2e-2  # step 2b: bf16 and f16 image embeddings against f32, relative L2 error
+
+
+def read_safetensors(path, name):
+    """One tensor of a .safetensors file as (shape, list of floats), with plain python: an
+    8-byte little-endian header length, the JSON header, then the raw little-endian data."""
+    import array, struct
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        t = header[name]
+        begin, end = t["data_offsets"]
+        f.seek(8 + n + begin)
+        raw = f.read(end - begin)
+    dt = t["dtype"]
+    if dt == "F32":
+        a = array.array("f")
+        a.frombytes(raw)
+        if sys.byteorder != "little":
+            a.byteswap()
+        vals = a.tolist()
+    elif dt == "F16":
+        vals = list(struct.unpack(f"<{len(raw) // 2}e", raw))
+    elif dt == "BF16":
+        h = struct.unpack(f"<{len(raw) // 2}H", raw)
+        vals = list(struct.unpack(f"<{len(h)}f", struct.pack(f"<{len(h)}I", *(x << 16 for x in h))))
+    else:
+        raise ValueError(f"{path}: {name} has dtype {dt}")
+    return t["shape"], vals
+
+
+def embcompare():
+    """embcompare REF DT=PATH...: relative L2 error of each file's image_embeddings against REF's.
+    Prints one JSON object; exits 1 when one is over EMB_TOL, not finite or of another shape."""
+    import math
+    ref_shape, ref = read_safetensors(sys.argv[2], "image_embeddings")
+    ref_norm = math.sqrt(sum(v * v for v in ref))
+    out = {"reference": "f32", "tensor": "image_embeddings", "shape": ref_shape, "tolerance": EMB_TOL,
+           "ref_norm": ref_norm, "ref_finite": all(math.isfinite(v) for v in ref)}
+    passed = out["ref_finite"] and ref_norm > 0
+    for spec in sys.argv[3:]:
+        dt, path = spec.split("=", 1)
+        shape, x = read_safetensors(path, "image_embeddings")
+        r = {"shape": shape, "nonfinite": sum(1 for v in x if not math.isfinite(v))}
+        if shape != ref_shape:
+            r.update(rel_err=None, max_abs_err=None, ok=False, why="shape differs from the f32 reference")
+        else:
+            d = [a - b for a, b in zip(x, ref)]
+            err = math.sqrt(sum(v * v for v in d)) / ref_norm if ref_norm > 0 else float("nan")
+            mx = max((abs(v) for v in d), default=0.0)
+            finite = math.isfinite(err) and r["nonfinite"] == 0 and out["ref_finite"]
+            r.update(rel_err=err if finite else None, max_abs_err=mx if math.isfinite(mx) else None,
+                     ok=finite and err <= EMB_TOL)
+            if not finite:
+                r["why"] = "non-finite values"
+        passed = passed and r["ok"]
+        out[dt] = r
+    out["passed"] = passed
+    print(json.dumps(out))
+    sys.exit(0 if passed else 1)
+
+
 def cell_missing(step):
     if step is None:
         return "not run"
@@ -263,6 +331,24 @@ def summarize():
             cell = cell_missing(s)
         rows.append((f"selftest {dt} (shapes {meta['selftest_shapes']})", cell, "-", "-"))
 
+    # 2b. the prior's image embeddings in half precision against f32
+    cmp = res("2b-emb-compare")
+    for dt in ("bf16", "f16"):
+        r = cmp.get(dt) if isinstance(cmp, dict) else None
+        if isinstance(r, dict):
+            if isinstance(r.get("rel_err"), (int, float)):
+                cell = f"{r['rel_err']:.2e} {'PASS' if r.get('ok') else 'FAIL'}"
+            else:
+                cell = f"FAIL ({r.get('why', 'no value')})"
+        else:  # the first step that did not give its part
+            cell = "n/a"
+            for sid in ("2b-emb-f32", f"2b-emb-{dt}", "2b-emb-compare"):
+                s = steps.get(sid)
+                if s is None or s["status"] != "ok" or sid == "2b-emb-compare":
+                    cell = f"{cell_missing(s)} ({sid})"
+                    break
+        rows.append((f"prior embeddings {dt} vs f32 (target <= {EMB_TOL:.0e})".replace("e-0", "e-"), cell, "-", "-"))
+
     # 3 + 4. GPU pipeline vs diffusers' GPU baseline
     dmap = {"bf16": "bf16", "f16": "fp16", "f32": "fp32"}
     for cfg in meta["bench_configs"]:
@@ -315,7 +401,8 @@ def summarize():
         dv = min((m[stage] for m in cpu["diffusers"] if isinstance(m.get(stage), (int, float))), default=None)
         add(f"CPU {meta['cpu_label']}: {stage} s (min of 2)", ov, so, dv, sd, "{:.3f}")
 
-    summary = {"meta": meta, "steps": list(steps.values()),
+    summary = {"meta": meta, "prior_embeddings_vs_f32": cmp if isinstance(cmp, dict) else None,
+               "steps": list(steps.values()),
                "table": [dict(zip(("measured", "wuerstchen", "diffusers", "ratio"), r)) for r in rows]}
     with open(out_path, "w") as f:
         json.dump(summary, f, indent=1)
@@ -326,7 +413,7 @@ def summarize():
 
 
 if __name__ == "__main__":
-    {"record": record, "get": get, "summarize": summarize}[sys.argv[1]]()
+    {"record": record, "get": get, "summarize": summarize, "embcompare": embcompare}[sys.argv[1]]()
 PYEOF
 
 # step ID TITLE LIMIT_S MIN_S -- CMD...: runs CMD under `timeout` (LIMIT_S, cut to what is
@@ -517,6 +604,35 @@ wait "$pid_weights"
 wait "$pid_mid"
 weights_ok=0
 [[ "$(status_of 1-weights)" == ok ]] && weights_ok=1
+
+# ---------------------------------------------------------------------------------------------
+# 2b. Half precision end to end: the prior's image embeddings in f32, bf16 and f16 from the same
+# prompt, seed and schedule on step 1's weights, then ||x - f32|| / ||f32|| for bf16 and f16,
+# target <= 2e-2. ~15-20 s a run: loading the prior (GBs of f32 on disk) and starting CUDA
+# dominate 29 steps at ~40 ms. The dry run keeps the default schedule too (29 steps, guidance 4;
+# ~0.3 s a run on the tiny model): the error depends on it (3 steps: bf16 ~0.11 there, 29: ~0.01).
+emb_files=()
+for dt in f32 bf16 f16; do
+  title="wuerstchen prior ${W}x${H} $dt, 29 steps"
+  if [[ $weights_ok -eq 0 ]]; then
+    skip "2b-emb-$dt" "$title" "no model folders (step 1 failed)"
+    continue
+  elif [[ $dt != f32 && "$(status_of 2b-emb-f32)" != ok ]]; then
+    skip "2b-emb-$dt" "$title" "no f32 reference (2b-emb-f32 did not succeed)"
+    continue
+  fi
+  rm -f "$WORK/emb-$dt.safetensors"
+  step "2b-emb-$dt" "$title" 60 15 -- \
+    "$BIN" -q prior --prior "$M/prior" --prompt "a photo of a cat" --seed 1 --width "$W" --height "$H" \
+    --device "$DEVICE" --dtype "$dt" -o "$WORK/emb-$dt.safetensors" --overwrite --json
+  [[ $dt == f32 || "$(status_of "2b-emb-$dt")" != ok ]] || emb_files+=("$dt=$WORK/emb-$dt.safetensors")
+done
+if [[ ${#emb_files[@]} -eq 0 ]]; then
+  skip 2b-emb-compare "prior embeddings bf16 and f16 vs f32" "no embeddings to compare"
+else
+  step 2b-emb-compare "prior embeddings bf16 and f16 vs f32 (relative L2 error, target <= 2e-2)" 30 2 -- \
+    "$PYJ" "$HELPER" embcompare "$WORK/emb-f32.safetensors" "${emb_files[@]}"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 3. wuerstchen bench (~15-30 s each with loading at ~2 s per image; fewer runs when slower)

@@ -5,6 +5,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod memory;
 pub mod models;
 pub mod ops;
 pub mod output;

@@ -226,3 +226,67 @@ fn built_vocab_equals_the_clip_vocab_fixture() {
         "the vocabulary built from assets/clip/merges.txt differs from the fixture"
     );
 }
+
+/// `bench`'s memory estimate against what the CPU really holds: the growth of the peak resident
+/// memory (VmHWM) from the smallest size to 1024x1024 with the tiny model in f32, where the
+/// activations are several times everything else. Two steps per stage: the peak is one step's.
+#[test]
+fn bench_memory_estimate_covers_the_measured_cpu_peak() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = write(tmp.path(), 0);
+    let bench = |side: usize| -> serde_json::Value {
+        let side = side.to_string();
+        let out = assert_cmd::Command::cargo_bin("wuerstchen")
+            .unwrap()
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", tmp.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .env("RUST_BACKTRACE", "0")
+            .args([
+                "bench", "--quiet", "--device", "cpu", "--dtype", "f32", "--warmup", "0", "--runs", "1",
+            ])
+            .args([
+                "--prior-steps",
+                "2",
+                "--decoder-steps",
+                "2",
+                "--width",
+                &side,
+                "--height",
+                &side,
+            ])
+            .arg("--prior")
+            .arg(&paths.prior)
+            .arg("--decoder")
+            .arg(&paths.decoder)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (small, big) = (bench(128), bench(1024));
+    let (Some(baseline), Some(peak)) = (small["peak_host_bytes"].as_u64(), big["peak_host_bytes"].as_u64()) else {
+        eprintln!("no peak memory on this platform (VmHWM is Linux's): skipped");
+        return;
+    };
+    let estimate = big["estimated_peak_bytes"].as_u64().unwrap();
+    let activations = big["estimated_activation_bytes"].as_u64().unwrap();
+    // the 128x128 run's peak is the process, the weights and next to no activations
+    let growth = peak.saturating_sub(baseline);
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    eprintln!(
+        "1024x1024: estimated peak {:.1} MiB (activations {:.1}), measured peak {:.1} MiB, at 128x128 {:.1} MiB: \
+         growth {:.1} MiB",
+        mib(estimate),
+        mib(activations),
+        mib(peak),
+        mib(baseline),
+        mib(growth)
+    );
+    assert!(estimate >= growth, "the estimate misses memory the CPU used");
+    // The estimate is for the device-generic path, which keeps more f32 temporaries than the
+    // CPU kernels (the GRN's copy and square and its chained temporaries, the softmax's scaled
+    // copy), so it may exceed what the CPU holds, but not by more than those: 3x.
+    assert!(activations <= 3 * growth, "the estimate is far above what the CPU used");
+}

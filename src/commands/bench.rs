@@ -88,6 +88,17 @@ pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
     rt.device.synchronize()?;
     let load_decoder = t.elapsed().as_secs_f64();
 
+    // the estimate `generate` weighs against free device memory, for comparison with the peaks
+    let shapes = crate::memory::ModelShapes::new(&prior_cfg, &decoder_cfg);
+    let run = crate::memory::RunShapes::of(req, rt.dtype);
+    let estimated_activations = crate::memory::peak_activation_bytes(&run, &shapes);
+    let estimated_weights = crate::memory::weight_bytes(
+        prior_src.prior.as_ref(),
+        prior_src.stage_c.as_deref(),
+        decoder_src.as_ref(),
+        rt.dtype,
+    );
+
     let mut totals = Vec::new();
     for i in 0..plan.warmup + plan.runs {
         clock.stages.clear();
@@ -143,6 +154,8 @@ pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
         "decoder_ms_per_step": round3(decoder_s * 1000.0 / decoder_steps as f64),
         "peak_host_bytes": peak_host_memory(),
         "device_memory_growth_bytes": device_peak,
+        "estimated_peak_bytes": estimated_weights + estimated_activations,
+        "estimated_activation_bytes": estimated_activations,
     });
     println!("{report}");
     Ok(())

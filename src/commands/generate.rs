@@ -8,7 +8,7 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 
 use super::{check_interrupt, install_interrupt, load_decoder, log_peak_memory, source, PriorSources, Summary, Writer};
-use crate::hub::FileSource;
+use crate::memory::{self, ModelShapes, RunShapes};
 use crate::output;
 use crate::pipeline::{DecoderConfigs, DecoderPipeline, PriorPipeline, Runtime, SizeRule};
 use crate::progress::TerminalProgress;
@@ -50,34 +50,33 @@ fn generator(req: &GenerateRequest, kernel: BoxMuller) -> TorchCpuGenerator {
     TorchCpuGenerator::with_kernel(req.seed, kernel)
 }
 
-/// Whether to hold one stage at a time: asked for, or needed because the GPU cannot hold
-/// both stages' weights (estimated from the file sizes) with room to run.
-fn staged(asked: bool, rt: &Runtime, prior: &dyn FileSource, decoder: &dyn FileSource) -> bool {
+/// Whether to hold one stage at a time: asked for, or needed because the GPU cannot hold both
+/// stages' weights (estimated from the file sizes) plus the activations of the run's most
+/// demanding job (estimated from the configs and its sizes, `memory::peak_activation_bytes`).
+fn staged(asked: bool, rt: &Runtime, weights: u64, shapes: &ModelShapes, jobs: &[PlannedJob]) -> bool {
     if asked {
         return true;
     }
     let Some(free) = crate::pipeline::free_device_memory(&rt.device) else {
         return false;
     };
-    let parts: [(&dyn FileSource, &str, &str); 5] = [
-        (prior, "text_encoder", "model"),
-        (prior, "prior", "diffusion_pytorch_model"),
-        (decoder, "text_encoder", "model"),
-        (decoder, "decoder", "diffusion_pytorch_model"),
-        (decoder, "vqgan", "diffusion_pytorch_model"),
-    ];
-    let bytes: u64 = parts
+    let activations = jobs
         .iter()
-        .map(|(src, folder, stem)| crate::pipeline::weight_bytes(*src, folder, stem, rt.dtype).unwrap_or(0))
-        .sum();
-    const HEADROOM: u64 = 3 << 30; // activations at 1024x1024, batch 2 with guidance
-    let low = bytes + HEADROOM > free;
+        .map(|p| memory::peak_activation_bytes(&RunShapes::of(&p.job.req, rt.dtype), shapes))
+        .max()
+        .unwrap_or(0);
+    let need = weights + activations;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    tracing::info!(
+        "estimated peak {:.1} GiB (weights {:.1} GiB, activations {:.1} GiB), {:.1} GiB free on the GPU",
+        gib(need),
+        gib(weights),
+        gib(activations),
+        gib(free)
+    );
+    let low = need > free;
     if low {
-        tracing::info!(
-            "{:.1} GiB free on the GPU, both stages need ~{:.1} GiB: loading one stage at a time",
-            free as f64 / (1u64 << 30) as f64,
-            (bytes + HEADROOM) as f64 / (1u64 << 30) as f64
-        );
+        tracing::info!("too little for both stages: loading one stage at a time");
     }
     low
 }
@@ -113,12 +112,14 @@ pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
         json: plan.jobs.json,
     };
     let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
-    let staged = staged(
-        plan.runtime.low_memory,
-        &rt,
+    let weights = memory::weight_bytes(
         prior_src.prior.as_ref(),
+        prior_src.stage_c.as_deref(),
         decoder_src.as_ref(),
+        rt.dtype,
     );
+    let shapes = ModelShapes::new(&prior_cfg, &decoder_cfg);
+    let staged = staged(plan.runtime.low_memory, &rt, weights, &shapes, &plan.jobs.jobs);
     let ctx = Ctx {
         plan: &plan.jobs,
         info: &info,
