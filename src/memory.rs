@@ -266,41 +266,11 @@ fn mix_block(rows: u64, c: u64, s: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Activation;
 
     const GIB: f64 = (1u64 << 30) as f64;
 
-    fn clip(hidden_size: usize, intermediate_size: usize, layers: usize, heads: usize) -> ClipTextConfig {
-        ClipTextConfig {
-            hidden_size,
-            intermediate_size,
-            num_hidden_layers: layers,
-            num_attention_heads: heads,
-            max_position_embeddings: 77,
-            hidden_act: Activation::Gelu,
-            ..ClipTextConfig::default()
-        }
-    }
-
-    /// The published configs (src/tiny.rs `real()`, the Hub's warp-ai/wuerstchen-prior and
-    /// warp-ai/wuerstchen files).
     fn published() -> ModelShapes {
-        ModelShapes {
-            prior_pipeline: PriorPipelineConfig::default(),
-            prior: PriorConfig {
-                c_in: 16,
-                c: 1536,
-                c_cond: 1280,
-                c_r: 64,
-                depth: 32,
-                nhead: 24,
-            },
-            prior_text: clip(1280, 5120, 32, 20),
-            decoder_pipeline: DecoderPipelineConfig::default(),
-            decoder: DecoderConfig::default(),
-            decoder_text: clip(1024, 4096, 24, 16),
-            vqgan: VqganConfig::default(),
-        }
+        crate::tiny::published_shapes()
     }
 
     fn run(side: usize, num_images: usize, prior_guidance: f64, decoder_guidance: f64) -> RunShapes {

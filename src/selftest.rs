@@ -232,7 +232,13 @@ impl Tester<'_> {
             }
             Ok((rel_err(&got, &want)?, ms))
         })();
-        let tol = tolerance(self.opts.dtype);
+        let check = self.check(name, shape_name(dims), tolerance(self.opts.dtype), outcome);
+        self.push(check);
+        Ok(())
+    }
+
+    /// A finished comparison: `outcome` is (relative error, ms), or why it could not run.
+    fn check(&self, name: &str, shape: String, tol: f64, outcome: Result<(f64, f64)>) -> Check {
         let (rel_err, ms, error) = match outcome {
             Ok((e, ms)) => (e, ms, None),
             Err(e) => (
@@ -241,17 +247,16 @@ impl Tester<'_> {
                 Some(format!("{e:#}").lines().next().unwrap_or_default().to_string()),
             ),
         };
-        self.push(Check {
+        Check {
             check: name.to_string(),
             dtype: crate::commands::dtype_name(self.opts.dtype).to_string(),
-            shape: shape_name(dims),
+            shape,
             rel_err,
             tol,
             ms,
             ok: error.is_none() && rel_err <= tol,
             error,
-        });
-        Ok(())
+        }
     }
 
     fn push(&mut self, check: Check) {
@@ -406,7 +411,6 @@ impl Tester<'_> {
         });
         let got = run(&self.under_test());
         let tol = pipeline_tolerance(self.opts.dtype);
-        let dtype = crate::commands::dtype_name(self.opts.dtype).to_string();
         let mut results = Vec::new();
         match (want, got) {
             (Ok((we, wi, _)), Ok((ge, gi, ms))) => {
@@ -416,30 +420,13 @@ impl Tester<'_> {
             (Err(e), _) | (_, Err(e)) => results.push(("pipeline", String::new(), Err(e), 0.0)),
         }
         for (name, shape, err, ms) in results {
-            let err = err.map(|e| {
-                if self.opts.inject_fault.as_deref() == Some(name) {
-                    e + 1.0
-                } else {
-                    e
-                }
-            });
-            let (rel_err, error) = match err {
-                Ok(e) => (e, None),
-                Err(e) => (
-                    f64::NAN,
-                    Some(format!("{e:#}").lines().next().unwrap_or_default().to_string()),
-                ),
+            let fault = if self.opts.inject_fault.as_deref() == Some(name) {
+                1.0
+            } else {
+                0.0
             };
-            self.push(Check {
-                check: name.to_string(),
-                dtype: dtype.clone(),
-                shape,
-                rel_err,
-                tol,
-                ms,
-                ok: error.is_none() && rel_err <= tol,
-                error,
-            });
+            let check = self.check(name, shape, tol, err.map(|e| (e + fault, ms)));
+            self.push(check);
         }
         Ok(())
     }

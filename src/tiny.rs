@@ -242,6 +242,21 @@ fn mid() -> TinyArch {
     }
 }
 
+/// The published models' shapes (for estimates and their tests): `real()`'s configs.
+#[cfg(test)]
+pub(crate) fn published_shapes() -> crate::memory::ModelShapes {
+    let a = real();
+    crate::memory::ModelShapes {
+        prior_pipeline: a.prior_pipeline,
+        prior: a.prior,
+        prior_text: a.prior_text_encoder,
+        decoder_pipeline: a.decoder_pipeline,
+        decoder: a.decoder,
+        decoder_text: a.decoder_text_encoder,
+        vqgan: a.vqgan,
+    }
+}
+
 /// The published models' configs (the Hub's `config.json` files of warp-ai/wuerstchen-prior and
 /// warp-ai/wuerstchen, checked against diffusers' conversion script).
 fn real() -> TinyArch {

@@ -95,22 +95,8 @@ pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     check_interrupt(&interrupt)?;
 
     let rt = plan.runtime.open()?;
-    let info = RunInfo {
-        prior: prior_src.prior.describe(),
-        decoder: decoder_src.describe(),
-        stage_c: prior_src.stage_c.as_ref().map(|s| s.describe()),
-        commits: super::commits(&[
-            ("prior", Some(prior_src.prior.as_ref())),
-            ("stage_c", prior_src.stage_c.as_deref()),
-            ("decoder", Some(decoder_src.as_ref())),
-        ]),
-        dtype: super::dtype_name(rt.dtype).to_string(),
-        rng: plan.rng,
-    };
-    let writer = Writer {
-        overwrite: plan.jobs.overwrite,
-        json: plan.jobs.json,
-    };
+    let info = prior_src.run_info(Some(decoder_src.as_ref()), rt.dtype, plan.rng);
+    let writer = Writer::from(&plan.jobs);
     let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
     let weights = memory::weight_bytes(
         prior_src.prior.as_ref(),

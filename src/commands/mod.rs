@@ -19,8 +19,9 @@ use crate::error::{InputError, Interrupted};
 use crate::hub::{self, DownloadProgress, FileSource};
 use crate::output;
 use crate::pipeline::{DecoderConfigs, DecoderPipeline, PriorConfigs, PriorPipeline, Runtime};
-use crate::record::GenerationRecord;
+use crate::record::{GenerationRecord, RunInfo};
 use crate::request::{DeviceSpec, Job, JobPlan, ModelSpec, RuntimeSpec};
+use crate::rng::BoxMuller;
 
 impl RuntimeSpec {
     /// Opens the device: the one asked for (failing if it cannot be opened), or by default
@@ -129,6 +130,23 @@ impl PriorSources {
         PriorConfigs::read(self.prior.as_ref(), self.stage_c.as_deref())
     }
 
+    /// What a run's files record about its models, `decoder` being the decoder's source where
+    /// the run has one.
+    pub fn run_info(&self, decoder: Option<&dyn FileSource>, dtype: DType, rng: BoxMuller) -> RunInfo {
+        RunInfo {
+            prior: self.prior.describe(),
+            decoder: decoder.map(|d| d.describe()).unwrap_or_default(),
+            stage_c: self.stage_c.as_ref().map(|s| s.describe()),
+            commits: commits(&[
+                ("prior", Some(self.prior.as_ref())),
+                ("stage_c", self.stage_c.as_deref()),
+                ("decoder", decoder),
+            ]),
+            dtype: dtype_name(dtype).to_string(),
+            rng,
+        }
+    }
+
     /// Loads the prior stage, logging how long it took.
     pub fn load(&self, configs: &PriorConfigs, rt: &Runtime) -> Result<PriorPipeline> {
         let t = std::time::Instant::now();
@@ -218,6 +236,15 @@ pub fn commits(sources: &[(&str, Option<&dyn FileSource>)]) -> BTreeMap<String, 
 pub struct Writer {
     pub overwrite: bool,
     pub json: bool,
+}
+
+impl From<&JobPlan> for Writer {
+    fn from(plan: &JobPlan) -> Self {
+        Self {
+            overwrite: plan.overwrite,
+            json: plan.json,
+        }
+    }
 }
 
 impl Writer {

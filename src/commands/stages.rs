@@ -27,21 +27,8 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     let configs = prior_src.configs()?;
     let rt = plan.runtime.open()?;
     let prior = prior_src.load(&configs, &rt)?;
-    let info = RunInfo {
-        prior: prior_src.prior.describe(),
-        decoder: String::new(),
-        stage_c: prior_src.stage_c.as_ref().map(|s| s.describe()),
-        commits: super::commits(&[
-            ("prior", Some(prior_src.prior.as_ref())),
-            ("stage_c", prior_src.stage_c.as_deref()),
-        ]),
-        dtype: super::dtype_name(rt.dtype).to_string(),
-        rng: plan.rng,
-    };
-    let writer = Writer {
-        overwrite: plan.jobs.overwrite,
-        json: plan.jobs.json,
-    };
+    let info = prior_src.run_info(None, rt.dtype, plan.rng);
+    let writer = Writer::from(&plan.jobs);
     let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
     let mut summary = Summary::default();
     for p in &plan.jobs.jobs {

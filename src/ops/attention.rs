@@ -115,20 +115,8 @@ fn block(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::rel_err;
     use candle_core::Device;
-
-    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        (d / n).sqrt()
-    }
 
     #[test]
     fn plans_fit_the_budget_and_the_index_limit() {

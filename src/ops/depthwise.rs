@@ -194,21 +194,9 @@ struct DepthwiseShape {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::rel_err;
     use crate::ops::{nchw_to_nhwc, nhwc_to_nchw};
     use candle_core::Device;
-
-    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        (d / n).sqrt()
-    }
 
     /// candle's own grouped conv2d (one conv per channel) as the independent reference.
     fn reference(x: &Tensor, w: &Tensor, b: &Tensor, padding: Padding) -> Tensor {

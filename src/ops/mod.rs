@@ -183,6 +183,14 @@ pub fn nhwc_to_nchw(x: &Tensor) -> Result<Tensor> {
     x.permute((0, 3, 1, 2))?.contiguous()
 }
 
+/// ||a - b|| / ||b|| (f32 tensors), for the ops' tests.
+#[cfg(test)]
+pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let sum_sq = |t: &Tensor| t.sqr().and_then(|t| t.sum_all()).and_then(|t| t.to_scalar::<f32>());
+    let d = (a - b).and_then(|d| sum_sq(&d)).unwrap_or(f32::NAN);
+    (d / sum_sq(b).unwrap_or(f32::NAN)).sqrt()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
