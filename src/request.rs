@@ -1,5 +1,7 @@
-//! User input -> validated values. Every check of what a user typed lives here and fails
-//! with an `InputError` (exit code 2) before any model loads.
+//! User input -> validated plans that the commands run. Every check of what a user typed
+//! lives here and fails with an `InputError` (exit code 2) before any model loads; the command
+//! line (`src/cli.rs`, part of the binary) only fills in the `*Input` values, so nothing here
+//! knows clap.
 
 use std::path::PathBuf;
 
