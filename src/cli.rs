@@ -2,7 +2,8 @@
 //! grouped by concern; each command's arguments become the library's validated plan
 //! (`wuerstchen::request`), which the command runs.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use candle_core::DType;
@@ -14,10 +15,17 @@ use wuerstchen::request::{
 };
 use wuerstchen::rng::BoxMuller;
 
+/// `--version`: `0.1.0 (abc1234 2026-11-30)` when built from a git checkout (`abc1234-dirty` with
+/// uncommitted changes; see build.rs), plain `0.1.0` otherwise (e.g. from the crates.io tarball).
+pub const VERSION: &str = match option_env!("WUERSTCHEN_VERSION") {
+    Some(version) => version,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "wuerstchen",
-    version,
+    version = VERSION,
     about = "Würstchen v2 text-to-image, diffusers' numbers without Python"
 )]
 pub struct Cli {
@@ -53,6 +61,25 @@ pub enum Command {
     Bench(BenchArgs),
     /// Check that every op, block and the whole pipeline compute the CPU's numbers on a device
     Selftest(SelftestArgs),
+    /// Print a shell completion script to stdout (see the README for where to put it)
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) to stdout, or write one page per command into a folder
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write wuerstchen.1, wuerstchen-generate.1, ... into this folder (created if missing)
+    /// and print their paths, instead of printing wuerstchen.1
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -574,6 +601,63 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             commands::selftest::run(&plan)
         }
+        Command::Completions(args) => write_stdout(&completions(args.shell)),
+        Command::Man(args) => match args.out {
+            None => write_stdout(&man_page()?),
+            Some(dir) => write_man_pages(&dir),
+        },
+    }
+}
+
+/// The completion script for `shell`.
+fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "wuerstchen", &mut script);
+    script
+}
+
+/// `wuerstchen.1`: the top-level page (options and the list of commands).
+fn man_page() -> Result<Vec<u8>> {
+    use clap::CommandFactory;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+    Ok(page)
+}
+
+/// One page per command, `wuerstchen.1` and `wuerstchen-<command>.1` (like
+/// `clap_mangen::generate_to`), each written atomically; prints the written paths.
+fn write_man_pages(dir: &Path) -> Result<()> {
+    use anyhow::Context;
+    use clap::CommandFactory;
+    let mut cli = Cli::command().disable_help_subcommand(true);
+    cli.build(); // names the subcommands' pages `wuerstchen-<command>`
+    let mut pages = vec![cli.clone()];
+    pages.extend(cli.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for page in pages {
+        let man = clap_mangen::Man::new(page);
+        let path = dir.join(man.get_filename());
+        let mut roff = Vec::new();
+        man.render(&mut roff)?;
+        let mut file =
+            tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write in {}", dir.display()))?;
+        file.write_all(&roff)
+            .and_then(|()| file.flush())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        file.persist(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to stdout; a closed pipe (`wuerstchen man | head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => Err(err.into()),
+        _ => Ok(()),
     }
 }
 
@@ -607,5 +691,68 @@ mod tests {
         assert!(Cli::try_parse_from(["wuerstchen", "generate"]).is_err());
         assert!(Cli::try_parse_from(["wuerstchen", "generate", "--prompts", "f.txt"]).is_ok());
         assert!(Cli::try_parse_from(["wuerstchen", "generate", "-p", "x", "--prompts", "f"]).is_err());
+    }
+
+    #[test]
+    fn completions_for_every_shell() {
+        use clap_complete::Shell;
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish, Shell::PowerShell, Shell::Elvish] {
+            let script = String::from_utf8(completions(shell)).unwrap();
+            assert!(
+                script.contains("generate") && script.contains("prompt"),
+                "{shell}: {script}"
+            );
+        }
+        // the long flag as typed, in the shells whose scripts spell it out (fish: `-l prompt`)
+        for shell in [Shell::Bash, Shell::Zsh, Shell::PowerShell] {
+            assert!(
+                String::from_utf8(completions(shell)).unwrap().contains("--prompt"),
+                "{shell}"
+            );
+        }
+        assert!(String::from_utf8(completions(Shell::Fish))
+            .unwrap()
+            .contains("-l prompt"));
+        let parsed = Cli::try_parse_from(["wuerstchen", "completions", "zsh"]).unwrap();
+        assert!(matches!(
+            parsed.command,
+            Command::Completions(CompletionsArgs { shell: Shell::Zsh })
+        ));
+        assert!(Cli::try_parse_from(["wuerstchen", "completions", "nosuch"]).is_err());
+    }
+
+    #[test]
+    fn man_pages() {
+        let page = String::from_utf8(man_page().unwrap()).unwrap();
+        assert!(
+            page.contains(".TH") && page.contains("generate") && page.contains(VERSION),
+            "{page}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        write_man_pages(&dir.path().join("man1")).unwrap();
+        let generate = std::fs::read_to_string(dir.path().join("man1/wuerstchen-generate.1")).unwrap();
+        assert!(
+            generate.contains(".TH") && generate.contains("\\-\\-prompt"),
+            "{generate}"
+        );
+        assert!(dir.path().join("man1/wuerstchen.1").exists());
+        assert!(dir.path().join("man1/wuerstchen-completions.1").exists());
+    }
+
+    #[test]
+    fn version_names_the_crate_version() {
+        let version = Cli::command().render_version();
+        assert!(
+            version.starts_with(&format!("wuerstchen {}", env!("CARGO_PKG_VERSION"))),
+            "{version}"
+        );
+        assert!(VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+        // `0.1.0` or `0.1.0 (abc1234 2026-11-30)` / `(abc1234-dirty 2026-11-30)`
+        if let Some(rest) = VERSION.strip_prefix(env!("CARGO_PKG_VERSION")) {
+            assert!(
+                rest.is_empty() || (rest.starts_with(" (") && rest.ends_with(')')),
+                "{VERSION}"
+            );
+        }
     }
 }
