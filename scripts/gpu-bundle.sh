@@ -68,6 +68,11 @@ rm -rf "$out"
 mkdir -p "$out"
 cp "$binary" "$out/wuerstchen"
 strip "$out/wuerstchen" 2>/dev/null || echo "warning: strip failed; the binary is copied unstripped" >&2
+# a CUDA build embeds candle's kernels as PTX text (~70 MB stripped): xz brings it to ~11 MB,
+# and gpu-check.sh unpacks it on the host
+if [[ $(stat -c %s "$out/wuerstchen") -gt $(( 32 * 1048576 )) ]]; then
+  xz -T0 -6 "$out/wuerstchen"
+fi
 if [[ -n "$toolchain" ]]; then
   echo "cuda" >"$out/BUILD"
 elif [[ $cpu -eq 1 ]]; then

@@ -90,6 +90,14 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export CUDA_CACHE_MAXSIZE="${CUDA_CACHE_MAXSIZE:-4294967296}"
 
 [[ "$BIN" == /* ]] || BIN="$root/$BIN"
+# a large (CUDA) binary travels xz-compressed: unpack it once beside itself
+if [[ ! -e "$BIN" && -f "$BIN.xz" ]]; then
+  if command -v xz >/dev/null 2>&1; then
+    xz -dkc "$BIN.xz" >"$BIN.tmp"
+  else
+    python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$BIN.xz" "$BIN.tmp"
+  fi && chmod +x "$BIN.tmp" && mv "$BIN.tmp" "$BIN"
+fi
 if [[ ! -x "$BIN" ]]; then
   echo "error: no executable $BIN (run scripts/gpu-bundle.sh first, or pass --bin)" >&2
   exit 1
