@@ -14,25 +14,23 @@
 //! `CLIPTokenizer.__init__` always builds the pipeline itself (NFC, `\s+` -> " ", lowercase;
 //! CLIP's split regex + byte-level; BPE with `</w>` word ends; RobertaProcessing with BOS/EOS)
 //! and takes from `tokenizer.json` only the vocabulary, the merges and the added tokens, from
-//! `vocab.json` + `merges.txt` the same two tables. [`ClipTokenizer::load`] does the same: it
-//! extracts vocab and merges from whichever files exist and builds the tokenizer from one
-//! template ([`clip_tokenizer_json`] writes it out), so both layouts give the same tokens, and a
-//! `tokenizer.json` written by an older `tokenizers` with another normalizer or pre-tokenizer
-//! still tokenizes the way transformers 5 does.
+//! `vocab.json` + `merges.txt` the same two tables. [`ClipTokenizer::load`] does the same with
+//! `tokenizers`' builders, so both layouts give the same tokens, and a `tokenizer.json` written
+//! by an older `tokenizers` with another normalizer or pre-tokenizer still tokenizes the way
+//! transformers 5 does.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use anyhow::{anyhow, ensure, Result};
-use serde::ser::{SerializeMap, Serializer};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
-use tokenizers::{
-    PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection, TruncationParams,
-    TruncationStrategy,
-};
+use anyhow::{anyhow, Result};
+use serde::Deserialize;
+use tokenizers::decoders::byte_level::ByteLevel;
+use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::normalizers::{replace::ReplacePattern, Lowercase, Replace, Sequence, NFC};
+use tokenizers::pre_tokenizers::{sequence::Sequence as PreSequence, split::Split, split::SplitPattern};
+use tokenizers::processors::roberta::RobertaProcessing;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::ModelError;
 use crate::hub::FileSource;
@@ -44,12 +42,8 @@ const END_OF_WORD_SUFFIX: &str = "</w>";
 const CLIP_SPLIT_REGEX: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
-/// `CLIPTokenizer.__init__` defaults, used when neither `tokenizer_config.json` nor
-/// `special_tokens_map.json` names the token.
-const DEFAULT_BOS: &str = "<|startoftext|>";
-const DEFAULT_EOS: &str = "<|endoftext|>";
-const DEFAULT_UNK: &str = "<|endoftext|>";
-const DEFAULT_PAD: &str = "<|endoftext|>";
+/// `CLIPTokenizer.__init__`'s BOS, EOS, UNK and PAD, for a token no file names.
+const DEFAULT_NAMES: [&str; 4] = ["<|startoftext|>", "<|endoftext|>", "<|endoftext|>", "<|endoftext|>"];
 
 /// CLIP's context length: the text encoders' `max_position_embeddings` in every Würstchen repo.
 /// Used when `tokenizer_config.json` has no `model_max_length` or transformers' "unset" value.
@@ -58,6 +52,9 @@ const DEFAULT_MAX_LEN: usize = 77;
 /// Above this, `model_max_length` is transformers' "no limit" marker (it writes `int(1e30)`),
 /// not a length; nothing CLIP-like comes near it.
 const MAX_SANE_MAX_LEN: f64 = 65_536.0;
+
+/// What is wrong with a file's content; the caller names the file.
+type Parsed<T> = std::result::Result<T, String>;
 
 /// One prompt, tokenized as diffusers' first tokenizer call returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,10 +70,8 @@ pub struct Tokens {
 
 /// A CLIP tokenizer with `CLIPTokenizer` semantics (see the module docs).
 pub struct ClipTokenizer {
-    /// Truncation and padding to `max_len`: diffusers' `padding="max_length", truncation=True`.
-    padded: Tokenizer,
-    /// Neither: diffusers' `padding="longest"` call on a single prompt.
-    untruncated: Tokenizer,
+    /// The pipeline `CLIPTokenizer.__init__` builds; no truncation, no padding.
+    tokenizer: Tokenizer,
     max_len: usize,
     pad_id: u32,
 }
@@ -84,7 +79,7 @@ pub struct ClipTokenizer {
 impl fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClipTokenizer")
-            .field("vocab_size", &self.untruncated.get_vocab_size(true))
+            .field("vocab_size", &self.tokenizer.get_vocab_size(true))
             .field("max_len", &self.max_len)
             .field("pad_id", &self.pad_id)
             .finish()
@@ -96,124 +91,41 @@ impl ClipTokenizer {
     /// `tokenizer.json` if present, else `vocab.json` + `merges.txt`; `tokenizer_config.json`
     /// and `special_tokens_map.json` (both optional) name the special tokens and the length.
     pub fn load(src: &dyn FileSource, component: &str) -> Result<Self> {
-        let rel = |name: &str| format!("{component}/{name}");
-        let bad = |path: &Path, message: String| ModelError::BadFile {
-            component: component.to_string(),
-            path: path.to_path_buf(),
-            message,
+        let folder = Folder { src, component };
+        let parse_config = |text: &str| serde_json::from_str(text).map_err(|e| e.to_string());
+        let config: Option<(PathBuf, TokenizerConfig)> = folder.parse("tokenizer_config.json", parse_config)?;
+        let special_map = folder.parse("special_tokens_map.json", parse_config)?;
+        let ((vocab, merges, file_added), source) = match folder.parse("tokenizer.json", parse_tokenizer_json)? {
+            Some((path, tables)) => (tables, path),
+            None => match (
+                folder.parse("vocab.json", parse_vocab_json)?,
+                folder.parse("merges.txt", parse_merges_txt)?,
+            ) {
+                (Some((path, vocab)), Some((_, merges))) => ((vocab, merges, Vec::new()), path),
+                (None, None) => {
+                    let alternative = format!("(nor {component}/vocab.json + {component}/merges.txt)");
+                    return Err(folder.missing(&format!("tokenizer.json {alternative}")));
+                }
+                (_, None) => return Err(folder.missing("merges.txt")),
+                (None, _) => return Err(folder.missing("vocab.json")),
+            },
         };
 
-        let config = match src.get(&rel("tokenizer_config.json"))? {
-            Some(path) => {
-                let map = read_json_object(&path).map_err(|m| bad(&path, m))?;
-                Some((path, map))
-            }
-            None => None,
-        };
-        let special_map = match src.get(&rel("special_tokens_map.json"))? {
-            Some(path) => {
-                let map = read_json_object(&path).map_err(|m| bad(&path, m))?;
-                Some((path, map))
-            }
-            None => None,
-        };
-
-        let (tables, file_added, source_path) = match src.get(&rel("tokenizer.json"))? {
-            Some(path) => {
-                let text = read_text(&path).map_err(|m| bad(&path, m))?;
-                let (tables, added) = tables_from_tokenizer_json(&text).map_err(|m| bad(&path, m))?;
-                (tables, added, path)
-            }
-            None => {
-                let vocab_path = src.get(&rel("vocab.json"))?;
-                let merges_path = src.get(&rel("merges.txt"))?;
-                let (vocab_path, merges_path) = match (&vocab_path, &merges_path) {
-                    (Some(v), Some(m)) => (v.clone(), m.clone()),
-                    (None, None) => {
-                        return Err(ModelError::MissingFile {
-                            component: component.to_string(),
-                            path: PathBuf::from(format!(
-                                "{} (nor {} + {})",
-                                Path::new(&src.describe()).join(rel("tokenizer.json")).display(),
-                                rel("vocab.json"),
-                                rel("merges.txt"),
-                            )),
-                        }
-                        .into())
-                    }
-                    (Some(_), None) | (None, Some(_)) => {
-                        let which = if merges_path.is_none() {
-                            "merges.txt"
-                        } else {
-                            "vocab.json"
-                        };
-                        return Err(ModelError::MissingFile {
-                            component: component.to_string(),
-                            path: Path::new(&src.describe()).join(rel(which)),
-                        }
-                        .into());
-                    }
-                };
-                let vocab_text = read_text(&vocab_path).map_err(|m| bad(&vocab_path, m))?;
-                let merges_text = read_text(&merges_path).map_err(|m| bad(&merges_path, m))?;
-                let vocab = parse_vocab_json(&vocab_text).map_err(|m| bad(&vocab_path, m))?;
-                let merges = parse_merges_txt(&merges_text).map_err(|m| bad(&merges_path, m))?;
-                (BpeTables { vocab, merges }, Vec::new(), vocab_path)
-            }
-        };
-
-        let settings = resolve_settings(
-            config.as_ref().map(|(_, m)| m),
-            special_map.as_ref().map(|(_, m)| m),
-            file_added,
-        )
-        .map_err(|m| bad(config.as_ref().map_or(&source_path, |(p, _)| p), m))?;
-        // A named token outside the vocabulary: blame the file that names the tokens.
-        if let Err(m) = check_named_tokens(&tables, &settings) {
-            let names = config.as_ref().or(special_map.as_ref()).map(|(p, _)| p);
-            let message = format!("{m} of {}", source_path.display());
-            return Err(bad(names.unwrap_or(&source_path), message).into());
-        }
-        let json = build_tokenizer_json(&tables, &settings).map_err(|m| bad(&source_path, m))?;
-        let untruncated = Tokenizer::from_str(&json)
-            .map_err(|e| bad(&source_path, format!("cannot build the CLIP tokenizer: {e}")))?;
-        let pad_id = untruncated.token_to_id(&settings.pad).ok_or_else(|| {
-            bad(
-                &source_path,
-                format!("pad token {:?} is not in the vocabulary", settings.pad),
-            )
-        })?;
-
-        let mut padded = untruncated.clone();
-        // What `set_truncation_and_padding` enables for padding="max_length", truncation=True.
-        padded
-            .with_truncation(Some(TruncationParams {
-                direction: TruncationDirection::Right,
-                max_length: settings.max_len,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-            }))
-            .map_err(|e| bad(&source_path, format!("cannot set truncation: {e}")))?;
-        padded.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::Fixed(settings.max_len),
-            direction: PaddingDirection::Right,
-            pad_to_multiple_of: None,
-            pad_id,
-            pad_type_id: 0,
-            pad_token: settings.pad.clone(),
-        }));
-
-        tracing::debug!(
-            source = %src.describe(),
-            file = %source_path.display(),
-            max_len = settings.max_len,
-            pad_id,
-            "loaded the {component} CLIP tokenizer"
-        );
+        // Errors here are in the file that names the special tokens and the length. A named token
+        // outside the vocabulary is one: transformers would append it as a new token, one the text
+        // encoder does not have.
+        let (config, special_map) = (config.as_ref(), special_map.as_ref());
+        let names = config.or(special_map).map_or(&source, |(path, _)| path);
+        let max_len = model_max_length(config.and_then(|c| c.1.model_max_length)).map_err(|m| folder.bad(names, m))?;
+        let settings = resolve_settings(config.map(|c| &c.1), special_map.map(|s| &s.1), file_added, &vocab);
+        let settings = settings.map_err(|m| folder.bad(names, format!("{m} of {}", source.display())))?;
+        let pad_id = settings.pad_id;
+        let tokenizer = clip_tokenizer(vocab, merges, settings).map_err(|m| folder.bad(&source, m))?;
+        let file = source.display();
+        tracing::debug!(source = %src.describe(), %file, max_len, pad_id, "loaded the {component} CLIP tokenizer");
         Ok(Self {
-            padded,
-            untruncated,
-            max_len: settings.max_len,
+            tokenizer,
+            max_len,
             pad_id,
         })
     }
@@ -225,31 +137,22 @@ impl ClipTokenizer {
 
     /// Tokenize one prompt the way diffusers' `encode_prompt` does (see the module docs).
     pub fn encode(&self, text: &str) -> Result<Tokens> {
-        let enc = self
-            .padded
-            .encode(text, true)
-            .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
-        let ids = enc.get_ids().to_vec();
-        let attention_mask = enc.get_attention_mask().to_vec();
-        ensure!(
-            ids.len() == self.max_len && attention_mask.len() == self.max_len,
-            "tokenizing {text:?} gave {} ids, not {}",
-            ids.len(),
-            self.max_len
-        );
-
-        // diffusers warns when `untruncated_ids` is at least as long and differs; for one prompt
-        // (no batch padding) that is exactly "longer than max_len".
-        let full = self
-            .untruncated
-            .encode(text, true)
-            .map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
-        let full = full.get_ids();
-        let dropped = if full.len() > self.max_len {
-            Some(self.decode_text(&full[self.max_len - 1..full.len() - 1])?)
+        // The second call, `padding="longest"` on one prompt: BOS, every BPE token, EOS.
+        let full = self.tokenizer.encode(text, true);
+        let full = full.map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
+        let (full, max_len) = (full.get_ids(), self.max_len);
+        // The first call, `padding="max_length", truncation=True`: `tokenizers` truncates the BPE
+        // tokens to `max_len - 2` (room for BOS and EOS), then pads with mask 0. diffusers warns
+        // when `untruncated_ids` is at least as long and differs: for one prompt, when longer.
+        let (mut ids, dropped) = if full.len() > max_len {
+            let kept = [&full[..max_len - 1], &full[full.len() - 1..]].concat();
+            (kept, Some(self.decode_text(&full[max_len - 1..full.len() - 1])?))
         } else {
-            None
+            (full.to_vec(), None)
         };
+        let mut attention_mask = vec![1; ids.len()];
+        ids.resize(max_len, self.pad_id);
+        attention_mask.resize(max_len, 0);
         Ok(Tokens {
             ids,
             attention_mask,
@@ -260,266 +163,258 @@ impl ClipTokenizer {
     /// `CLIPTokenizer.decode(ids)`: byte-level decode (special tokens kept), every `</w>` turned
     /// into a space, then Python's `str.strip()`.
     fn decode_text(&self, ids: &[u32]) -> Result<String> {
-        let text = self
-            .untruncated
-            .decode(ids, false)
-            .map_err(|e| anyhow!("cannot decode {ids:?}: {e}"))?;
+        let text = self.tokenizer.decode(ids, false);
+        let text = text.map_err(|e| anyhow!("cannot decode {ids:?}: {e}"))?;
         Ok(py_strip(&text.replace(END_OF_WORD_SUFFIX, " ")).to_string())
     }
 }
 
-/// The `tokenizer.json` that transformers 5's `CLIPTokenizer` builds from the slow tokenizer's
-/// files: `vocab.json` (token -> id) and `merges.txt` (a `#version` line, then `a b` per line),
-/// with the default special tokens (`<|startoftext|>`, `<|endoftext|>`) as added tokens. The
-/// same JSON structure as the Hub's CLIP `tokenizer.json` files; `truncation` and `padding` null.
+/// The `tokenizer.json` that transformers 5's `CLIPTokenizer` saves for the slow tokenizer's
+/// files `vocab.json` (token -> id) and `merges.txt` (a `#version` line, then `a b` per line),
+/// with the default special tokens: the same JSON as the Hub's CLIP `tokenizer.json` files.
 pub fn clip_tokenizer_json(vocab_json: &str, merges_txt: &str) -> Result<String> {
     let vocab = parse_vocab_json(vocab_json).map_err(|m| anyhow!("vocab.json: {m}"))?;
     let merges = parse_merges_txt(merges_txt).map_err(|m| anyhow!("merges.txt: {m}"))?;
-    let settings = resolve_settings(None, None, Vec::new()).map_err(|m| anyhow!(m))?;
-    build_tokenizer_json(&BpeTables { vocab, merges }, &settings).map_err(|m| anyhow!(m))
+    let settings = resolve_settings(None, None, Vec::new(), &vocab).map_err(|m| anyhow!("vocab.json: {m}"))?;
+    let tokenizer = clip_tokenizer(vocab, merges, settings).map_err(|m| anyhow!(m))?;
+    let json = tokenizer.to_string(false);
+    json.map_err(|e| anyhow!("cannot write tokenizer.json: {e}"))
 }
 
-// ------------------------------------------------------------------------------------------
-// Files
-// ------------------------------------------------------------------------------------------
+/// `CLIPTokenizer.__init__`'s pipeline around the two tables, with the resolved special tokens.
+fn clip_tokenizer(vocab: Vocab, merges: Merges, settings: Settings) -> Parsed<Tokenizer> {
+    // Each token once (the first with its content), and only vocabulary entries.
+    let mut seen = HashSet::new();
+    let added: Vec<_> = settings
+        .added
+        .into_iter()
+        .filter(|t| seen.insert(t.content.clone()))
+        .collect();
+    if let Some(token) = added.iter().find(|t| !vocab.contains_key(&t.content)) {
+        return Err(format!("added token {:?} is not in the vocabulary", token.content));
+    }
+    let failed = |e: tokenizers::Error| format!("cannot build the CLIP tokenizer: {e}");
+    let model = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .unk_token(settings.unk)
+        .continuing_subword_prefix(String::new())
+        .end_of_word_suffix(END_OF_WORD_SUFFIX.to_string())
+        .build()
+        .map_err(failed)?;
+    let whitespace = Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(failed)?;
+    let split = SplitPattern::Regex(CLIP_SPLIT_REGEX.into());
+    let split = Split::new(split, SplitDelimiterBehavior::Removed, true).map_err(failed)?;
 
-fn read_text(path: &Path) -> std::result::Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer
+        .with_normalizer(Some(Sequence::new(vec![
+            NFC.into(),
+            whitespace.into(),
+            Lowercase.into(),
+        ])))
+        .map_err(failed)?
+        .with_pre_tokenizer(Some(PreSequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, true).into(),
+        ])))
+        .with_post_processor(Some(
+            RobertaProcessing::new(settings.eos, settings.bos)
+                .trim_offsets(false)
+                .add_prefix_space(false),
+        ))
+        .with_decoder(Some(ByteLevel::default()));
+    // After the normalizer, so that a `normalized` token matches the normalized text.
+    tokenizer.add_tokens(added).map_err(failed)?;
+    Ok(tokenizer)
 }
 
-fn read_json_object(path: &Path) -> std::result::Result<Map<String, Value>, String> {
-    let text = read_text(path)?;
-    match serde_json::from_str::<Value>(&text) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err("expected a JSON object".to_string()),
-        Err(e) => Err(format!("invalid JSON: {e}")),
+/// The tokenizer's folder of a model; its errors name the component and the file.
+struct Folder<'a> {
+    src: &'a dyn FileSource,
+    component: &'a str,
+}
+
+impl Folder<'_> {
+    fn missing(&self, name: &str) -> anyhow::Error {
+        let path = Path::new(&self.src.describe()).join(self.component).join(name);
+        ModelError::MissingFile {
+            component: self.component.to_string(),
+            path,
+        }
+        .into()
+    }
+
+    fn bad(&self, path: &Path, message: String) -> ModelError {
+        let (component, path) = (self.component.to_string(), path.to_path_buf());
+        ModelError::BadFile {
+            component,
+            path,
+            message,
+        }
+    }
+
+    /// File `name` parsed with `parse`, and its path; `None` if the folder has no such file.
+    fn parse<T>(&self, name: &str, parse: impl FnOnce(&str) -> Parsed<T>) -> Result<Option<(PathBuf, T)>> {
+        let Some(path) = self.src.get(&format!("{}/{name}", self.component))? else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| self.bad(&path, format!("cannot read: {e}")))?;
+        let value = parse(&text).map_err(|m| self.bad(&path, m))?;
+        Ok(Some((path, value)))
     }
 }
 
-/// The two tables a BPE model needs; the rest of the tokenizer is fixed by `CLIPTokenizer`.
-struct BpeTables {
-    /// Sorted by id, as `tokenizers` writes `tokenizer.json`.
-    vocab: Vec<(String, u32)>,
-    merges: Vec<(String, String)>,
-}
-
 /// `vocab.json`: a JSON object token -> id.
-fn parse_vocab_json(text: &str) -> std::result::Result<Vec<(String, u32)>, String> {
-    let map: BTreeMap<String, u32> = serde_json::from_str(text).map_err(|e| format!("expected {{token: id}}: {e}"))?;
-    Ok(sorted_vocab(map))
-}
-
-fn sorted_vocab(map: BTreeMap<String, u32>) -> Vec<(String, u32)> {
-    let mut vocab: Vec<(String, u32)> = map.into_iter().collect();
-    vocab.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
-    vocab
+fn parse_vocab_json(text: &str) -> Parsed<Vocab> {
+    serde_json::from_str(text).map_err(|e| format!("expected {{token: id}}: {e}"))
 }
 
 /// `merges.txt` as `tokenizers`' `BPE::read_file` reads it (what transformers 5 hands the file
 /// to): every line starting with `#version` skipped, every other line exactly `a b`.
-fn parse_merges_txt(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
-    let mut merges = Vec::new();
-    for (rank, line) in text.lines().filter(|l| !l.starts_with("#version")).enumerate() {
-        match line.split(' ').collect::<Vec<_>>().as_slice() {
-            [a, b] => merges.push((a.to_string(), b.to_string())),
-            _ => {
-                return Err(format!(
-                    "merge {} is {line:?}, expected two tokens separated by one space",
-                    rank + 1
-                ))
-            }
-        }
+fn parse_merges_txt(text: &str) -> Parsed<Merges> {
+    let lines = text.lines().filter(|l| !l.starts_with("#version"));
+    lines.enumerate().map(|(rank, line)| split_merge(line, rank)).collect()
+}
+
+fn split_merge(merge: &str, rank: usize) -> Parsed<(String, String)> {
+    match merge.split_once(' ') {
+        Some((a, b)) if !b.contains(' ') => Ok((a.to_string(), b.to_string())),
+        _ => Err(format!(
+            "merge {} is {merge:?}, expected two tokens separated by one space",
+            rank + 1
+        )),
     }
-    Ok(merges)
 }
 
+/// What transformers 5's `convert_to_native_format` keeps of a `tokenizer.json` for a class with
+/// its own `__init__`: vocab, merges (`M`: `["a", "b"]` pairs, or the `"a b"` strings of
+/// `tokenizers` < 0.20) and added tokens.
 #[derive(Deserialize)]
-struct TokenizerJsonFile {
-    model: TokenizerJsonModel,
+struct TokenizerJson<M> {
+    model: BpeJson<M>,
     #[serde(default)]
-    added_tokens: Vec<TokenizerJsonAddedToken>,
+    added_tokens: Vec<AddedTokenJson>,
 }
 
 #[derive(Deserialize)]
-struct TokenizerJsonModel {
+struct BpeJson<M> {
     #[serde(rename = "type")]
     kind: Option<String>,
-    vocab: BTreeMap<String, u32>,
-    merges: Vec<Merge>,
-}
-
-/// `tokenizers` >= 0.20 writes merges as pairs, older versions as `"a b"` strings.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Merge {
-    Pair(String, String),
-    Joined(String),
+    vocab: Vocab,
+    merges: Vec<M>,
 }
 
 #[derive(Deserialize)]
-struct TokenizerJsonAddedToken {
+struct AddedTokenJson {
     id: u32,
-    content: String,
-    #[serde(default)]
-    single_word: bool,
-    #[serde(default)]
-    lstrip: bool,
-    #[serde(default)]
-    rstrip: bool,
-    #[serde(default = "default_true")]
-    normalized: bool,
-    #[serde(default)]
-    special: bool,
+    #[serde(flatten)]
+    token: TokenDict,
 }
 
-fn default_true() -> bool {
-    true
-}
+/// Vocab, merges, and the added tokens with their ids.
+type Tables = (Vocab, Merges, Vec<(u32, AddedToken)>);
 
-/// Vocab, merges and added tokens of a `tokenizer.json` (transformers 5's
-/// `convert_to_native_format` keeps exactly these for a class with its own `__init__`).
-fn tables_from_tokenizer_json(text: &str) -> std::result::Result<(BpeTables, Vec<(u32, AddedTokenSpec)>), String> {
-    let file: TokenizerJsonFile = serde_json::from_str(text).map_err(|e| format!("not a BPE tokenizer.json: {e}"))?;
-    if let Some(kind) = file.model.kind.as_deref() {
-        if kind != "BPE" {
-            return Err(format!("model type is {kind:?}, CLIP needs \"BPE\""));
+fn parse_tokenizer_json(text: &str) -> Parsed<Tables> {
+    let (model, added_tokens) = match serde_json::from_str::<TokenizerJson<(String, String)>>(text) {
+        Ok(file) => (file.model, file.added_tokens),
+        Err(e) => {
+            let old: TokenizerJson<String> =
+                serde_json::from_str(text).map_err(|_| format!("not a BPE tokenizer.json: {e}"))?;
+            let merges = old
+                .model
+                .merges
+                .iter()
+                .enumerate()
+                .map(|(rank, m)| split_merge(m, rank));
+            let (kind, vocab, merges) = (old.model.kind, old.model.vocab, merges.collect::<Parsed<_>>()?);
+            (BpeJson { kind, vocab, merges }, old.added_tokens)
         }
+    };
+    if let Some(kind) = model.kind.filter(|k| k != "BPE") {
+        return Err(format!("model type is {kind:?}, CLIP needs \"BPE\""));
     }
-    let mut merges = Vec::with_capacity(file.model.merges.len());
-    for (rank, merge) in file.model.merges.into_iter().enumerate() {
-        match merge {
-            Merge::Pair(a, b) => merges.push((a, b)),
-            Merge::Joined(s) => match s.split(' ').collect::<Vec<_>>().as_slice() {
-                [a, b] => merges.push((a.to_string(), b.to_string())),
-                _ => return Err(format!("merge {} is {s:?}, expected \"a b\"", rank + 1)),
-            },
-        }
-    }
-    let added = file
-        .added_tokens
-        .into_iter()
-        .map(|t| {
-            let spec = AddedTokenSpec {
-                content: t.content,
-                single_word: t.single_word,
-                lstrip: t.lstrip,
-                rstrip: t.rstrip,
-                normalized: t.normalized,
-                special: t.special,
-            };
-            (t.id, spec)
-        })
-        .collect();
-    Ok((
-        BpeTables {
-            vocab: sorted_vocab(file.model.vocab),
-            merges,
-        },
-        added,
-    ))
+    // A missing `normalized` is `tokenizers`' default, true.
+    let added = added_tokens.iter().map(|t| {
+        let normalized = t.token.normalized.unwrap_or(true);
+        (t.id, t.token.token(false).normalized(normalized))
+    });
+    Ok((model.vocab, model.merges, added.collect()))
 }
 
 // ------------------------------------------------------------------------------------------
 // Special tokens and length, resolved as transformers 5's `from_pretrained` resolves them
 // ------------------------------------------------------------------------------------------
 
-/// An `AddedToken` as `tokenizers` stores it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct AddedTokenSpec {
-    content: String,
-    single_word: bool,
-    lstrip: bool,
-    rstrip: bool,
-    normalized: bool,
-    special: bool,
+/// `tokenizer_config.json`, and of it `special_tokens_map.json` has the named tokens.
+#[derive(Deserialize)]
+struct TokenizerConfig {
+    /// id -> token; a `BTreeMap`, so in id order.
+    added_tokens_decoder: Option<BTreeMap<u32, TokenDict>>,
+    bos_token: Option<NamedToken>,
+    eos_token: Option<NamedToken>,
+    unk_token: Option<NamedToken>,
+    pad_token: Option<NamedToken>,
+    model_max_length: Option<f64>,
 }
 
-impl AddedTokenSpec {
-    /// `AddedToken(content, special=True)`: transformers' form for a named special token given
-    /// as a plain string (`normalized` defaults to `not special`).
-    fn special(content: &str) -> Self {
-        Self {
-            content: content.to_string(),
-            single_word: false,
-            lstrip: false,
-            rstrip: false,
-            normalized: false,
-            special: true,
+/// A named special token: a string (`AddedToken(content, special=True)`) or an `AddedToken` dict.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NamedToken {
+    Content(String),
+    Dict(TokenDict),
+}
+
+impl TokenizerConfig {
+    /// BOS, EOS, UNK and PAD, where the file names them.
+    fn named(&self) -> [Option<&NamedToken>; 4] {
+        [&self.bos_token, &self.eos_token, &self.unk_token, &self.pad_token].map(Option::as_ref)
+    }
+}
+
+impl NamedToken {
+    fn token(&self, force_special: bool) -> AddedToken {
+        match self {
+            NamedToken::Content(content) => AddedToken::from(content.as_str(), true),
+            NamedToken::Dict(dict) => dict.token(force_special),
         }
     }
+}
 
-    /// An `AddedToken(**dict)` from a config file; `special` as the caller forces it or the dict
-    /// says (default false), `normalized` defaulting to `not special` like `AddedToken`'s.
-    fn from_dict(map: &Map<String, Value>, force_special: Option<bool>) -> std::result::Result<Self, String> {
-        let flag = |key: &str| -> std::result::Result<Option<bool>, String> {
-            match map.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::Bool(b)) => Ok(Some(*b)),
-                Some(other) => Err(format!("`{key}` is {other}, expected true or false")),
-            }
-        };
-        let content = match map.get("content") {
-            Some(Value::String(s)) => s.clone(),
-            _ => {
-                return Err(format!(
-                    "added token {} has no string `content`",
-                    Value::Object(map.clone())
-                ))
-            }
-        };
-        let special = match force_special {
-            Some(s) => s,
-            None => flag("special")?.unwrap_or(false),
-        };
-        Ok(Self {
-            content,
-            single_word: flag("single_word")?.unwrap_or(false),
-            lstrip: flag("lstrip")?.unwrap_or(false),
-            rstrip: flag("rstrip")?.unwrap_or(false),
-            normalized: flag("normalized")?.unwrap_or(!special),
-            special,
-        })
+/// An `AddedToken` as a config file writes it.
+#[derive(Deserialize)]
+struct TokenDict {
+    content: String,
+    single_word: Option<bool>,
+    lstrip: Option<bool>,
+    rstrip: Option<bool>,
+    normalized: Option<bool>,
+    special: Option<bool>,
+}
+
+impl TokenDict {
+    /// `AddedToken(**dict)`, plus `special=True` where transformers adds it: every flag false
+    /// unless the dict says otherwise, `normalized` then defaulting to `not special`.
+    fn token(&self, force_special: bool) -> AddedToken {
+        let special = force_special || self.special.unwrap_or(false);
+        AddedToken::from(self.content.as_str(), special)
+            .single_word(self.single_word.unwrap_or(false))
+            .lstrip(self.lstrip.unwrap_or(false))
+            .rstrip(self.rstrip.unwrap_or(false))
+            .normalized(self.normalized.unwrap_or(!special))
     }
 }
 
-/// A named special token's value in `tokenizer_config.json` / `special_tokens_map.json`: a
-/// string, an `AddedToken` dict, or null/absent.
-fn named_token(
-    value: Option<&Value>,
-    key: &str,
-    force_special: Option<bool>,
-) -> std::result::Result<Option<AddedTokenSpec>, String> {
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(AddedTokenSpec::special(s))),
-        Some(Value::Object(map)) => AddedTokenSpec::from_dict(map, force_special)
-            .map(Some)
-            .map_err(|m| format!("`{key}`: {m}")),
-        Some(other) => Err(format!("`{key}` is {other}, expected a string or an object")),
-    }
-}
-
-/// Everything besides vocab and merges that shapes the tokenizer.
-#[derive(Debug)]
+/// The special tokens: BOS and EOS as the post-processor takes them (token, id).
 struct Settings {
-    bos: String,
-    eos: String,
+    bos: (String, u32),
+    eos: (String, u32),
     unk: String,
-    pad: String,
-    /// In the order transformers adds them: `added_tokens_decoder` by id, then the named
+    pad_id: u32,
+    /// In the order transformers adds them: the added tokens' table by id, then the named
     /// special tokens it lacks.
-    added: Vec<AddedTokenSpec>,
-    max_len: usize,
+    added: Vec<AddedToken>,
 }
-
-/// The named special tokens transformers knows about, in `SPECIAL_TOKENS_ATTRIBUTES` order
-/// (CLIP has no sep/cls/mask), with `CLIPTokenizer.__init__`'s defaults.
-const NAMED_TOKENS: [(&str, &str); 4] = [
-    ("bos_token", DEFAULT_BOS),
-    ("eos_token", DEFAULT_EOS),
-    ("unk_token", DEFAULT_UNK),
-    ("pad_token", DEFAULT_PAD),
-];
 
 /// transformers 5 (`PreTrainedTokenizerBase._from_pretrained`, `TokenizersBackend.__init__`):
 /// with an `added_tokens_decoder` in `tokenizer_config.json`, that table is the added tokens and
@@ -527,246 +422,67 @@ const NAMED_TOKENS: [(&str, &str); 4] = [
 /// config's named tokens and `tokenizer.json`'s `added_tokens` are the table. Named special
 /// tokens missing from the table are added after it, as special tokens.
 fn resolve_settings(
-    config: Option<&Map<String, Value>>,
-    special_map: Option<&Map<String, Value>>,
-    file_added: Vec<(u32, AddedTokenSpec)>,
-) -> std::result::Result<Settings, String> {
-    let empty = Map::new();
-    let config = config.unwrap_or(&empty);
-
-    let mut table: Vec<(u32, AddedTokenSpec)> = match config.get("added_tokens_decoder") {
-        Some(Value::Object(decoder)) => {
-            let mut table = Vec::with_capacity(decoder.len());
-            for (id, token) in decoder {
-                let id: u32 = id
-                    .parse()
-                    .map_err(|_| format!("added_tokens_decoder key {id:?} is not an id"))?;
-                let spec = match token {
-                    Value::Object(map) => AddedTokenSpec::from_dict(map, None)?,
-                    other => return Err(format!("added_tokens_decoder[{id}] is {other}, expected an object")),
-                };
-                table.push((id, spec));
-            }
-            table
+    config: Option<&TokenizerConfig>,
+    special_map: Option<&TokenizerConfig>,
+    mut file_added: Vec<(u32, AddedToken)>,
+    vocab: &Vocab,
+) -> Parsed<Settings> {
+    let (mut added, special_map): (Vec<_>, _) = match config.and_then(|c| c.added_tokens_decoder.as_ref()) {
+        Some(decoder) => (decoder.values().map(|t| t.token(false)).collect(), None),
+        None => {
+            file_added.sort_by_key(|(id, _)| *id);
+            (file_added.into_iter().map(|(_, token)| token).collect(), special_map)
         }
-        Some(Value::Null) | None => file_added,
-        Some(other) => return Err(format!("`added_tokens_decoder` is {other}, expected an object")),
     };
-    table.sort_by_key(|(id, _)| *id);
-    let use_special_map = !matches!(config.get("added_tokens_decoder"), Some(Value::Object(_)));
-
-    let mut added: Vec<AddedTokenSpec> = table.into_iter().map(|(_, spec)| spec).collect();
-    let mut names = Vec::with_capacity(NAMED_TOKENS.len());
-    for (key, default) in NAMED_TOKENS {
-        let from_map = special_map.filter(|_| use_special_map).and_then(|m| m.get(key));
-        let spec = match from_map {
-            // `special_tokens_map.json` dicts become `AddedToken(**value, special=True)`.
-            Some(v) if !v.is_null() => named_token(Some(v), key, Some(true))?,
-            _ => named_token(config.get(key), key, None)?,
+    let from_map = special_map.map_or([None; 4], TokenizerConfig::named);
+    let from_config = config.map_or([None; 4], TokenizerConfig::named);
+    let [bos, eos, unk, pad] = std::array::from_fn(|i| {
+        let token = match (from_map[i], from_config[i]) {
+            // `special_tokens_map.json` wins; its dicts become `AddedToken(**value, special=True)`.
+            (Some(token), _) => token.token(true),
+            (None, Some(token)) => token.token(false),
+            (None, None) => AddedToken::from(DEFAULT_NAMES[i], true),
         };
-        let spec = match spec {
-            // A named token that the table already has is that table entry.
-            Some(spec) => added
-                .iter()
-                .find(|t| t.content == spec.content)
-                .cloned()
-                .unwrap_or(AddedTokenSpec { special: true, ..spec }),
-            None => AddedTokenSpec::special(default),
-        };
-        names.push(spec.content.clone());
-        if !added.iter().any(|t| t.content == spec.content) {
-            added.push(spec);
+        // A named token that the table has is that entry; a new one is added as special.
+        let content = token.content.clone();
+        if !added.iter().any(|t| t.content == content) {
+            added.push(token.special(true));
         }
-    }
-    let [bos, eos, unk, pad]: [String; 4] = names
-        .try_into()
-        .map_err(|_| "internal error: four named tokens expected".to_string())?;
-
+        content
+    });
+    let id_of = |what: &str, token: &str| {
+        let id = vocab.get(token).copied();
+        id.ok_or_else(|| format!("{what} token {token:?} is not in the vocabulary"))
+    };
+    let (bos_id, eos_id, _, pad_id) = (
+        id_of("bos", &bos)?,
+        id_of("eos", &eos)?,
+        id_of("unk", &unk)?,
+        id_of("pad", &pad)?,
+    );
     Ok(Settings {
-        bos,
-        eos,
+        bos: (bos, bos_id),
+        eos: (eos, eos_id),
         unk,
-        pad,
+        pad_id,
         added,
-        max_len: model_max_length(config.get("model_max_length"))?,
     })
 }
 
 /// `model_max_length` from `tokenizer_config.json`: absent, null or transformers' "unset"
 /// value `int(1e30)` -> CLIP's 77 (diffusers would otherwise pad to 1e30).
-fn model_max_length(value: Option<&Value>) -> std::result::Result<usize, String> {
-    let n = match value {
-        None | Some(Value::Null) => return Ok(DEFAULT_MAX_LEN),
-        Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::INFINITY),
-        Some(other) => return Err(format!("`model_max_length` is {other}, expected a number")),
-    };
-    if n > MAX_SANE_MAX_LEN {
-        tracing::debug!(model_max_length = n, "model_max_length unset; using {DEFAULT_MAX_LEN}");
-        return Ok(DEFAULT_MAX_LEN);
-    }
-    if n.fract() != 0.0 || n < 2.0 {
-        return Err(format!(
+fn model_max_length(value: Option<f64>) -> Parsed<usize> {
+    match value {
+        None => Ok(DEFAULT_MAX_LEN),
+        Some(n) if n > MAX_SANE_MAX_LEN => {
+            tracing::debug!(model_max_length = n, "model_max_length unset; using {DEFAULT_MAX_LEN}");
+            Ok(DEFAULT_MAX_LEN)
+        }
+        Some(n) if n.fract() == 0.0 && n >= 2.0 => Ok(n as usize),
+        Some(n) => Err(format!(
             "`model_max_length` is {n}, expected a whole number of at least 2 (BOS and EOS)"
-        ));
+        )),
     }
-    Ok(n as usize)
-}
-
-// ------------------------------------------------------------------------------------------
-// The tokenizer.json template (transformers 5's `CLIPTokenizer.__init__`)
-// ------------------------------------------------------------------------------------------
-
-/// A vocabulary serialized as a JSON object in id order.
-struct OrderedVocab<'a>(&'a [(String, u32)]);
-
-impl Serialize for OrderedVocab<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.0.len()))?;
-        for (token, id) in self.0 {
-            map.serialize_entry(token, id)?;
-        }
-        map.end()
-    }
-}
-
-#[derive(Serialize)]
-struct TokenizerJsonOut<'a> {
-    version: &'static str,
-    truncation: Option<()>,
-    padding: Option<()>,
-    added_tokens: Vec<AddedTokenOut<'a>>,
-    normalizer: Value,
-    pre_tokenizer: Value,
-    post_processor: Value,
-    decoder: Value,
-    model: BpeOut<'a>,
-}
-
-#[derive(Serialize)]
-struct AddedTokenOut<'a> {
-    id: u32,
-    content: &'a str,
-    single_word: bool,
-    lstrip: bool,
-    rstrip: bool,
-    normalized: bool,
-    special: bool,
-}
-
-#[derive(Serialize)]
-struct BpeOut<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    dropout: Option<f32>,
-    unk_token: &'a str,
-    continuing_subword_prefix: &'static str,
-    end_of_word_suffix: &'static str,
-    fuse_unk: bool,
-    byte_fallback: bool,
-    ignore_merges: bool,
-    vocab: OrderedVocab<'a>,
-    merges: &'a [(String, String)],
-}
-
-/// BOS, EOS, UNK and PAD must be in the vocabulary (transformers would append a missing one
-/// as a new token, one the text encoder's embedding table does not have).
-fn check_named_tokens(tables: &BpeTables, settings: &Settings) -> std::result::Result<(), String> {
-    for (what, token) in [
-        ("bos token", &settings.bos),
-        ("eos token", &settings.eos),
-        ("unk token", &settings.unk),
-        ("pad token", &settings.pad),
-    ] {
-        if !tables.vocab.iter().any(|(t, _)| t == token) {
-            return Err(format!("{what} {token:?} is not in the vocabulary"));
-        }
-    }
-    Ok(())
-}
-
-fn build_tokenizer_json(tables: &BpeTables, settings: &Settings) -> std::result::Result<String, String> {
-    let mut ids: BTreeMap<&str, u32> = BTreeMap::new();
-    for (token, id) in &tables.vocab {
-        ids.insert(token, *id);
-    }
-    let id_of = |token: &str, what: &str| {
-        ids.get(token)
-            .copied()
-            .ok_or_else(|| format!("{what} {token:?} is not in the vocabulary"))
-    };
-
-    let mut seen = HashSet::new();
-    let mut added = Vec::with_capacity(settings.added.len());
-    for t in &settings.added {
-        if !seen.insert(t.content.as_str()) {
-            continue;
-        }
-        added.push(AddedTokenOut {
-            id: id_of(&t.content, "added token")?,
-            content: &t.content,
-            single_word: t.single_word,
-            lstrip: t.lstrip,
-            rstrip: t.rstrip,
-            normalized: t.normalized,
-            special: t.special,
-        });
-    }
-    id_of(&settings.unk, "unk token")?;
-    id_of(&settings.pad, "pad token")?;
-
-    let out = TokenizerJsonOut {
-        version: "1.0",
-        truncation: None,
-        padding: None,
-        added_tokens: added,
-        normalizer: json!({
-            "type": "Sequence",
-            "normalizers": [
-                {"type": "NFC"},
-                {"type": "Replace", "pattern": {"Regex": r"\s+"}, "content": " "},
-                {"type": "Lowercase"},
-            ],
-        }),
-        pre_tokenizer: json!({
-            "type": "Sequence",
-            "pretokenizers": [
-                {
-                    "type": "Split",
-                    "pattern": {"Regex": CLIP_SPLIT_REGEX},
-                    "behavior": "Removed",
-                    "invert": true,
-                },
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-            ],
-        }),
-        post_processor: json!({
-            "type": "RobertaProcessing",
-            "sep": [settings.eos, id_of(&settings.eos, "eos token")?],
-            "cls": [settings.bos, id_of(&settings.bos, "bos token")?],
-            "trim_offsets": false,
-            "add_prefix_space": false,
-        }),
-        // `decoders.ByteLevel()` with its defaults.
-        decoder: json!({
-            "type": "ByteLevel",
-            "add_prefix_space": true,
-            "trim_offsets": true,
-            "use_regex": true,
-        }),
-        model: BpeOut {
-            kind: "BPE",
-            dropout: None,
-            unk_token: &settings.unk,
-            continuing_subword_prefix: "",
-            end_of_word_suffix: END_OF_WORD_SUFFIX,
-            fuse_unk: false,
-            byte_fallback: false,
-            ignore_merges: false,
-            vocab: OrderedVocab(&tables.vocab),
-            merges: &tables.merges,
-        },
-    };
-    serde_json::to_string(&out).map_err(|e| format!("cannot write tokenizer.json: {e}"))
 }
 
 /// Python's `str.strip()`: trims what `str.isspace()` accepts, which is Rust's White_Space plus
@@ -778,6 +494,11 @@ fn py_strip(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
+
+    use std::str::FromStr;
+
+    use serde_json::{json, Value};
+    use tokenizers::Tokenizer;
 
     use super::*;
     use crate::hub::LocalDir;
@@ -1048,6 +769,27 @@ mod tests {
         for config in ["{", r#"{"pad_token": "<pad>"}"#, r#"{"model_max_length": 1}"#] {
             std::fs::write(tok_dir.join("tokenizer_config.json"), config).unwrap();
             assert_bad_file(dir.path(), "tokenizer_config.json");
+        }
+    }
+
+    /// A `tokenizer.json` from `tokenizers` < 0.20, with the merges as `"a b"` strings, gives
+    /// the same tokens.
+    #[test]
+    fn legacy_merges_tokenize_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok_dir = dir.path().join("tokenizer");
+        std::fs::create_dir(&tok_dir).unwrap();
+        let fixture = std::fs::read_to_string(fixtures().join("tokenizer-json/tokenizer.json")).unwrap();
+        let mut json: Value = serde_json::from_str(&fixture).unwrap();
+        let joined = |m: &Value| Value::from(format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()));
+        let merges = json["model"]["merges"].as_array().unwrap().iter().map(joined).collect();
+        json["model"]["merges"] = Value::Array(merges);
+        std::fs::write(tok_dir.join("tokenizer.json"), json.to_string()).unwrap();
+
+        let tok = load(dir.path()).unwrap();
+        let (meta, ids, _) = reference("tiny-a");
+        for (prompt, ids) in meta.prompts.iter().zip(&ids) {
+            assert_eq!(&tok.encode(prompt).unwrap().ids, ids, "{prompt:?}");
         }
     }
 
