@@ -10,8 +10,8 @@ use candle_core::DType;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use wuerstchen::commands;
 use wuerstchen::request::{
-    self, DecodePlan, DeviceSpec, GeneratePlan, ModelSpec, OutputInput, PromptsInput, RuntimeSpec, SamplingInput,
-    DEFAULT_DECODER_GUIDANCE, DEFAULT_DECODER_STEPS,
+    self, DecodePlan, DeviceSpec, GenerateInputs, GeneratePlan, ModelSpec, OutputInput, PromptsInput, RuntimeSpec,
+    SamplingInput, DEFAULT_DECODER_GUIDANCE, DEFAULT_DECODER_STEPS,
 };
 use wuerstchen::rng::BoxMuller;
 
@@ -53,6 +53,8 @@ pub enum Command {
     Prior(PriorArgs),
     /// Run only the decoder and VQGAN on embeddings written by `prior` (or `generate --save-embeddings`)
     Decode(DecodeArgs),
+    /// Show the generation record a PNG carries (prompt, seed, size, schedules, models, ...)
+    Info(InfoArgs),
     /// Fetch the model files into the Hugging Face cache
     Download(DownloadArgs),
     /// Write a tiny random-weight model in the Hub layout, for smoke tests
@@ -83,9 +85,18 @@ pub struct ManArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).multiple(true).args(["prompt", "prompts", "from"])))]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub prompt: PromptArgs,
+    /// Make a PNG written by wuerstchen again: its recorded prompt, seed, size, schedules,
+    /// guidance, models, dtype and rng, each replaced by the options given here (`--from
+    /// a.png --seed 7` makes a variation)
+    #[arg(long, value_name = "PNG", conflicts_with = "prompts", help_heading = "Prompt")]
+    pub from: Option<PathBuf>,
+    /// The options given on the command line or in the environment (clap ids), for `--from`
+    #[arg(skip)]
+    pub given: Vec<String>,
     #[command(flatten)]
     pub batch: BatchArgs,
     #[command(flatten)]
@@ -108,6 +119,7 @@ pub struct GenerateArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompts"])))]
 pub struct PriorArgs {
     #[command(flatten)]
     pub prompt: PromptArgs,
@@ -163,6 +175,16 @@ pub struct DecodeArgs {
     pub output: OutputArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// PNGs written by `generate` or `decode`
+    #[arg(required = true, value_name = "PNG")]
+    pub files: Vec<PathBuf>,
+    /// One JSON object per file on stdout: the record as stored, plus `path`
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -250,7 +272,7 @@ pub struct TinyModelArgs {
 #[command(next_help_heading = "Prompt")]
 pub struct PromptArgs {
     /// What to draw
-    #[arg(long, short, required_unless_present = "prompts", conflicts_with = "prompts")]
+    #[arg(long, short, conflicts_with = "prompts")]
     pub prompt: Option<String>,
     /// What to steer away from (used where guidance is on)
     #[arg(long, default_value = "")]
@@ -493,13 +515,24 @@ impl GenerateArgs {
             overwrite: self.output.overwrite,
             json: self.output.json,
         };
+        let mut inputs = GenerateInputs {
+            prompts: self.prompt.input(&self.batch, p.seed),
+            sampling: p.input(Some(&self.decoder_sampling)),
+            rng: p.rng.into(),
+            models: models(&self.prior_model, Some(&self.decoder_model), &self.hub),
+            runtime: self.runtime.spec()?,
+        };
+        if let Some(file) = &self.from {
+            let record = wuerstchen::output::read_record(file)?;
+            inputs.replay(&record, file, |id| self.given.iter().any(|g| g == id))?;
+        }
         request::plan_generate(
-            &self.prompt.input(&self.batch, p.seed),
-            &p.input(Some(&self.decoder_sampling)),
+            &inputs.prompts,
+            &inputs.sampling,
             &output,
-            p.rng.into(),
-            models(&self.prior_model, Some(&self.decoder_model), &self.hub),
-            self.runtime.spec()?,
+            inputs.rng,
+            inputs.models,
+            inputs.runtime,
         )
     }
 }
@@ -550,6 +583,36 @@ impl DecodeArgs {
     }
 }
 
+/// Parses the command line like `Cli::parse`, and notes which of `generate`'s options were
+/// given (on the command line or in the environment, not by default), for `--from`.
+pub fn parse() -> Cli {
+    parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+}
+
+fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::parser::ValueSource;
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut Cli::command()))?;
+    if let (Command::Generate(args), Some(("generate", m))) = (&mut cli.command, matches.subcommand()) {
+        args.given = m
+            .ids()
+            .filter(|id| {
+                matches!(
+                    m.value_source(id.as_str()),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                )
+            })
+            .map(|id| id.to_string())
+            .collect();
+    }
+    Ok(cli)
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     wuerstchen::progress::init_logging(cli.log.quiet, cli.log.verbose);
@@ -558,6 +621,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => commands::generate::run(args.plan()?, quiet),
         Command::Prior(args) => commands::stages::run_prior(args.plan()?, quiet),
         Command::Decode(args) => commands::stages::run_decode(args.plan()?, quiet),
+        Command::Info(args) => commands::info::run(&commands::info::InfoPlan {
+            files: args.files,
+            json: args.json,
+        }),
         Command::Download(args) => {
             commands::download::run(&models(&args.prior_model, Some(&args.decoder_model), &args.hub), quiet)
         }
@@ -684,6 +751,31 @@ mod tests {
         assert_eq!(parse(&[]), None);
         assert_eq!(parse(&["--seed"]), Some(None));
         assert_eq!(parse(&["--seed", "42"]), Some(Some(42)));
+    }
+
+    #[test]
+    fn from_makes_the_prompt_optional_and_notes_what_was_given() {
+        let given = |args: &[&str]| {
+            let argv = ["wuerstchen", "generate"].iter().chain(args).copied();
+            match parse_from(argv).unwrap().command {
+                Command::Generate(mut g) => {
+                    g.given.sort();
+                    g.given
+                }
+                _ => unreachable!(),
+            }
+        };
+        // the ids of the options given (and of the groups they are in), not the defaults
+        let ids = given(&["--from", "a.png", "--seed", "7", "-W", "512", "--decoder-steps", "3"]);
+        for id in ["from", "seed", "width", "decoder_steps"] {
+            assert!(ids.iter().any(|g| g == id), "{id} in {ids:?}");
+        }
+        for id in ["height", "prior_guidance", "num_images", "rng", "revision", "prior"] {
+            assert!(!ids.iter().any(|g| g == id), "{id} not in {ids:?}");
+        }
+        assert!(parse_from(["wuerstchen", "generate", "--from", "a.png", "-p", "x"]).is_ok());
+        assert!(parse_from(["wuerstchen", "generate", "--from", "a.png", "--prompts", "f"]).is_err());
+        assert!(parse_from(["wuerstchen", "prior", "--from", "a.png"]).is_err());
     }
 
     #[test]

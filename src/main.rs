@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use wuerstchen::error::{InputError, Interrupted};
 
 mod cli;
@@ -11,7 +10,7 @@ mod cli;
 fn main() -> ExitCode {
     keep_freed_memory();
     park_idle_workers();
-    match cli::run(cli::Cli::parse()) {
+    match cli::run(cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", message(&err));

@@ -192,6 +192,43 @@ pub fn check_writable(path: &Path, overwrite: bool) -> Result<(), InputError> {
     Ok(())
 }
 
+/// The generation record a PNG carries in its `wuerstchen` text chunk. A file that cannot be
+/// read, is not a PNG, has no record or a broken one is an input error naming the file (and,
+/// for a broken record, the field).
+pub fn read_record(path: &Path) -> Result<crate::record::GenerationRecord, InputError> {
+    let text = read_record_text(path)?;
+    crate::record::GenerationRecord::from_json(&text)
+        .map_err(|e| InputError::new(format!("{}: bad `wuerstchen` record: {e}", path.display())))
+}
+
+/// The `wuerstchen` text chunk of a PNG as stored (JSON, not yet checked).
+pub fn read_record_text(path: &Path) -> Result<String, InputError> {
+    let shown = path.display();
+    let file = std::fs::File::open(path).map_err(|e| InputError::new(format!("cannot read {shown}: {e}")))?;
+    let reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .map_err(|e| InputError::new(format!("{shown} is not a readable PNG: {e}")))?;
+    let info = reader.info();
+    let latin1 = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (&t.keyword, Some(t.text.clone())));
+    let compressed = info
+        .compressed_latin1_text
+        .iter()
+        .map(|t| (&t.keyword, t.get_text().ok()));
+    let utf8 = info.utf8_text.iter().map(|t| (&t.keyword, t.get_text().ok()));
+    match latin1.chain(compressed).chain(utf8).find(|(k, _)| *k == "wuerstchen") {
+        Some((_, Some(text))) => Ok(text),
+        Some((_, None)) => Err(InputError::new(format!(
+            "{shown}: its `wuerstchen` text chunk cannot be decoded"
+        ))),
+        None => Err(InputError::new(format!(
+            "{shown} has no `wuerstchen` record (not written by wuerstchen, or its text chunks were stripped)"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

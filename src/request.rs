@@ -3,7 +3,7 @@
 //! line (`src/cli.rs`, part of the binary) only fills in the `*Input` values, so nothing here
 //! knows clap.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::DType;
@@ -12,6 +12,7 @@ use crate::error::InputError;
 use crate::output;
 use crate::pipeline::{DecoderParams, PriorParams};
 use crate::prompts::{self, Entry, PromptLine, Shard};
+use crate::record::GenerationRecord;
 use crate::rng::BoxMuller;
 use crate::scheduler;
 
@@ -644,6 +645,105 @@ pub fn decode_request(
     Ok((req, noise))
 }
 
+/// What `generate` (and `generate --from`) takes as given, before validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateInputs {
+    pub prompts: PromptsInput,
+    pub sampling: SamplingInput,
+    pub rng: BoxMuller,
+    pub models: ModelSpec,
+    pub runtime: RuntimeSpec,
+}
+
+impl GenerateInputs {
+    /// `generate --from FILE`: the recorded generation's prompt, negative prompt, seed, size,
+    /// schedules (as explicit lists, so they round-trip exactly), guidance, number of images,
+    /// models, dtype and rng replace these inputs, except the options `given` says the user
+    /// set (by their long names with `_`: `seed`, `prior_steps`, `decoder`, ...). A recorded
+    /// value that does not validate is an input error naming the file and the field.
+    pub fn replay(&mut self, record: &GenerationRecord, file: &Path, given: impl Fn(&str) -> bool) -> Result<()> {
+        let bad = |field: &str, e: &dyn std::fmt::Display| InputError::new(format!("{}: {field}: {e}", file.display()));
+        let r = record;
+        let (p, s) = (&mut self.prompts, &mut self.sampling);
+        if !given("prompt") {
+            p.prompt = Some(r.prompt.clone());
+        }
+        if !given("negative_prompt") {
+            p.negative_prompt = r.negative_prompt.clone();
+        }
+        if !given("seed") {
+            p.seed = Some(Some(r.seed));
+        }
+        if !given("width") {
+            s.width = r.width;
+        }
+        if !given("height") {
+            s.height = r.height;
+        }
+        if !given("prior_steps") && !given("prior_timesteps") {
+            let list = f64_list(&r.prior_timesteps);
+            check_timesteps("prior", &list).map_err(|e| bad("prior_timesteps", &e))?;
+            (s.prior_steps, s.prior_timesteps) = (None, Some(list));
+        }
+        if !given("decoder_steps") {
+            let list = f64_list(&r.decoder_timesteps);
+            check_timesteps("decoder", &list).map_err(|e| bad("decoder_timesteps", &e))?;
+            (s.decoder_steps, s.decoder_timesteps) = (None, Some(list));
+        }
+        if !given("prior_guidance") {
+            s.prior_guidance = r.prior_guidance;
+        }
+        if !given("decoder_guidance") {
+            s.decoder_guidance = r.decoder_guidance;
+        }
+        if !given("num_images") {
+            s.num_images = r.num_images;
+        }
+        if !given("rng") {
+            self.rng = r.rng.into();
+        }
+        let m = &mut self.models;
+        if !given("prior") {
+            m.prior = r.prior.clone();
+        }
+        if !given("stage_c") {
+            m.stage_c = r.stage_c.clone();
+        }
+        if !given("decoder") {
+            if r.decoder.is_empty() {
+                return Err(bad(
+                    "decoder",
+                    &"empty (embeddings from `prior` are replayed with `decode`)",
+                ));
+            }
+            m.decoder = r.decoder.clone();
+        }
+        if !given("revision") {
+            // one --revision serves every Hub source: the recorded commit when they share one
+            let commits: std::collections::BTreeSet<&String> = r.commits.values().collect();
+            match commits.into_iter().collect::<Vec<_>>()[..] {
+                [] => {}
+                [commit] => m.revision = commit.clone(),
+                _ => tracing::warn!(
+                    "{}: the sources were recorded at different Hub commits ({:?}); one --revision serves all, \
+                     so they load at --revision {}",
+                    file.display(),
+                    r.commits,
+                    m.revision
+                ),
+            }
+        }
+        if !given("dtype") {
+            self.runtime.dtype = Some(parse_dtype(&r.dtype).map_err(|e| bad("dtype", &e))?);
+        }
+        Ok(())
+    }
+}
+
+fn f64_list(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&t| f64::from(t)).collect()
+}
+
 /// `bench`: one request, timed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BenchPlan {
@@ -843,5 +943,146 @@ mod tests {
         assert_eq!(parse_device("cuda:1").is_ok(), cfg!(feature = "cuda"));
         assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
         assert!(parse_dtype("f8").is_err());
+    }
+
+    fn replay_inputs() -> GenerateInputs {
+        GenerateInputs {
+            prompts: PromptsInput::default(),
+            sampling: SamplingInput {
+                decoder_steps: Some(DEFAULT_DECODER_STEPS),
+                ..input()
+            },
+            rng: BoxMuller::Vectorized,
+            models: ModelSpec {
+                prior: "warp-ai/wuerstchen-prior".into(),
+                stage_c: None,
+                decoder: "warp-ai/wuerstchen".into(),
+                revision: "main".into(),
+            },
+            runtime: RuntimeSpec {
+                device: None,
+                dtype: None,
+                attention_budget: 1 << 30,
+                low_memory: false,
+            },
+        }
+    }
+
+    fn recorded() -> GenerationRecord {
+        let req = GenerateRequest {
+            prompt: "a cat".into(),
+            negative_prompt: "dogs".into(),
+            width: 256,
+            height: 384,
+            // values an f32 -> f64 -> f32 trip must keep exactly
+            prior_timesteps: vec![0.9, 0.333_333_34, 0.1, 0.0],
+            prior_guidance: 3.5,
+            decoder_timesteps: vec![1.0, 0.7, 0.0],
+            decoder_guidance: 1.5,
+            num_images: 2,
+            seed: 42,
+        };
+        let run = crate::record::RunInfo {
+            prior: "/models/prior".into(),
+            decoder: "/models/decoder".into(),
+            stage_c: Some("owner/stage-c".into()),
+            commits: [("stage_c".to_string(), "c0ffee".to_string())].into(),
+            dtype: "bf16".into(),
+            rng: BoxMuller::Scalar,
+        };
+        GenerationRecord::new(&req, &run).for_image(1)
+    }
+
+    #[test]
+    fn replay_takes_everything_from_the_record() {
+        let r = recorded();
+        let mut i = replay_inputs();
+        i.replay(&r, Path::new("a.png"), |_| false).unwrap();
+        let (jobs, _) = plan_jobs(&i.prompts, &i.sampling).unwrap();
+        let req = &jobs[0].req;
+        assert_eq!(req.prompt, r.prompt);
+        assert_eq!(req.negative_prompt, r.negative_prompt);
+        assert_eq!(req.seed, 42);
+        assert_eq!((req.width, req.height, req.num_images), (256, 384, 2));
+        assert_eq!(req.prior_timesteps, r.prior_timesteps, "bit for bit");
+        assert_eq!(req.decoder_timesteps, r.decoder_timesteps, "bit for bit");
+        assert_eq!((req.prior_guidance, req.decoder_guidance), (3.5, 1.5));
+        assert_eq!(i.rng, BoxMuller::Scalar);
+        assert_eq!(i.runtime.dtype, Some(DType::BF16));
+        assert_eq!(
+            (
+                i.models.prior.as_str(),
+                i.models.decoder.as_str(),
+                i.models.stage_c.as_deref()
+            ),
+            ("/models/prior", "/models/decoder", Some("owner/stage-c"))
+        );
+        assert_eq!(i.models.revision, "c0ffee", "the one recorded Hub commit");
+        // the record a replay writes is the record it read
+        let run = crate::record::RunInfo {
+            prior: i.models.prior.clone(),
+            decoder: i.models.decoder.clone(),
+            stage_c: i.models.stage_c.clone(),
+            commits: r.commits.clone(),
+            dtype: "bf16".into(),
+            rng: i.rng,
+        };
+        assert_eq!(GenerationRecord::new(req, &run).for_image(1), r);
+    }
+
+    #[test]
+    fn replay_keeps_what_was_given() {
+        let r = recorded();
+        let mut i = replay_inputs();
+        i.prompts.seed = Some(Some(7));
+        i.prompts.prompt = Some("a dog".into());
+        i.sampling.width = 512;
+        i.sampling.prior_steps = Some(3);
+        i.sampling.decoder_steps = Some(2);
+        i.models.decoder = "other".into();
+        i.models.revision = "v1".into();
+        i.runtime.dtype = Some(DType::F32);
+        let given = [
+            "seed",
+            "prompt",
+            "width",
+            "prior_steps",
+            "decoder_steps",
+            "decoder",
+            "revision",
+            "dtype",
+        ];
+        i.replay(&r, Path::new("a.png"), |id| given.contains(&id)).unwrap();
+        let (jobs, _) = plan_jobs(&i.prompts, &i.sampling).unwrap();
+        let req = &jobs[0].req;
+        assert_eq!(
+            (req.seed, req.prompt.as_str(), req.width, req.height),
+            (7, "a dog", 512, 384)
+        );
+        assert_eq!(req.prior_timesteps, scheduler::linear_timesteps(3));
+        assert_eq!(req.decoder_timesteps, scheduler::linear_timesteps(2));
+        assert_eq!((i.models.decoder.as_str(), i.models.revision.as_str()), ("other", "v1"));
+        assert_eq!(i.runtime.dtype, Some(DType::F32));
+        // an explicit list replaces the recorded one too
+        let mut i = replay_inputs();
+        i.sampling.prior_timesteps = Some(vec![1.0, 0.0]);
+        i.replay(&r, Path::new("a.png"), |id| id == "prior_timesteps").unwrap();
+        assert_eq!(i.sampling.prior_timesteps, Some(vec![1.0, 0.0]));
+    }
+
+    #[test]
+    fn a_bad_recorded_value_names_the_file_and_field() {
+        let mut r = recorded();
+        r.decoder_timesteps = vec![0.0, 1.0];
+        let e = replay_inputs().replay(&r, Path::new("x.png"), |_| false).unwrap_err();
+        assert!(e.to_string().starts_with("x.png: decoder_timesteps: "), "{e}");
+        let mut r = recorded();
+        r.dtype = "f8".into();
+        let e = replay_inputs().replay(&r, Path::new("x.png"), |_| false).unwrap_err();
+        assert!(e.to_string().starts_with("x.png: dtype: "), "{e}");
+        // a value given on the command line is not read from the record
+        assert!(replay_inputs()
+            .replay(&r, Path::new("x.png"), |id| id == "dtype")
+            .is_ok());
     }
 }

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod download;
 pub mod generate;
+pub mod info;
 pub mod selftest;
 pub mod stages;
 
