@@ -5,13 +5,12 @@
 //! than torch lands around 1e-7..1e-6); the whole pipeline, fed diffusers' own noise, within
 //! 1e-3 absolute on the [0, 1] image (41 sampling steps amplify those differences).
 
-mod common;
-
 use candle_core::Tensor;
-use common::*;
 use wuerstchen::pipeline::{DecoderParams, DecoderPipeline, PriorParams, PriorPipeline};
 use wuerstchen::progress::Silent;
 use wuerstchen::rng::ReplayNoise;
+
+use crate::common::*;
 
 const COMPONENT_TOL: f64 = 1e-5;
 

@@ -1,13 +1,10 @@
 //! The binary as scripts use it: prompts files, shards, JSON output, the two stages apart,
 //! staged loading, Ctrl-C, and the Hub through a local server.
 
-mod common;
-mod hub_support;
-
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
+use crate::hub_support;
 
 const FAST: [&str; 4] = ["--prior-steps", "2", "--decoder-steps", "2"];
 
@@ -349,8 +346,12 @@ fn progress_bars_stay_off_when_stderr_is_not_a_terminal_and_quiet_is_silent() {
     );
 }
 
+/// Unix only: SIGINT is sent with `kill -INT`, which Windows does not have.
+#[cfg(unix)]
 #[test]
 fn ctrl_c_keeps_finished_images_and_leaves_no_partial_files() {
+    use std::time::{Duration, Instant};
+
     let dir = tempfile::tempdir().unwrap();
     let prompts = dir.path().join("p.txt");
     std::fs::write(&prompts, (0..40).map(|i| format!("prompt {i}\n")).collect::<String>()).unwrap();

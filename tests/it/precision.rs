@@ -1,13 +1,12 @@
 //! Half precision on the CPU: the same weights and noise in bf16 and f16 stay finite and close
 //! to f32 (statistics, the timestep embedding and the effnet resize run in f32 inside).
 
-mod common;
-
 use candle_core::DType;
-use common::*;
 use wuerstchen::pipeline::{DecoderParams, DecoderPipeline, PriorParams, PriorPipeline, Runtime};
 use wuerstchen::progress::Silent;
 use wuerstchen::rng::TorchCpuGenerator;
+
+use crate::common::*;
 
 fn run(pipeline: &str, dtype: DType) -> (candle_core::Tensor, candle_core::Tensor) {
     let rt = Runtime {

@@ -1,14 +1,12 @@
-//! The Hub side of `FileSource` against a local stand-in for the Hub (tests/hub_support): no
+//! The Hub side of `FileSource` against a local stand-in for the Hub (tests/it/hub_support.rs): no
 //! network, no HF_* variables (every setting, the token included, is passed explicitly
 //! through `HubOptions`), one server and one temporary cache per test.
-
-mod hub_support;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hub_support::{HubServer, Serve};
+use crate::hub_support::{HubServer, Serve};
 use wuerstchen::error::{InputError, ModelError};
 use wuerstchen::hub::{resolve, resolve_with, DownloadProgress, FileSource, HubError, HubOptions, HubRepo};
 
@@ -507,7 +505,7 @@ fn an_ambiguous_spec_says_there_is_no_such_folder() {
 
 /// How long hf-hub's default retry policy takes to give up on a refused connection and on a
 /// name that does not resolve. Timing only; run with
-/// `cargo test --test hub -- --ignored --nocapture default_retry_timing`.
+/// `cargo test --test it -- --ignored --nocapture hub::default_retry_timing`.
 #[test]
 #[ignore]
 fn default_retry_timing() {

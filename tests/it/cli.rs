@@ -1,11 +1,9 @@
 //! The real binary on the tiny fixture models: files written, sizes, reproducibility, and
 //! the same PNG as diffusers for the same seed (tests/fixtures/*/r*.png).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn generate_writes_a_png_of_the_requested_size_and_the_same_seed_gives_the_same_bytes() {
@@ -119,7 +117,7 @@ fn compare_png(ours: &Path, theirs: &Path) {
 
 /// Every run recorded by make_fixtures.py, through the binary with `--seed`: diffusers' PNGs.
 fn same_seed_same_image_as_diffusers(pipeline: &str) {
-    let meta = common::reference_json(pipeline);
+    let meta = crate::common::reference_json(pipeline);
     let dir = tempfile::tempdir().unwrap();
     for run in meta["runs"].as_array().unwrap() {
         let name = run["name"].as_str().unwrap();

@@ -12,7 +12,6 @@
 //!
 //! The HEAD is sent without following redirects (an absolute one is taken as is, its linked
 //! headers read); the GET follows them.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};

@@ -3,9 +3,7 @@
 //! run), size rules and request validation, on arbitrary input.
 //!
 //! CI runs proptest's default 256 cases per property; for a longer run:
-//! `PROPTEST_CASES=20000 cargo test --release --test properties`.
-
-mod common;
+//! `PROPTEST_CASES=20000 cargo test --release --test it properties::`.
 
 use std::sync::OnceLock;
 
@@ -21,7 +19,7 @@ use wuerstchen::tokenizer::ClipTokenizer;
 fn tokenizer() -> &'static ClipTokenizer {
     static T: OnceLock<ClipTokenizer> = OnceLock::new();
     T.get_or_init(|| {
-        let src = wuerstchen::hub::LocalDir::new(common::fixtures().join("tiny-a/prior"));
+        let src = wuerstchen::hub::LocalDir::new(crate::common::fixtures().join("tiny-a/prior"));
         ClipTokenizer::load(&src, "tokenizer").unwrap()
     })
 }

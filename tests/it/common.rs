@@ -1,10 +1,7 @@
 //! Helpers shared by the integration tests: fixture paths, reference tensors, error measures.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
 use candle_core::{DType, Device, Tensor};
