@@ -293,6 +293,10 @@ pub struct BatchArgs {
     /// Skip bad prompts-file lines and failed prompts, go on with the rest, and exit non-zero at the end
     #[arg(long)]
     pub keep_going: bool,
+    /// Resume a batch: skip the prompts whose files all exist (complete PNGs / embeddings) and
+    /// rerun the rest whole; a file that exists but is not complete is an error
+    #[arg(long)]
+    pub skip_existing: bool,
 }
 
 #[derive(Debug, Args)]
@@ -387,8 +391,8 @@ pub struct OutputArgs {
         short,
         default_value = "wuerstchen-{seed}.png",
         help = "Output PNG path; {seed}, {image} (image number), {index} (prompt number in a batch) and \
-                {prompt} are filled in; several images without {image} get \"-{image}\" before the extension, \
-                and batches without {index} get \"-{index}\""
+                {prompt} are filled in; the name is used as written unless two files would get the same \
+                name: then those get \"-{index}\" (prompt number) or \"-{image}\" (image number) before the extension"
     )]
     pub output: String,
     /// Replace existing files
@@ -513,6 +517,7 @@ impl GenerateArgs {
             images: Some(self.output.output.clone()),
             embeddings: self.save_embeddings.clone(),
             overwrite: self.output.overwrite,
+            skip_existing: self.batch.skip_existing,
             json: self.output.json,
         };
         let mut inputs = GenerateInputs {
@@ -544,6 +549,7 @@ impl PriorArgs {
             images: None,
             embeddings: Some(self.out.clone()),
             overwrite: self.overwrite,
+            skip_existing: self.batch.skip_existing,
             json: self.json,
         };
         request::plan_generate(
@@ -570,6 +576,7 @@ impl DecodeArgs {
                 images: Some(self.output.output.clone()),
                 embeddings: None,
                 overwrite: self.output.overwrite,
+                skip_existing: false,
                 json: self.output.json,
             },
             models: ModelSpec {

@@ -131,9 +131,9 @@ pub fn slug(prompt: &str, max_len: usize) -> String {
     out
 }
 
-/// Fills `{index}`, `{image}` (or `{n}`), `{seed}` and `{prompt}` (a slug) in `template`. So that names
-/// stay unique, a template that must name several images of one request but lacks `{image}` gets
-/// `-{image}` before its extension, and one used for a batch without `{index}` gets `-{index}`.
+/// Fills `{index}`, `{image}` (or `{n}`), `{seed}` and `{prompt}` (a slug) in `template`. With
+/// `several`, a template without `{image}` gets `-{image}` before its extension, and with `batch`
+/// one without `{index}` gets `-{index}` ([`distinct_names`] asks for these only where names collide).
 pub fn output_path(template: &str, fields: &NameFields, several: bool, batch: bool) -> PathBuf {
     let mut missing = String::new();
     if batch && !template.contains("{index}") {
@@ -162,6 +162,123 @@ pub fn output_path(template: &str, fields: &NameFields, several: bool, batch: bo
             .replace("{seed}", &fields.seed.to_string())
             .replace("{prompt}", &slug(fields.prompt, 60)),
     )
+}
+
+/// One file a run writes: the template that names it and the values that fill it in, and
+/// where it came from (`prompts.jsonl:3`), for messages.
+#[derive(Debug, Clone)]
+pub struct Slot<'a> {
+    pub template: &'a str,
+    pub fields: NameFields<'a>,
+    pub origin: &'a str,
+}
+
+/// The names of a run's files: each template as written, as long as the names are distinct.
+/// Only files that would share a name get a suffix from their own template: `-{index}` where
+/// the name is shared with another prompt's file, `-{image}` where it is shared with another
+/// image of the same prompt (a template that has the placeholder already gets nothing). A name
+/// that still collides is an error naming both prompts.
+pub fn distinct_names(slots: &[Slot]) -> Result<Vec<PathBuf>, InputError> {
+    use std::collections::HashMap;
+    let plain: Vec<PathBuf> = slots
+        .iter()
+        .map(|s| output_path(s.template, &s.fields, false, false))
+        .collect();
+    let mut sharers: HashMap<&Path, Vec<usize>> = HashMap::new();
+    for (i, p) in plain.iter().enumerate() {
+        sharers.entry(p.as_path()).or_default().push(i);
+    }
+    let names: Vec<PathBuf> = slots
+        .iter()
+        .zip(&plain)
+        .map(|(s, p)| {
+            let others = &sharers[p.as_path()];
+            if others.len() == 1 {
+                return p.clone();
+            }
+            let index = others.iter().any(|&j| slots[j].fields.index != s.fields.index);
+            let image = others
+                .iter()
+                .any(|&j| slots[j].fields.index == s.fields.index && slots[j].fields.image != s.fields.image);
+            output_path(s.template, &s.fields, image, index)
+        })
+        .collect();
+    let mut taken: HashMap<&Path, usize> = HashMap::new();
+    for (i, p) in names.iter().enumerate() {
+        if let Some(j) = taken.insert(p.as_path(), i) {
+            return Err(InputError::new(format!(
+                "{} and {} would both write {}; use {{index}} or {{seed}} in the output name",
+                slots[j].origin,
+                slots[i].origin,
+                p.display()
+            )));
+        }
+    }
+    Ok(names)
+}
+
+/// What kind of file an output is, for [`inspect`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Png,
+    Safetensors,
+}
+
+/// What is at an output path before a run writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    Missing,
+    /// a whole file of its kind: a PNG that starts with the signature and ends with an IEND
+    /// chunk, or a safetensors file whose header is readable and matches its length
+    Complete,
+    /// something else (a foreign or truncated file, a folder): why
+    Incomplete(String),
+}
+
+/// Looks at what is at `path` without reading more than a PNG's first and last bytes.
+pub fn inspect(path: &Path, kind: FileKind) -> Found {
+    use std::io::{Read, Seek, SeekFrom};
+    const SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n'];
+    // length 0, "IEND", its CRC
+    const IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xae, 0x42, 0x60, 0x82];
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Found::Missing,
+        Err(e) => return Found::Incomplete(format!("cannot be read: {e}")),
+    };
+    if !meta.is_file() {
+        return Found::Incomplete("is not a file".into());
+    }
+    let check = || -> std::io::Result<Option<String>> {
+        let mut f = std::fs::File::open(path)?;
+        match kind {
+            FileKind::Png => {
+                let (mut head, mut tail) = (Vec::new(), [0u8; 12]);
+                Read::by_ref(&mut f).take(8).read_to_end(&mut head)?;
+                if head.is_empty() || !SIGNATURE.starts_with(&head) {
+                    return Ok(Some("is not a PNG (no PNG signature)".into()));
+                }
+                if meta.len() < 20 {
+                    return Ok(Some("is not a complete PNG (too short: truncated?)".into()));
+                }
+                f.seek(SeekFrom::End(-12))?;
+                f.read_exact(&mut tail)?;
+                Ok((tail != IEND).then(|| "is not a complete PNG (no IEND chunk at its end: truncated?)".into()))
+            }
+            FileKind::Safetensors => {
+                let mut bytes = Vec::new();
+                f.read_to_end(&mut bytes)?;
+                Ok(safetensors::SafeTensors::read_metadata(&bytes)
+                    .err()
+                    .map(|e| format!("is not a complete safetensors file ({e})")))
+            }
+        }
+    };
+    match check() {
+        Ok(None) => Found::Complete,
+        Ok(Some(why)) => Found::Incomplete(why),
+        Err(e) => Found::Incomplete(format!("cannot be read: {e}")),
+    }
 }
 
 /// Checks that `path`'s folder exists and is writable (by creating and removing a temporary
@@ -273,6 +390,107 @@ mod tests {
         );
         assert_eq!(slug("東京 🙂", 20), "image");
         assert!(slug(&"word ".repeat(100), 60).len() <= 60);
+    }
+
+    fn slot<'a>(template: &'a str, index: usize, image: usize, seed: u64, origin: &'a str) -> Slot<'a> {
+        Slot {
+            template,
+            fields: NameFields {
+                index,
+                image,
+                seed,
+                prompt: "a cat",
+            },
+            origin,
+        }
+    }
+
+    fn names(slots: &[Slot]) -> Vec<String> {
+        distinct_names(slots)
+            .unwrap()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn templates_are_used_as_written_unless_names_collide() {
+        // distinct seeds: the names as written, no -{index}
+        assert_eq!(
+            names(&[
+                slot("out/{seed}.png", 0, 0, 5, "p:1"),
+                slot("out/{seed}.png", 1, 0, 6, "p:2")
+            ]),
+            ["out/5.png", "out/6.png"]
+        );
+        // the same seed on two lines: only those two get -{index}
+        assert_eq!(
+            names(&[
+                slot("{seed}.png", 0, 0, 5, "p:1"),
+                slot("{seed}.png", 1, 0, 5, "p:2"),
+                slot("{seed}.png", 2, 0, 7, "p:3")
+            ]),
+            ["5-0.png", "5-1.png", "7.png"]
+        );
+        // several images of one prompt: -{image}; of two prompts with one name: both
+        assert_eq!(
+            names(&[slot("a.png", 0, 0, 1, "--prompt"), slot("a.png", 0, 1, 1, "--prompt")]),
+            ["a-0.png", "a-1.png"]
+        );
+        assert_eq!(
+            names(&[
+                slot("a.png", 0, 0, 1, "p:1"),
+                slot("a.png", 0, 1, 1, "p:1"),
+                slot("a.png", 1, 0, 2, "p:2")
+            ]),
+            ["a-0-0.png", "a-0-1.png", "a-1.png"]
+        );
+        // a template with {image} never needs -{image}
+        assert_eq!(
+            names(&[
+                slot("{seed}-{n}.png", 0, 0, 1, "p:1"),
+                slot("{seed}-{n}.png", 0, 1, 1, "p:1")
+            ]),
+            ["1-0.png", "1-1.png"]
+        );
+        // a suffixed name that meets another file's name as written: refused, naming both lines
+        let e = distinct_names(&[
+            slot("x.png", 0, 0, 1, "p:1"),
+            slot("x.png", 1, 0, 1, "p:2"),
+            slot("x-1.png", 2, 0, 1, "p:3"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("p:2 and p:3") && e.contains("x-1.png"), "{e}");
+    }
+
+    #[test]
+    fn existing_outputs_are_complete_or_not() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("a.png");
+        assert_eq!(inspect(&path, FileKind::Png), Found::Missing);
+        let img = RgbImage {
+            width: 2,
+            height: 1,
+            pixels: vec![0, 1, 2, 3, 4, 5],
+        };
+        let png = encode_png(&img, &vec![("k".into(), "v".into())])?;
+        std::fs::write(&path, &png)?;
+        assert_eq!(inspect(&path, FileKind::Png), Found::Complete);
+        std::fs::write(&path, &png[..png.len() - 5])?;
+        assert!(matches!(inspect(&path, FileKind::Png), Found::Incomplete(w) if w.contains("IEND")));
+        std::fs::write(&path, "not a png, but long enough to look at")?;
+        assert!(matches!(inspect(&path, FileKind::Png), Found::Incomplete(w) if w.contains("signature")));
+        assert!(matches!(inspect(dir.path(), FileKind::Png), Found::Incomplete(_)));
+        let st = dir.path().join("e.safetensors");
+        let data = [0u8; 8];
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &data)?;
+        let bytes = safetensors::serialize([("x", view)], None)?;
+        std::fs::write(&st, &bytes)?;
+        assert_eq!(inspect(&st, FileKind::Safetensors), Found::Complete);
+        std::fs::write(&st, &bytes[..bytes.len() - 1])?;
+        assert!(matches!(inspect(&st, FileKind::Safetensors), Found::Incomplete(_)));
+        Ok(())
     }
 
     #[test]

@@ -350,6 +350,9 @@ pub struct PlannedJob {
     /// one per image (empty where a command writes no images)
     pub images: Vec<PathBuf>,
     pub embeddings: Option<PathBuf>,
+    /// whether its existing files may be replaced: `--overwrite`, or a partly done job under
+    /// `--skip-existing` (rerun whole, its finished files written again)
+    pub overwrite: bool,
 }
 
 /// The jobs of a run, every output name computed and checked.
@@ -358,6 +361,8 @@ pub struct JobPlan {
     pub jobs: Vec<PlannedJob>,
     /// bad prompts-file lines skipped under `--keep-going`
     pub skipped: Vec<InputError>,
+    /// jobs whose every file exists, under `--skip-existing`: not run
+    pub done: Vec<PlannedJob>,
     /// whether the prompts came from a file
     pub batch: bool,
     pub keep_going: bool,
@@ -398,6 +403,8 @@ pub struct OutputInput {
     /// embeddings path template
     pub embeddings: Option<String>,
     pub overwrite: bool,
+    /// skip the jobs whose files all exist (resuming a batch)
+    pub skip_existing: bool,
     pub json: bool,
 }
 
@@ -419,33 +426,50 @@ pub fn plan_generate(
     models: ModelSpec,
     runtime: RuntimeSpec,
 ) -> anyhow::Result<GeneratePlan> {
-    let (jobs, skipped) = plan_jobs(prompts, sampling)?;
+    if output.skip_existing && output.overwrite {
+        return Err(InputError::new(
+            "--skip-existing keeps finished files and --overwrite replaces them: pass one of the two",
+        )
+        .into());
+    }
+    let (all, skipped, shard) = read_jobs(prompts, sampling)?;
     let batch = prompts.file.is_some();
+    // names over the whole file, so that a shard's names do not depend on the other shards
     let images = match &output.images {
-        Some(t) => image_paths(&jobs, t, batch, output.overwrite)?,
-        None => vec![Vec::new(); jobs.len()],
+        Some(t) => image_paths(&all, t)?,
+        None => vec![Vec::new(); all.len()],
     };
     let embeddings = match &output.embeddings {
-        Some(t) => embedding_paths(&jobs, t, batch, output.overwrite)?
-            .into_iter()
-            .map(Some)
-            .collect(),
-        None => vec![None; jobs.len()],
+        Some(t) => embedding_paths(&all, t)?.into_iter().map(Some).collect(),
+        None => vec![None; all.len()],
     };
-    let jobs = jobs
-        .into_iter()
-        .zip(images)
-        .zip(embeddings)
-        .map(|((job, images), embeddings)| PlannedJob {
+    let (mut jobs, mut done) = (Vec::new(), Vec::new());
+    for ((job, images), embeddings) in all.into_iter().zip(images).zip(embeddings) {
+        if !shard.is_none_or(|s| s.takes(job.index)) {
+            continue;
+        }
+        let mut p = PlannedJob {
             job,
             images,
             embeddings,
-        })
-        .collect();
+            overwrite: output.overwrite,
+        };
+        if output.skip_existing {
+            let (found, total) = existing_files(&p)?;
+            if found == total {
+                done.push(p);
+                continue;
+            }
+            p.overwrite = found > 0;
+        }
+        claim(&p.job, p.images.iter().chain(&p.embeddings), p.overwrite)?;
+        jobs.push(p);
+    }
     Ok(GeneratePlan {
         jobs: JobPlan {
             jobs,
             skipped,
+            done,
             batch,
             keep_going: prompts.keep_going,
             overwrite: output.overwrite,
@@ -460,6 +484,19 @@ pub fn plan_generate(
 /// The requests of a run: the `--prompt`, or the prompts file's lines (sharded). Bad lines
 /// are errors; with `--keep-going` they are returned beside the good jobs instead.
 pub fn plan_jobs(prompts: &PromptsInput, sampling: &SamplingInput) -> anyhow::Result<(Vec<Job>, Vec<InputError>)> {
+    let (jobs, bad, shard) = read_jobs(prompts, sampling)?;
+    let jobs = jobs
+        .into_iter()
+        .filter(|j| shard.is_none_or(|s| s.takes(j.index)))
+        .collect();
+    Ok((jobs, bad))
+}
+
+/// [`plan_jobs`] before the shard is taken: every good job of the file, and the shard.
+fn read_jobs(
+    prompts: &PromptsInput,
+    sampling: &SamplingInput,
+) -> anyhow::Result<(Vec<Job>, Vec<InputError>, Option<Shard>)> {
     let (base_seed, picked) = seed_or_random(prompts.seed);
     if picked {
         tracing::info!("seed {base_seed} (picked at random; pass --seed {base_seed} to repeat)");
@@ -477,7 +514,7 @@ pub fn plan_jobs(prompts: &PromptsInput, sampling: &SamplingInput) -> anyhow::Re
             req,
             output: None,
         };
-        return Ok((vec![job], vec![]));
+        return Ok((vec![job], vec![], None));
     };
     let bytes = if file == "-" {
         let mut buf = Vec::new();
@@ -492,8 +529,7 @@ pub fn plan_jobs(prompts: &PromptsInput, sampling: &SamplingInput) -> anyhow::Re
     for entry in prompts::parse(name, &bytes) {
         let job = entry.and_then(|e| job_from_entry(name, &e, sampling, &prompts.negative_prompt, base_seed));
         match job {
-            Ok(j) if shard.is_none_or(|s| s.takes(j.index)) => jobs.push(j),
-            Ok(_) => {}
+            Ok(j) => jobs.push(j),
             Err(e) if prompts.keep_going => {
                 tracing::warn!("skipped: {e}");
                 bad.push(e);
@@ -501,62 +537,81 @@ pub fn plan_jobs(prompts: &PromptsInput, sampling: &SamplingInput) -> anyhow::Re
             Err(e) => return Err(e.into()),
         }
     }
-    if jobs.is_empty() && bad.is_empty() {
+    if !jobs.iter().any(|j| shard.is_none_or(|s| s.takes(j.index))) && bad.is_empty() {
         let where_ = if shard.is_some() { " in this shard" } else { "" };
         tracing::warn!("{name}: no prompts{where_}");
     }
-    Ok((jobs, bad))
+    Ok((jobs, bad, shard))
 }
 
-/// Where each job's images go: computed and checked (folder writable, nothing overwritten
-/// without `overwrite`, no two files with one name) before any model loads.
-pub fn image_paths(jobs: &[Job], template: &str, batch: bool, overwrite: bool) -> Result<Vec<Vec<PathBuf>>> {
-    let mut taken = std::collections::HashMap::new();
-    jobs.iter()
-        .map(|job| {
-            let t = job.output.as_deref().unwrap_or(template);
-            (0..job.req.num_images)
-                .map(|n| {
-                    let path = output::output_path(
-                        t,
-                        &job.name_fields(n),
-                        job.req.num_images > 1,
-                        batch && job.output.is_none(),
-                    );
-                    claim(&mut taken, path, job, overwrite)
-                })
-                .collect()
+/// Where each job's images go: each template as written while the names are distinct, a
+/// suffix only where they would collide (`output::distinct_names`); two jobs that would still
+/// write one file are an error.
+pub fn image_paths(jobs: &[Job], template: &str) -> Result<Vec<Vec<PathBuf>>> {
+    let slots: Vec<output::Slot> = jobs
+        .iter()
+        .flat_map(|job| {
+            (0..job.req.num_images).map(move |n| output::Slot {
+                template: job.output.as_deref().unwrap_or(template),
+                fields: job.name_fields(n),
+                origin: &job.origin,
+            })
         })
-        .collect()
+        .collect();
+    let mut names = output::distinct_names(&slots)?.into_iter();
+    Ok(jobs
+        .iter()
+        .map(|job| names.by_ref().take(job.req.num_images).collect())
+        .collect())
 }
 
-/// One embeddings file per job, checked like the images.
-pub fn embedding_paths(jobs: &[Job], template: &str, batch: bool, overwrite: bool) -> Result<Vec<PathBuf>> {
-    let mut taken = std::collections::HashMap::new();
-    jobs.iter()
-        .map(|job| {
-            let path = output::output_path(template, &job.name_fields(0), false, batch);
-            claim(&mut taken, path, job, overwrite)
+/// One embeddings file per job, named like the images.
+pub fn embedding_paths(jobs: &[Job], template: &str) -> Result<Vec<PathBuf>> {
+    let slots: Vec<output::Slot> = jobs
+        .iter()
+        .map(|job| output::Slot {
+            template,
+            fields: job.name_fields(0),
+            origin: &job.origin,
         })
-        .collect()
+        .collect();
+    output::distinct_names(&slots)
 }
 
-/// Checks that `path` can be written and that no other job of the run writes it.
-fn claim(
-    taken: &mut std::collections::HashMap<PathBuf, String>,
-    path: PathBuf,
-    job: &Job,
-    overwrite: bool,
-) -> Result<PathBuf> {
-    output::check_writable(&path, overwrite).map_err(|e| InputError::new(format!("{}: {e}", job.origin)))?;
-    if let Some(other) = taken.insert(path.clone(), job.origin.clone()) {
-        return Err(InputError::new(format!(
-            "{other} and {} would both write {}; use {{index}} or {{seed}} in the output name",
-            job.origin,
-            path.display()
-        )));
+/// Checks, before any model loads, that `job` can write `paths`: their folders exist and are
+/// writable, and without `overwrite` none of them exists yet.
+pub fn claim<'a>(job: &Job, paths: impl IntoIterator<Item = &'a PathBuf>, overwrite: bool) -> Result<()> {
+    for path in paths {
+        output::check_writable(path, overwrite).map_err(|e| InputError::new(format!("{}: {e}", job.origin)))?;
     }
-    Ok(path)
+    Ok(())
+}
+
+/// `--skip-existing`: how many of a job's files exist, of how many. A file that is there but
+/// not whole (a foreign or truncated file) is an error: it cannot tell whether the job is done.
+fn existing_files(p: &PlannedJob) -> Result<(usize, usize)> {
+    let files = p
+        .images
+        .iter()
+        .map(|f| (f, output::FileKind::Png))
+        .chain(p.embeddings.iter().map(|f| (f, output::FileKind::Safetensors)));
+    let (mut found, mut total) = (0, 0);
+    for (path, kind) in files {
+        total += 1;
+        match output::inspect(path, kind) {
+            output::Found::Missing => {}
+            output::Found::Complete => found += 1,
+            output::Found::Incomplete(why) => {
+                return Err(InputError::new(format!(
+                    "{}: {} {why}, so --skip-existing cannot tell whether it is done; remove it, \
+                     or pass --overwrite instead of --skip-existing to write every file again",
+                    p.job.origin,
+                    path.display()
+                )))
+            }
+        }
+    }
+    Ok((found, total))
 }
 
 impl Job {
@@ -924,6 +979,77 @@ mod tests {
         assert_eq!(b.req.negative_prompt, "n");
         let c = job_from_entry("p.jsonl", entries[2].as_ref().unwrap(), &s, "neg", 100).unwrap_err();
         assert!(c.to_string().starts_with("p.jsonl:3: --num-images"), "{c}");
+    }
+
+    fn plan_in(
+        dir: &std::path::Path,
+        lines: &str,
+        shard: Option<&str>,
+        output: OutputInput,
+    ) -> anyhow::Result<GeneratePlan> {
+        let file = dir.join("p.jsonl");
+        std::fs::write(&file, lines)?;
+        let prompts = PromptsInput {
+            file: Some(file.display().to_string()),
+            shard: shard.map(String::from),
+            seed: Some(Some(1)),
+            ..Default::default()
+        };
+        let models = ModelSpec {
+            prior: "p".into(),
+            stage_c: None,
+            decoder: "d".into(),
+            revision: "main".into(),
+        };
+        let runtime = RuntimeSpec {
+            device: None,
+            dtype: None,
+            attention_budget: 1 << 30,
+            low_memory: false,
+        };
+        plan_generate(&prompts, &input(), &output, BoxMuller::default(), models, runtime)
+    }
+
+    fn images_to(dir: &std::path::Path, template: &str) -> OutputInput {
+        OutputInput {
+            images: Some(dir.join(template).display().to_string()),
+            embeddings: None,
+            overwrite: false,
+            skip_existing: false,
+            json: false,
+        }
+    }
+
+    #[test]
+    fn names_are_the_whole_files_whatever_the_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines =
+            "{\"prompt\": \"a\", \"seed\": 5}\n{\"prompt\": \"b\", \"seed\": 5}\n{\"prompt\": \"c\", \"seed\": 6}\n";
+        let names = |shard| -> Vec<String> {
+            let plan = plan_in(dir.path(), lines, shard, images_to(dir.path(), "{seed}.png")).unwrap();
+            let jobs = plan.jobs.jobs.iter();
+            jobs.map(|p| p.images[0].file_name().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names(None), ["5-0.png", "5-1.png", "6.png"]);
+        assert_eq!(names(Some("0/2")), ["5-0.png", "6.png"]);
+        assert_eq!(names(Some("1/2")), ["5-1.png"]);
+    }
+
+    #[test]
+    fn skip_existing_is_not_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let output = OutputInput {
+            overwrite: true,
+            skip_existing: true,
+            ..images_to(dir.path(), "{seed}.png")
+        };
+        let e = plan_in(dir.path(), "a\n", None, output).unwrap_err();
+        assert!(e.downcast_ref::<InputError>().is_some(), "{e}");
+        assert!(
+            e.to_string().contains("--skip-existing") && e.to_string().contains("--overwrite"),
+            "{e}"
+        );
     }
 
     #[test]

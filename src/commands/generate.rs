@@ -42,7 +42,40 @@ pub fn embeddings_file(embeddings: &Tensor, req: &GenerateRequest, info: &RunInf
         ("format".to_string(), "pt".to_string()),
         ("wuerstchen".to_string(), record.to_json()),
     ]);
-    Ok(safetensors::serialize([("image_embeddings", view)], Some(meta))?)
+    sorted_header(safetensors::serialize([("image_embeddings", view)], Some(meta))?)
+}
+
+/// safetensors writes its metadata from a `HashMap`, in an order that changes from run to
+/// run: the header again with its keys sorted (the same length), so that the same embeddings
+/// are the same bytes (a resumed batch's files equal an uninterrupted run's).
+fn sorted_header(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+    #[derive(serde::Serialize)]
+    #[serde(untagged)]
+    enum Sorted<'a> {
+        Map(std::collections::BTreeMap<&'a str, Sorted<'a>>),
+        Other(&'a serde_json::Value),
+    }
+    fn sorted(v: &serde_json::Value) -> Sorted<'_> {
+        match v {
+            serde_json::Value::Object(m) => Sorted::Map(m.iter().map(|(k, v)| (k.as_str(), sorted(v))).collect()),
+            v => Sorted::Other(v),
+        }
+    }
+    let n = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(|b| u64::from_le_bytes(b) as usize)
+        .filter(|n| 8 + n <= bytes.len())
+        .ok_or_else(|| anyhow::anyhow!("safetensors wrote no header"))?;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])?;
+    let mut text = serde_json::to_vec(&sorted(&header))?;
+    anyhow::ensure!(
+        text.len() <= n,
+        "the sorted safetensors header is longer than the original"
+    );
+    text.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&text);
+    Ok(bytes)
 }
 
 /// The noise for one request: the torch-compatible generator seeded with its seed.
@@ -82,6 +115,9 @@ fn staged(asked: bool, rt: &Runtime, weights: u64, shapes: &ModelShapes, jobs: &
 }
 
 pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
+    if super::report_done(&plan.jobs) {
+        return Summary::default().finish(&plan.jobs);
+    }
     let interrupt = install_interrupt();
     // the size rule needs only the models' small JSON files
     let prior_src = PriorSources::resolve(&plan.models, quiet)?;
@@ -163,7 +199,7 @@ impl Ctx<'_> {
     fn save_embeddings(&self, p: &PlannedJob, emb: &Tensor) -> Result<()> {
         if let Some(path) = &p.embeddings {
             let file = embeddings_file(emb, &p.job.req, self.info)?;
-            output::write_atomic(path, &file, self.writer.overwrite)?;
+            output::write_atomic(path, &file, p.overwrite)?;
             tracing::info!("embeddings written to {}", path.display());
         }
         Ok(())
@@ -174,8 +210,11 @@ impl Ctx<'_> {
         let t: Vec<String> = timings.iter().map(|(s, t)| format!("{s} {t:.2}s")).collect();
         tracing::info!("seed {}: {}", p.job.req.seed, t.join(", "));
         let record = GenerationRecord::new(&p.job.req, self.info);
-        self.writer
-            .images(&p.job, &output::to_rgb8(images)?, &p.images, &record, &timings)
+        let writer = Writer {
+            overwrite: p.overwrite,
+            json: self.writer.json,
+        };
+        writer.images(&p.job, &output::to_rgb8(images)?, &p.images, &record, &timings)
     }
 
     /// The prior half of a job: its embeddings, and its random stream as the decoder continues it.

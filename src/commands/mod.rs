@@ -293,6 +293,52 @@ impl Writer {
     }
 }
 
+/// `--skip-existing`: reports the jobs whose files all exist (with `--json`, a line per file
+/// with `"skipped": true`) and says whether nothing is left to run, so that a finished batch
+/// returns before any model is resolved or loaded.
+pub fn report_done(plan: &JobPlan) -> bool {
+    if plan.done.is_empty() {
+        return false;
+    }
+    let total = plan.jobs.len() + plan.skipped.len() + plan.done.len();
+    tracing::info!("skipped {} of {total} prompts (outputs exist)", plan.done.len());
+    if plan.json {
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            skipped: bool,
+            path: String,
+            index: usize,
+            image: usize,
+            seed: u64,
+            prompt: &'a str,
+        }
+        for p in &plan.done {
+            // what the command reports when it writes: the images, or `prior`'s embeddings
+            let files: Vec<&PathBuf> = if p.images.is_empty() {
+                p.embeddings.iter().collect()
+            } else {
+                p.images.iter().collect()
+            };
+            for (image, path) in files.into_iter().enumerate() {
+                let line = Line {
+                    skipped: true,
+                    path: path.display().to_string(),
+                    index: p.job.index,
+                    image,
+                    seed: p.job.req.seed,
+                    prompt: &p.job.req.prompt,
+                };
+                println!("{}", serde_json::to_string(&line).unwrap_or_default());
+            }
+        }
+    }
+    let nothing_left = plan.jobs.is_empty();
+    if nothing_left {
+        tracing::info!("every output exists: nothing to do, no model loaded");
+    }
+    nothing_left
+}
+
 /// How the jobs of a run went: the one place that decides whether a failed job stops the
 /// run (`--keep-going`) and what the run's outcome is.
 #[derive(Debug, Default)]
@@ -328,8 +374,15 @@ impl Summary {
 
     /// The run's outcome: an error when prompts failed or prompts-file lines were skipped.
     pub fn finish(self, plan: &JobPlan) -> Result<()> {
-        if plan.batch {
-            tracing::info!("{} of {} prompts done", self.done, plan.jobs.len() + plan.skipped.len());
+        let total = plan.jobs.len() + plan.skipped.len() + plan.done.len();
+        if !plan.done.is_empty() {
+            tracing::info!(
+                "{} of {total} prompts done, {} skipped (outputs exist)",
+                self.done,
+                plan.done.len()
+            );
+        } else if plan.batch {
+            tracing::info!("{} of {total} prompts done", self.done);
         }
         if !self.failed.is_empty() {
             let names: Vec<&str> = self.failed.iter().map(|(o, _)| o.as_str()).collect();

@@ -19,6 +19,9 @@ use crate::request::{self, DecodePlan, GeneratePlan};
 use crate::rng::{NoiseSource, TorchCpuGenerator};
 
 pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
+    if super::report_done(&plan.jobs) {
+        return Summary::default().finish(&plan.jobs);
+    }
     let interrupt = install_interrupt();
     let prior_src = PriorSources::resolve(&plan.models, quiet)?;
     // sizes are the prior's business only (its latent is ceil(size / resolution_multiple)),
@@ -40,7 +43,7 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("no embeddings file planned"))?;
             let mut noise = TorchCpuGenerator::with_kernel(p.job.req.seed, plan.rng);
             let emb = prior.run(&p.job.req.prior_params(), &mut noise, &mut progress)?;
-            output::write_atomic(path, &embeddings_file(&emb, &p.job.req, &info)?, writer.overwrite)?;
+            output::write_atomic(path, &embeddings_file(&emb, &p.job.req, &info)?, p.overwrite)?;
             let record = GenerationRecord::new(&p.job.req, &info);
             writer.report(path, &p.job, 0, &record, &progress.take_timings());
             anyhow::Ok(())
@@ -104,7 +107,8 @@ pub fn run_decode(plan: DecodePlan, quiet: bool) -> Result<()> {
         output: None,
     };
     let template = plan.output.images.as_deref().unwrap_or("wuerstchen-{seed}.png");
-    let paths = request::image_paths(std::slice::from_ref(&job), template, false, plan.output.overwrite)?.remove(0);
+    let paths = request::image_paths(std::slice::from_ref(&job), template)?.remove(0);
+    request::claim(&job, &paths, plan.output.overwrite)?;
     let mut noise = TorchCpuGenerator::with_kernel(start.seed, start.rng);
     if let Some(draws) = start.skip {
         for _ in 0..draws.count {

@@ -61,13 +61,14 @@ fn a_prompts_file_with_overrides_runs_every_line_and_reports_json() {
     // line 1: base seed + index 0; line 3: its own seed and width; line 4: two images, own names
     assert_eq!(
         (lines[0]["seed"].as_u64(), lines[0]["path"].as_str()),
-        (Some(100), Some("img-100-0.png"))
+        (Some(100), Some("img-100.png"))
     );
     assert_eq!(
         (lines[1]["seed"].as_u64(), lines[1]["width"].as_u64()),
         (Some(9), Some(256))
     );
-    assert_eq!(lines[1]["path"], "img-9-1.png");
+    // the names as written: the seeds tell the files apart, so no -{index}
+    assert_eq!(lines[1]["path"], "img-9.png");
     assert_eq!(
         (lines[2]["seed"].as_u64(), lines[2]["path"].as_str()),
         (Some(102), Some("cats-0.png"))
@@ -76,9 +77,9 @@ fn a_prompts_file_with_overrides_runs_every_line_and_reports_json() {
     assert!(lines[0]["timings_s"]["prior"].as_f64().is_some());
     assert_eq!(
         files_in(&out_dir),
-        vec!["cats-0.png", "cats-1.png", "img-100-0.png", "img-9-1.png"]
+        vec!["cats-0.png", "cats-1.png", "img-100.png", "img-9.png"]
     );
-    let (w, h, _, text) = read_png(&out_dir.join("img-9-1.png"));
+    let (w, h, _, text) = read_png(&out_dir.join("img-9.png"));
     assert_eq!((w, h), (256, 128));
     let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
     assert!(
@@ -89,14 +90,14 @@ fn a_prompts_file_with_overrides_runs_every_line_and_reports_json() {
     assert!(text[0].1.contains("Negative prompt: dogs\n"), "{}", text[0].1);
 
     // the same run again: every output exists, so it stops before loading anything
-    let before = std::fs::read(out_dir.join("img-100-0.png")).unwrap();
+    let before = std::fs::read(out_dir.join("img-100.png")).unwrap();
     let a = run(&[]).code(2);
     assert!(
         stderr(&a).contains("already exists") && stderr(&a).contains("--overwrite"),
         "{}",
         stderr(&a)
     );
-    assert_eq!(std::fs::read(out_dir.join("img-100-0.png")).unwrap(), before);
+    assert_eq!(std::fs::read(out_dir.join("img-100.png")).unwrap(), before);
     run(&["--overwrite"]).success();
 }
 
@@ -632,4 +633,299 @@ fn stage_c_swaps_only_the_prior_weights_and_the_rng_kernel_is_recorded() {
     let json: serde_json::Value = serde_json::from_str(&scalar.3[1].1).unwrap();
     assert_eq!(json["rng"], "cpu-scalar");
     assert_eq!(run("scalar-again.png", &["--rng", "cpu-scalar"]).2, scalar.2);
+}
+/// The `.png` and `.safetensors` files under `dir`, by name (a SIGKILLed run's temporary
+/// `.wuerstchen-*.partial` file is not an output).
+fn outputs(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png" || e == "safetensors"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Three prompts (the last with two images) at 128x128, 2 + 2 steps, into `dir/out`, with
+/// embeddings.
+fn small_batch(dir: &Path, models: &[String]) -> assert_cmd::Command {
+    std::fs::write(dir.join("p.jsonl"), "a\nb\n{\"prompt\": \"c\", \"num_images\": 2}\n").unwrap();
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+    let mut cmd = wuerstchen(dir);
+    cmd.current_dir(dir)
+        .arg("generate")
+        .args(models)
+        .args([
+            "--prompts",
+            "p.jsonl",
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--seed",
+            "1",
+        ])
+        .args(FAST)
+        .args([
+            "--output",
+            "out/{seed}.png",
+            "--save-embeddings",
+            "out/{seed}.safetensors",
+        ]);
+    cmd
+}
+
+#[test]
+fn a_finished_batch_with_skip_existing_loads_no_model_and_a_partial_job_reruns_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    small_batch(dir.path(), &model_args("tiny-a")).assert().success();
+    let done = outputs(&out);
+    let names: Vec<&str> = done.keys().map(|k| k.as_str()).collect();
+    // the names as written; only the two images of one prompt get -{image}
+    assert_eq!(
+        names,
+        [
+            "1.png",
+            "1.safetensors",
+            "2.png",
+            "2.safetensors",
+            "3-0.png",
+            "3-1.png",
+            "3.safetensors"
+        ]
+    );
+
+    // models that do not exist: nothing is resolved or loaded, so it still succeeds
+    let nowhere = dir.path().join("nowhere").display().to_string();
+    let a = small_batch(
+        dir.path(),
+        &["--prior".into(), nowhere.clone(), "--decoder".into(), nowhere],
+    )
+    .args(["--skip-existing", "--json"])
+    .assert()
+    .success();
+    let lines: Vec<serde_json::Value> = stdout(&a).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let skipped: Vec<(&str, u64, u64, u64, &str)> = lines
+        .iter()
+        .map(|l| {
+            assert_eq!(l["skipped"], true, "{l}");
+            (
+                l["path"].as_str().unwrap(),
+                l["index"].as_u64().unwrap(),
+                l["image"].as_u64().unwrap(),
+                l["seed"].as_u64().unwrap(),
+                l["prompt"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        skipped,
+        [
+            ("out/1.png", 0, 0, 1, "a"),
+            ("out/2.png", 1, 0, 2, "b"),
+            ("out/3-0.png", 2, 0, 3, "c"),
+            ("out/3-1.png", 2, 1, 3, "c")
+        ]
+    );
+    let err = stderr(&a);
+    assert!(
+        err.contains("skipped 3 of 3 prompts (outputs exist)") && err.contains("no model loaded"),
+        "{err}"
+    );
+    assert_eq!(outputs(&out), done);
+
+    // one of a prompt's two images missing: that prompt runs again whole, the same bytes
+    std::fs::remove_file(out.join("3-1.png")).unwrap();
+    let a = small_batch(dir.path(), &model_args("tiny-a"))
+        .args(["--skip-existing"])
+        .assert()
+        .success();
+    assert_eq!(stdout(&a), "out/3-0.png\nout/3-1.png\n");
+    assert!(
+        stderr(&a).contains("skipped 2 of 3 prompts (outputs exist)"),
+        "{}",
+        stderr(&a)
+    );
+    assert!(outputs(&out) == done, "the rerun prompt's files differ");
+
+    // --skip-existing with --overwrite is a usage error
+    let a = small_batch(dir.path(), &model_args("tiny-a"))
+        .args(["--skip-existing", "--overwrite"])
+        .assert()
+        .code(2);
+    assert!(stderr(&a).contains("--skip-existing"), "{}", stderr(&a));
+}
+
+#[test]
+fn a_foreign_or_truncated_file_is_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    small_batch(dir.path(), &model_args("tiny-a")).assert().success();
+    let png = std::fs::read(out.join("2.png")).unwrap();
+    let emb = std::fs::read(out.join("1.safetensors")).unwrap();
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("2.png", b"not an image at all", "not a PNG"),
+        ("2.png", &png[..png.len() - 6], "not a complete PNG"),
+        ("1.safetensors", &emb[..emb.len() - 1], "not a complete safetensors"),
+    ];
+    for (name, bytes, why) in cases {
+        let all = outputs(&out);
+        std::fs::write(out.join(name), bytes).unwrap();
+        let a = small_batch(dir.path(), &model_args("tiny-a"))
+            .args(["--skip-existing"])
+            .assert()
+            .code(2);
+        let err = stderr(&a);
+        assert!(
+            err.contains(&format!("out/{name}")) && err.contains(why) && err.contains("remove it"),
+            "{err}"
+        );
+        assert!(!err.contains("loaded"), "stopped before any model loads: {err}");
+        std::fs::write(out.join(name), &all[name]).unwrap();
+    }
+}
+
+#[test]
+fn output_names_are_used_as_written_unless_they_collide() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |lines: &str| {
+        let out = tempfile::tempdir_in(dir.path()).unwrap();
+        std::fs::write(dir.path().join("p.jsonl"), lines).unwrap();
+        wuerstchen(dir.path())
+            .current_dir(out.path())
+            .arg("generate")
+            .args(model_args("tiny-a"))
+            .args(["--prompts", dir.path().join("p.jsonl").to_str().unwrap()])
+            .args(["--width", "128", "--height", "128"])
+            .args(FAST)
+            .args(["--output", "{seed}.png"])
+            .assert()
+            .success();
+        files_in(out.path())
+    };
+    assert_eq!(
+        run("{\"prompt\": \"a\", \"seed\": 5}\n{\"prompt\": \"b\", \"seed\": 6}\n"),
+        ["5.png", "6.png"]
+    );
+    // two lines with one seed: those two get -{index}, the others keep their names
+    assert_eq!(
+        run("{\"prompt\": \"a\", \"seed\": 5}\n{\"prompt\": \"b\", \"seed\": 5}\n{\"prompt\": \"c\", \"seed\": 6}\n"),
+        ["5-0.png", "5-1.png", "6.png"]
+    );
+}
+
+/// A batch killed with `signal` (`INT` or `KILL`) after its first image, resumed with
+/// `--skip-existing`, ends with the same bytes in every file as a run that was not stopped.
+#[cfg(unix)]
+fn killed_and_resumed(signal: &str) {
+    use std::time::{Duration, Instant};
+
+    // 30 prompts, the default schedules at 128x128: long enough to stop half-way
+    let lines: String = (0..30)
+        .map(|i| match i {
+            7 => "{\"prompt\": \"two of them\", \"num_images\": 2}\n".to_string(),
+            _ => format!("prompt {i}\n"),
+        })
+        .collect();
+    let args = [
+        "generate",
+        "--prompts",
+        "p.jsonl",
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--seed",
+        "1",
+        "--output",
+        "out/{seed}.png",
+        "--save-embeddings",
+        "out/{seed}.safetensors",
+    ];
+    let setup = || {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.jsonl"), &lines).unwrap();
+        std::fs::create_dir(dir.path().join("out")).unwrap();
+        dir
+    };
+    let whole = setup();
+    wuerstchen(whole.path())
+        .current_dir(whole.path())
+        .args(args)
+        .args(model_args("tiny-a"))
+        .assert()
+        .success();
+    let want = outputs(&whole.path().join("out"));
+    assert_eq!(want.len(), 31 + 30);
+
+    let dir = setup();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("wuerstchen"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("HOME", dir.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .args(args)
+        .args(model_args("tiny-a"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = dir.path().join("out/1.png");
+    let start = Instant::now();
+    while !first.exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no image after 120 s");
+        assert!(child.try_wait().unwrap().is_none(), "exited early");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let kill = std::process::Command::new("kill")
+        .args([format!("-{signal}"), child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    if signal == "INT" {
+        assert_eq!(status.code(), Some(130));
+    } else {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9));
+    }
+    let before = outputs(&dir.path().join("out"));
+    assert!(
+        !before.is_empty() && before.len() < want.len(),
+        "stopped half-way: {:?}",
+        before.keys()
+    );
+
+    let a = wuerstchen(dir.path())
+        .current_dir(dir.path())
+        .args(args)
+        .args(model_args("tiny-a"))
+        .arg("--skip-existing")
+        .assert()
+        .success();
+    assert!(stderr(&a).contains("prompts (outputs exist)"), "{}", stderr(&a));
+    let got = outputs(&dir.path().join("out"));
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    for (name, bytes) in &want {
+        assert!(got[name] == *bytes, "{name} differs from the uninterrupted run's");
+    }
+}
+
+/// Unix only: the signals are sent with `kill`.
+#[cfg(unix)]
+#[test]
+fn a_batch_stopped_by_ctrl_c_resumes_with_skip_existing() {
+    killed_and_resumed("INT");
+}
+
+/// Unix only: the signals are sent with `kill`.
+#[cfg(unix)]
+#[test]
+fn a_batch_killed_outright_resumes_with_skip_existing() {
+    killed_and_resumed("KILL");
 }
