@@ -261,3 +261,180 @@ fn a_small_attention_budget_gives_the_same_image() {
     let stderr = String::from_utf8_lossy(&bad.get_output().stderr).to_string();
     assert!(stderr.contains("--attention-budget"), "{stderr}");
 }
+
+/// A 2x2 RGB PNG with these text chunks (written with the `png` crate, not by wuerstchen).
+fn write_png_with_text(path: &Path, text: &[(&str, &str)]) {
+    let mut buf = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut buf, 2, 2);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for (k, v) in text {
+            enc.add_text_chunk(k.to_string(), v.to_string()).unwrap();
+        }
+        let mut w = enc.write_header().unwrap();
+        w.write_image_data(&[128; 12]).unwrap();
+        w.finish().unwrap();
+    }
+    std::fs::write(path, buf).unwrap();
+}
+
+fn record_of(path: &Path) -> serde_json::Value {
+    let (_, _, _, text) = read_png(path);
+    let json = &text
+        .iter()
+        .find(|(k, _)| k == "wuerstchen")
+        .expect("wuerstchen chunk")
+        .1;
+    serde_json::from_str(json).unwrap()
+}
+
+#[test]
+fn from_a_png_makes_the_same_image_and_flags_given_override_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = dir.path().join("original.png");
+    wuerstchen(dir.path())
+        .arg("generate")
+        .args(model_args("tiny-a"))
+        .args([
+            "-p",
+            "a red fox",
+            "--negative-prompt",
+            "blurry",
+            "-W",
+            "256",
+            "-H",
+            "128",
+        ])
+        .args([
+            "--seed",
+            "42",
+            "--prior-timesteps",
+            "0.9,0.45,0.1,0.0",
+            "--decoder-steps",
+            "3",
+        ])
+        .args(["--prior-guidance", "3.5", "-o"])
+        .arg(&original)
+        .assert()
+        .success();
+
+    // no prompt, seed, size or models on the command line: all from the record
+    let again = dir.path().join("again.png");
+    wuerstchen(dir.path())
+        .args(["generate", "--from"])
+        .arg(&original)
+        .arg("-o")
+        .arg(&again)
+        .assert()
+        .success();
+    let (w, h, pixels, _) = read_png(&original);
+    let (w2, h2, pixels2, _) = read_png(&again);
+    assert_eq!((w2, h2), (w, h));
+    assert!(pixels2 == pixels, "--from gives the same pixels");
+    assert_eq!(record_of(&again), record_of(&original), "and the same record");
+
+    // an explicit flag wins over the recorded value
+    let variation = dir.path().join("variation.png");
+    wuerstchen(dir.path())
+        .args(["generate", "--seed", "7", "--from"])
+        .arg(&original)
+        .arg("-o")
+        .arg(&variation)
+        .assert()
+        .success();
+    let (_, _, pixels3, _) = read_png(&variation);
+    assert!(pixels3 != pixels, "another seed, another image");
+    let (r, r0) = (record_of(&variation), record_of(&original));
+    assert_eq!(r["seed"], 7);
+    for key in [
+        "prompt",
+        "negative_prompt",
+        "width",
+        "height",
+        "prior_timesteps",
+        "decoder_timesteps",
+    ] {
+        assert_eq!(r[key], r0[key], "{key} from the record");
+    }
+
+    // --from is not for batches
+    wuerstchen(dir.path())
+        .args(["generate", "--prompts", "p.txt", "--from"])
+        .arg(&original)
+        .assert()
+        .code(2);
+}
+
+#[test]
+fn info_shows_the_record_and_bad_records_are_input_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("fox.png");
+    wuerstchen(dir.path())
+        .arg("generate")
+        .args(model_args("tiny-a"))
+        .args(["-p", "a red fox", "-W", "256", "-H", "128", "--seed", "42"])
+        .args(["--prior-steps", "2", "--decoder-steps", "2", "-o"])
+        .arg(&png)
+        .assert()
+        .success();
+
+    let out = wuerstchen(dir.path()).arg("info").arg(&png).assert().success();
+    let text = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+    assert!(text.starts_with(&png.display().to_string()), "{text}");
+    for needle in [
+        "prompt:          a red fox",
+        "seed:            42",
+        "size:            256x128",
+        "2 steps",
+    ] {
+        assert!(text.contains(needle), "{needle:?} in\n{text}");
+    }
+
+    let out = wuerstchen(dir.path())
+        .args(["info", "--json"])
+        .arg(&png)
+        .arg(&png)
+        .assert()
+        .success();
+    let stdout = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "one line per file: {stdout}");
+    let mut v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(v["path"], png.display().to_string());
+    v.as_object_mut().unwrap().remove("path");
+    assert_eq!(v, record_of(&png), "the record as stored");
+
+    // a PNG without our record, one with a broken field, and a file that is not a PNG
+    let plain = dir.path().join("plain.png");
+    write_png_with_text(&plain, &[("Comment", "hello")]);
+    let mut bad: serde_json::Value = record_of(&png);
+    bad["width"] = "wide".into();
+    let broken = dir.path().join("broken.png");
+    write_png_with_text(&broken, &[("wuerstchen", &bad.to_string())]);
+    let not_png = dir.path().join("notes.png");
+    std::fs::write(&not_png, "not a png").unwrap();
+    let cases = [
+        (&plain, "has no `wuerstchen` record"),
+        (&broken, "width: invalid type"),
+        (&not_png, "is not a readable PNG"),
+    ];
+    for (file, needle) in cases {
+        let info = wuerstchen(dir.path()).arg("info").arg(file).assert().code(2);
+        let from = wuerstchen(dir.path())
+            .args(["generate", "-o"])
+            .arg(dir.path().join("x.png"))
+            .arg("--from")
+            .arg(file)
+            .assert()
+            .code(2);
+        for out in [info, from] {
+            let stderr = String::from_utf8(out.get_output().stderr.clone()).unwrap();
+            assert!(
+                stderr.contains(&file.display().to_string()) && stderr.contains(needle),
+                "{needle:?}: {stderr}"
+            );
+        }
+    }
+    assert!(!dir.path().join("x.png").exists());
+}
