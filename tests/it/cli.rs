@@ -262,6 +262,36 @@ fn a_small_attention_budget_gives_the_same_image() {
     assert!(stderr.contains("--attention-budget"), "{stderr}");
 }
 
+#[test]
+fn completions_man_page_and_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let stdout = |assert: assert_cmd::assert::Assert| String::from_utf8_lossy(&assert.get_output().stdout).to_string();
+    let script = stdout(wuerstchen(dir.path()).args(["completions", "bash"]).assert().success());
+    assert!(script.contains("generate") && script.contains("--prompt"), "{script}");
+    wuerstchen(dir.path()).args(["completions", "nosuch"]).assert().code(2);
+    let page = stdout(wuerstchen(dir.path()).arg("man").assert().success());
+    assert!(page.contains(".TH") && page.contains("generate"), "{page}");
+    let man1 = dir.path().join("man1");
+    let written = stdout(
+        wuerstchen(dir.path())
+            .arg("man")
+            .arg("--out")
+            .arg(&man1)
+            .assert()
+            .success(),
+    );
+    assert!(
+        written.lines().any(|l| l.ends_with("wuerstchen-generate.1")),
+        "{written}"
+    );
+    assert!(man1.join("wuerstchen.1").is_file() && man1.join("wuerstchen-generate.1").is_file());
+    let version = stdout(wuerstchen(dir.path()).arg("--version").assert().success());
+    assert!(
+        version.starts_with(&format!("wuerstchen {}", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+}
+
 /// A 2x2 RGB PNG with these text chunks (written with the `png` crate, not by wuerstchen).
 fn write_png_with_text(path: &Path, text: &[(&str, &str)]) {
     let mut buf = Vec::new();
