@@ -144,6 +144,12 @@ impl PriorConfig {
     }
 }
 
+/// A level's blocks from their letters, for configs written in code (defaults, tiny models);
+/// letters other than C, T and A are left out.
+pub fn level(letters: &str) -> LevelBlocks {
+    LevelBlocks(letters.chars().filter_map(BlockKind::from_letter).collect())
+}
+
 /// More levels than any U-Net needs; bounds the shifts in `downscale` and `upscale`.
 const MAX_LEVELS: usize = 16;
 
@@ -158,6 +164,47 @@ pub enum BlockKind {
     Attn,
 }
 
+impl BlockKind {
+    fn from_letter(ch: char) -> Option<Self> {
+        match ch {
+            'C' => Some(Self::Res),
+            'T' => Some(Self::Timestep),
+            'A' => Some(Self::Attn),
+            _ => None,
+        }
+    }
+
+    fn letter(self) -> char {
+        match self {
+            Self::Res => 'C',
+            Self::Timestep => 'T',
+            Self::Attn => 'A',
+        }
+    }
+}
+
+/// One decoder level's blocks in order, written in the config file as a string of their
+/// letters (`"CTA"`); any other letter fails the parse.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct LevelBlocks(pub Vec<BlockKind>);
+
+impl TryFrom<String> for LevelBlocks {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.chars()
+            .map(|ch| BlockKind::from_letter(ch).ok_or_else(|| format!("{s:?}: unknown block type {ch:?} (C, T or A)")))
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+}
+
+impl From<LevelBlocks> for String {
+    fn from(l: LevelBlocks) -> String {
+        l.0.iter().map(|k| k.letter()).collect()
+    }
+}
+
 /// `decoder/config.json` (WuerstchenDiffNeXt).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
@@ -170,7 +217,7 @@ pub struct DecoderConfig {
     pub c_hidden: Vec<usize>,
     pub nhead: Vec<i64>,
     pub blocks: Vec<usize>,
-    pub level_config: Vec<String>,
+    pub level_config: Vec<LevelBlocks>,
     pub inject_effnet: Vec<bool>,
     pub effnet_embd: usize,
     pub clip_embd: usize,
@@ -189,7 +236,7 @@ impl Default for DecoderConfig {
             c_hidden: vec![320, 640, 1280, 1280],
             nhead: vec![-1, 10, 20, 20],
             blocks: vec![4, 4, 14, 4],
-            level_config: ["CT", "CTA", "CTA", "CTA"].map(String::from).to_vec(),
+            level_config: ["CT", "CTA", "CTA", "CTA"].map(level).to_vec(),
             inject_effnet: vec![false, true, true, true],
             effnet_embd: 16,
             clip_embd: 1024,
@@ -204,16 +251,8 @@ impl DecoderConfig {
     }
 
     /// The block kinds of level `i`, in order.
-    pub fn level_blocks(&self, i: usize) -> Vec<BlockKind> {
-        self.level_config[i]
-            .chars()
-            .filter_map(|ch| match ch {
-                'C' => Some(BlockKind::Res),
-                'T' => Some(BlockKind::Timestep),
-                'A' => Some(BlockKind::Attn),
-                _ => None,
-            })
-            .collect()
+    pub fn level_blocks(&self, i: usize) -> &[BlockKind] {
+        &self.level_config[i].0
     }
 
     /// How much the decoder shrinks its input: the patch size times 2 per extra level.
@@ -249,16 +288,10 @@ impl DecoderConfig {
             return b("c_r must be at least 4".into());
         }
         for i in 0..n {
-            let level = &self.level_config[i];
-            if let Some(ch) = level.chars().find(|c| !"CTA".contains(*c)) {
-                return b(format!(
-                    "level_config[{i}] = {level:?}: unknown block type {ch:?} (C, T or A)"
-                ));
-            }
             if self.c_hidden[i] == 0 {
                 return b(format!("c_hidden[{i}] must be > 0"));
             }
-            if level.contains('A') {
+            if self.level_blocks(i).contains(&BlockKind::Attn) {
                 let h = self.nhead[i];
                 if h <= 0 || self.c_hidden[i] % h as usize != 0 {
                     return b(format!(
@@ -443,9 +476,18 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().is_err());
-        let mut c = DecoderConfig::default();
-        c.level_config[1] = "CTX".into();
-        assert!(c.validate().unwrap_err().to_string().contains("unknown block type"));
+        let e = serde_json::from_str::<DecoderConfig>(r#"{"level_config": ["CT", "CTX"]}"#).unwrap_err();
+        assert!(e.to_string().contains("\"CTX\": unknown block type 'X'"), "{e}");
+        let c: DecoderConfig = serde_json::from_str(r#"{"level_config": ["CT", "ATC", "", "CCA"]}"#).unwrap();
+        assert_eq!(
+            c.level_blocks(1),
+            [BlockKind::Attn, BlockKind::Timestep, BlockKind::Res]
+        );
+        assert!(c.level_blocks(2).is_empty());
+        assert_eq!(
+            serde_json::to_value(&c).unwrap()["level_config"],
+            serde_json::json!(["CT", "ATC", "", "CCA"])
+        );
         let mut c = DecoderConfig::default();
         c.blocks.pop();
         assert!(c.validate().is_err());

@@ -318,7 +318,7 @@ fn tiny_a() -> TinyArch {
             c_hidden: vec![8, 16, 32, 32],
             nhead: vec![-1, 2, 2, 2],
             blocks: vec![1, 1, 2, 1],
-            level_config: ["CT", "CTA", "CTA", "CTA"].map(String::from).to_vec(),
+            level_config: ["CT", "CTA", "CTA", "CTA"].map(crate::config::level).to_vec(),
             inject_effnet: vec![false, true, true, true],
             effnet_embd: 16,
             clip_embd: 8,

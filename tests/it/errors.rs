@@ -292,7 +292,7 @@ fn broken_models_exit_1_naming_component_file_and_key() {
                 let s = std::fs::read_to_string(&p).unwrap().replace("\"CTA\"", "\"CTX\"");
                 std::fs::write(p, s).unwrap();
             }),
-            vec!["decoder: invalid config", "unknown block type 'X'"],
+            vec!["decoder: ", "config.json", "\"CTX\": unknown block type 'X'"],
         ),
         (
             Box::new(|r| std::fs::write(r.join("decoder/scheduler/scheduler_config.json"), "{oops").unwrap()),

@@ -11,7 +11,9 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use proptest::prelude::*;
-use wuerstchen::config::{ClipTextConfig, DecoderConfig, PriorConfig, SchedulerConfig, VqganConfig};
+use wuerstchen::config::{
+    level, BlockKind, ClipTextConfig, DecoderConfig, LevelBlocks, PriorConfig, SchedulerConfig, VqganConfig,
+};
 use wuerstchen::error::ModelError;
 use wuerstchen::models::{PaellaVqDecoder, WuerstchenDiffNeXt, WuerstchenPrior};
 use wuerstchen::pipeline::SizeRule;
@@ -184,7 +186,7 @@ fn small_decoder_config() -> impl Strategy<Value = DecoderConfig> {
             prop::collection::vec(1usize..9, levels),
             prop::collection::vec(-1i64..4, levels),
             prop::collection::vec(0usize..3, levels),
-            prop::collection::vec("[CTA]{0,3}", levels),
+            prop::collection::vec("[CTA]{0,3}".prop_map(|s| level(&s)), levels),
             prop::collection::vec(any::<bool>(), levels),
             (
                 1usize..5,
@@ -539,9 +541,9 @@ fn decoder_config_ok(c: &DecoderConfig) -> bool {
         && c.kernel_size % 2 == 1
         && c.c_r >= 4
         && (0..n).all(|i| {
-            let level = &c.level_config[i];
-            let heads_ok = !level.contains('A') || (c.nhead[i] > 0 && c.c_hidden[i] % c.nhead[i] as usize == 0);
-            level.chars().all(|ch| "CTA".contains(ch)) && c.c_hidden[i] > 0 && heads_ok
+            let attention = c.level_blocks(i).contains(&BlockKind::Attn);
+            let heads_ok = !attention || (c.nhead[i] > 0 && c.c_hidden[i] % c.nhead[i] as usize == 0);
+            c.c_hidden[i] > 0 && heads_ok
         })
 }
 
@@ -703,8 +705,10 @@ proptest! {
             if check_validation(c.validate(), decoder_config_ok(&c), "decoder")? {
                 let n = c.levels();
                 for i in 0..n {
-                    // every character of level_config is a block
-                    prop_assert_eq!(c.level_blocks(i).len(), c.level_config[i].chars().count());
+                    // a level's blocks are written back as the letters they were read from
+                    let letters = String::from(c.level_config[i].clone());
+                    prop_assert_eq!(LevelBlocks::try_from(letters.clone()), Ok(c.level_config[i].clone()));
+                    prop_assert_eq!(letters.chars().count(), c.level_blocks(i).len());
                 }
                 prop_assert_eq!(c.downscale(), c.patch_size << (n - 1));
             }
