@@ -351,20 +351,13 @@ fn progress_bars_stay_off_when_stderr_is_not_a_terminal_and_quiet_is_silent() {
 #[cfg(unix)]
 #[test]
 fn ctrl_c_keeps_finished_images_and_leaves_no_partial_files() {
-    use std::time::{Duration, Instant};
-
     let dir = tempfile::tempdir().unwrap();
     let prompts = dir.path().join("p.txt");
     std::fs::write(&prompts, (0..40).map(|i| format!("prompt {i}\n")).collect::<String>()).unwrap();
-    let bin = assert_cmd::cargo::cargo_bin("wuerstchen");
-    let mut child = std::process::Command::new(bin)
-        .current_dir(dir.path())
-        .env_clear()
-        .env("HOME", dir.path())
-        .env("HF_HUB_OFFLINE", "1")
-        .arg("generate")
-        .args(model_args("tiny-a"))
-        .args([
+    let mut args = vec!["generate".to_string()];
+    args.extend(model_args("tiny-a"));
+    args.extend(
+        [
             "--prompts",
             "p.txt",
             "--width",
@@ -375,24 +368,10 @@ fn ctrl_c_keeps_finished_images_and_leaves_no_partial_files() {
             "1",
             "--output",
             "c-{index}.png",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let first = dir.path().join("c-0.png");
-    let start = Instant::now();
-    while !first.exists() {
-        assert!(start.elapsed() < Duration::from_secs(120), "no image after 120 s");
-        assert!(child.try_wait().unwrap().is_none(), "exited early");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let kill = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = child.wait().unwrap();
+        ]
+        .map(String::from),
+    );
+    let status = signal_after_first_file(dir.path(), &args, &dir.path().join("c-0.png"), "INT");
     assert_eq!(status.code(), Some(130));
     let files = files_in(dir.path());
     assert!(files.len() < 41, "stopped early: {files:?}");
@@ -823,8 +802,6 @@ fn output_names_are_used_as_written_unless_they_collide() {
 /// `--skip-existing`, ends with the same bytes in every file as a run that was not stopped.
 #[cfg(unix)]
 fn killed_and_resumed(signal: &str) {
-    use std::time::{Duration, Instant};
-
     // 30 prompts, the default schedules at 128x128: long enough to stop half-way
     let lines: String = (0..30)
         .map(|i| match i {
@@ -864,30 +841,9 @@ fn killed_and_resumed(signal: &str) {
     assert_eq!(want.len(), 31 + 30);
 
     let dir = setup();
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("wuerstchen"))
-        .current_dir(dir.path())
-        .env_clear()
-        .env("HOME", dir.path())
-        .env("HF_HUB_OFFLINE", "1")
-        .args(args)
-        .args(model_args("tiny-a"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let first = dir.path().join("out/1.png");
-    let start = Instant::now();
-    while !first.exists() {
-        assert!(start.elapsed() < Duration::from_secs(120), "no image after 120 s");
-        assert!(child.try_wait().unwrap().is_none(), "exited early");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let kill = std::process::Command::new("kill")
-        .args([format!("-{signal}"), child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = child.wait().unwrap();
+    let mut all_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    all_args.extend(model_args("tiny-a"));
+    let status = signal_after_first_file(dir.path(), &all_args, &dir.path().join("out/1.png"), signal);
     if signal == "INT" {
         assert_eq!(status.code(), Some(130));
     } else {

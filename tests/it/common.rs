@@ -84,19 +84,54 @@ pub fn rows_u32(t: &Tensor) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// The binary with a scrubbed environment: no HF_* from the caller, offline, a private HOME.
+/// The environment the binary runs in: no HF_* from the caller, offline, a private HOME, and
+/// the test device (in f32: the seed tests compare with diffusers' f32 images).
+fn scrubbed_env(home: &Path) -> Vec<(&'static str, std::ffi::OsString)> {
+    let mut env = vec![
+        ("PATH", std::env::var_os("PATH").unwrap_or_default()),
+        ("HOME", home.as_os_str().to_owned()),
+        ("HF_HUB_OFFLINE", "1".into()),
+        ("RUST_BACKTRACE", "0".into()),
+    ];
+    if let Some(device) = std::env::var_os("WUERSTCHEN_TEST_DEVICE") {
+        env.extend([("WUERSTCHEN_DEVICE", device), ("WUERSTCHEN_DTYPE", "f32".into())]);
+    }
+    env
+}
+
+/// The binary with a scrubbed environment (see `scrubbed_env`).
 pub fn wuerstchen(home: &Path) -> Command {
     let mut cmd = Command::cargo_bin("wuerstchen").unwrap();
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", home)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("RUST_BACKTRACE", "0");
-    // the test device, in f32 (the seed tests compare with diffusers' f32 images)
-    if let Ok(device) = std::env::var("WUERSTCHEN_TEST_DEVICE") {
-        cmd.env("WUERSTCHEN_DEVICE", device).env("WUERSTCHEN_DTYPE", "f32");
-    }
+    cmd.env_clear().envs(scrubbed_env(home));
     cmd
+}
+
+/// Runs the binary in `dir` (environment as `wuerstchen`) with `args`, waits until `first`
+/// exists, sends the process `kill -SIGNAL` and returns how it exited.
+#[cfg(unix)]
+pub fn signal_after_first_file(dir: &Path, args: &[String], first: &Path, signal: &str) -> std::process::ExitStatus {
+    use std::time::{Duration, Instant};
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("wuerstchen"))
+        .current_dir(dir)
+        .env_clear()
+        .envs(scrubbed_env(dir))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !first.exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no image after 120 s");
+        assert!(child.try_wait().unwrap().is_none(), "exited early");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let kill = std::process::Command::new("kill")
+        .args([format!("-{signal}"), child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    child.wait().unwrap()
 }
 
 pub fn model_args(pipeline: &str) -> Vec<String> {
