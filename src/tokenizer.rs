@@ -91,6 +91,7 @@ impl ClipTokenizer {
     /// `tokenizer.json` if present, else `vocab.json` + `merges.txt`; `tokenizer_config.json`
     /// and `special_tokens_map.json` (both optional) name the special tokens and the length.
     pub fn load(src: &dyn FileSource, component: &str) -> Result<Self> {
+        let started = std::time::Instant::now();
         let folder = Folder { src, component };
         let parse_config = |text: &str| serde_json::from_str(text).map_err(|e| e.to_string());
         let config: Option<(PathBuf, TokenizerConfig)> = folder.parse("tokenizer_config.json", parse_config)?;
@@ -122,7 +123,8 @@ impl ClipTokenizer {
         let pad_id = settings.pad_id;
         let tokenizer = clip_tokenizer(vocab, merges, settings).map_err(|m| folder.bad(&source, m))?;
         let file = source.display();
-        tracing::debug!(source = %src.describe(), %file, max_len, pad_id, "loaded the {component} CLIP tokenizer");
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(source = %src.describe(), %file, max_len, pad_id, "loaded the {component} CLIP tokenizer in {ms:.1} ms");
         Ok(Self {
             tokenizer,
             max_len,
