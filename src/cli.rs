@@ -217,6 +217,9 @@ pub struct BenchArgs {
     /// Untimed runs first (kernel compilation, allocator warm-up)
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+    /// Requests run as one batch (seeds SEED, SEED+1, ...); the report gives images per second
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_batch_size)]
+    pub batch_size: usize,
 }
 
 /// Which shapes `selftest` checks.
@@ -297,6 +300,18 @@ pub struct BatchArgs {
     /// rerun the rest whole; a file that exists but is not complete is an error
     #[arg(long)]
     pub skip_existing: bool,
+    /// Run consecutive prompts that share size, schedules and guidance through the networks
+    /// together, up to N images per pass; each image equals the one its prompt gives alone
+    /// [default: 1 on the CPU; on a GPU, as many (up to 8) as free memory holds]
+    #[arg(long, value_name = "N", value_parser = parse_batch_size)]
+    pub batch_size: Option<usize>,
+}
+
+fn parse_batch_size(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err("expected a whole number of images, at least 1".into()),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -496,6 +511,7 @@ impl PromptArgs {
             shard: batch.shard.clone(),
             keep_going: batch.keep_going,
             seed,
+            batch_size: batch.batch_size,
         }
     }
 }
@@ -507,6 +523,7 @@ fn models(prior: &PriorModelArgs, decoder: Option<&DecoderModelArgs>, hub: &HubA
         // `prior` loads no decoder
         decoder: decoder.map(|d| d.decoder.clone()).unwrap_or_default(),
         revision: hub.revision.clone(),
+        pinned: Default::default(),
     }
 }
 
@@ -584,6 +601,7 @@ impl DecodeArgs {
                 stage_c: None,
                 decoder: self.decoder_model.decoder.clone(),
                 revision: self.hub.revision.clone(),
+                pinned: Default::default(),
             },
             runtime: self.runtime.spec()?,
         })
@@ -654,6 +672,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 &p.input(Some(&args.decoder_sampling)),
                 p.seed.flatten(),
                 (args.runs, args.warmup),
+                args.batch_size,
                 models(&args.prior_model, Some(&args.decoder_model), &args.hub),
                 args.runtime.spec()?,
             )?;

@@ -140,13 +140,21 @@ impl TextEncoder {
         Ok(self.model.forward(&ids, &mask)?)
     }
 
-    /// The conditioning batch diffusers builds: the prompt's states repeated `n` times, then,
-    /// with guidance, the negative prompt's repeated `n` times: (n or 2n, 77, hidden).
-    fn conditioning(&self, prompt: &str, negative: &str, n: usize, guidance: bool) -> Result<Tensor> {
-        let prompts: Vec<&str> = if guidance { vec![prompt, negative] } else { vec![prompt] };
+    /// The conditioning batch diffusers builds, for several requests sharing a pass: each
+    /// request's prompt states repeated for its `n` images, then, with guidance, each negative
+    /// prompt's likewise: (sum n or 2 sum n, 77, hidden). One request gives diffusers' layout.
+    fn conditioning(&self, requests: &[(&str, &str, usize)], guidance: bool) -> Result<Tensor> {
+        let mut prompts: Vec<&str> = requests.iter().map(|r| r.0).collect();
+        let mut counts: Vec<usize> = requests.iter().map(|r| r.2).collect();
+        if guidance {
+            prompts.extend(requests.iter().map(|r| r.1));
+            counts.extend_from_within(..);
+        }
         let states = self.encode(&prompts)?;
-        let parts: Vec<Tensor> = (0..states.dim(0)?)
-            .map(|i| states.narrow(0, i, 1)?.repeat((n, 1, 1)))
+        let parts: Vec<Tensor> = counts
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| states.narrow(0, i, 1)?.repeat((n, 1, 1)))
             .collect::<candle_core::Result<_>>()?;
         Ok(Tensor::cat(&parts, 0)?)
     }
@@ -162,44 +170,103 @@ fn lerp(start: &Tensor, end: &Tensor, weight: f64) -> candle_core::Result<Tensor
     }
 }
 
-/// Noise from the host generator, in f32 on the device.
-fn draw(noise: &mut dyn NoiseSource, shape: &[usize], device: &Device) -> Result<Tensor> {
-    let values = noise.standard_normal(shape)?;
-    Ok(Tensor::from_vec(values, shape, device)?)
+/// The random streams of a batch: each request's own generator draws its images' share of
+/// every draw, in its own order, so that each request sees the numbers it would see alone.
+pub struct BatchNoise<'a> {
+    streams: Vec<(&'a mut dyn NoiseSource, usize)>,
 }
 
-/// Fails when a stage produced NaN or Inf, instead of writing a black image.
-fn check_finite(t: &Tensor, stage: &str) -> Result<()> {
-    let sum = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
-    if !sum.is_finite() {
-        anyhow::bail!(
-            "the {stage} produced NaN or Inf values; in float16 try --dtype bf16 or f32 \
-             (half precision can overflow), or check the model weights"
-        );
+impl<'a> BatchNoise<'a> {
+    /// `streams`: each request's generator and its number of images, in batch order.
+    pub fn new(streams: Vec<(&'a mut dyn NoiseSource, usize)>) -> Self {
+        Self { streams }
     }
-    Ok(())
+
+    /// The generators of a batch's requests with their numbers of images, in batch order.
+    pub fn of<G: NoiseSource>(generators: &'a mut [G], images: impl IntoIterator<Item = usize>) -> Self {
+        let streams = generators.iter_mut().map(|g| g as &mut dyn NoiseSource);
+        Self::new(streams.zip(images).collect())
+    }
+
+    fn counts(&self) -> Vec<usize> {
+        self.streams.iter().map(|(_, n)| *n).collect()
+    }
+
+    /// Noise of (batch images, ..item) in f32 on the device, each request's rows from its stream.
+    fn draw(&mut self, item: &[usize], device: &Device) -> Result<Tensor> {
+        let mut values = Vec::new();
+        let mut images = 0;
+        for (noise, n) in &mut self.streams {
+            let shape: Vec<usize> = std::iter::once(*n).chain(item.iter().copied()).collect();
+            values.extend(noise.standard_normal(&shape)?);
+            images += *n;
+        }
+        let shape: Vec<usize> = std::iter::once(images).chain(item.iter().copied()).collect();
+        Ok(Tensor::from_vec(values, shape, device)?)
+    }
+}
+
+/// Whether a tensor holds only finite values.
+fn is_finite(t: &Tensor) -> Result<bool> {
+    let sum = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+    Ok(sum.is_finite())
+}
+
+/// The error for a request whose images came out NaN or Inf, instead of a black image.
+fn not_finite(stage: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the {stage} produced NaN or Inf values; in float16 try --dtype bf16 or f32 \
+         (half precision can overflow), or check the model weights"
+    )
+}
+
+/// A batch's result split back into its requests' rows (`counts` images each); a request
+/// whose rows are not all finite gets the error instead (the others are unaffected: no op
+/// mixes the images of a batch).
+fn split_finite(t: &Tensor, counts: &[usize], stage: &str) -> Result<Vec<Result<Tensor>>> {
+    let mut start = 0;
+    let mut parts = Vec::with_capacity(counts.len());
+    for &n in counts {
+        let part = t.narrow(0, start, n)?;
+        parts.push(if is_finite(&part)? {
+            Ok(part)
+        } else {
+            Err(not_finite(stage))
+        });
+        start += n;
+    }
+    Ok(parts)
+}
+
+/// The one result of a batch of one request.
+fn single(results: Vec<Result<Tensor>>) -> Result<Tensor> {
+    results
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| Err(anyhow::anyhow!("a batch of one request gave no result")))
 }
 
 /// The denoising loop both stages share, with diffusers' random draws: the initial latents
-/// of `shape`, then one draw per step (the last included). `model(x_batch, r_batch)` predicts
+/// of (batch images, ..item), then one draw per step (the last included), each request's
+/// from its own stream. `model(x_batch, r_batch)` predicts
 /// the noise for the (possibly doubled, with guidance) batch. The state stays in f32 whatever
 /// the model's dtype: the guidance combination (which amplifies differences w-fold) and the
 /// scheduler update run in f32, and the timestep reaches the embedding unrounded; only the
-/// network runs in `rt.dtype`. A NaN or Inf in the result is an error naming `stage`.
+/// network runs in `rt.dtype`.
 #[allow(clippy::too_many_arguments)]
 fn sample(
-    shape: &[usize],
+    item: &[usize],
     timesteps: &[f32],
     guidance: Option<f64>,
     scheduler: &DdpmWuerstchen,
     rt: &Runtime,
-    noise: &mut dyn NoiseSource,
+    noise: &mut BatchNoise,
     progress: &mut dyn Progress,
     stage: &str,
     model: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let n = shape[0];
-    let mut latents = draw(noise, shape, &rt.device)?;
+    let mut latents = noise.draw(item, &rt.device)?;
+    let n = latents.dim(0)?;
     progress.start(stage, timesteps.len().saturating_sub(1));
     for pair in timesteps.windows(2) {
         let (t, t_prev) = (pair[0], pair[1]);
@@ -213,7 +280,7 @@ fn sample(
             }
             None => model(&x, &ratio)?.to_dtype(DType::F32)?,
         };
-        let eps = draw(noise, shape, &rt.device)?;
+        let eps = noise.draw(item, &rt.device)?;
         latents = scheduler.step(&pred, t, t_prev, &latents, &eps)?;
         progress.step();
         if progress.cancelled() {
@@ -221,7 +288,6 @@ fn sample(
         }
     }
     progress.finish();
-    check_finite(&latents, stage)?;
     Ok(latents)
 }
 
@@ -236,6 +302,25 @@ pub struct PriorParams {
     pub timesteps: Vec<f32>,
     pub guidance: f64,
     pub num_images: usize,
+}
+
+impl PriorParams {
+    /// Whether two requests can run through the prior as one batch: everything but the
+    /// prompts and the number of images equal.
+    pub fn shares_pass(&self, other: &Self) -> bool {
+        (self.width, self.height, &self.timesteps) == (other.width, other.height, &other.timesteps)
+            && self.guidance.to_bits() == other.guidance.to_bits()
+    }
+}
+
+/// The first request of a batch, after checking that the others can share its passes.
+fn leader<P>(batch: &[P], shares: impl Fn(&P, &P) -> bool) -> Result<&P> {
+    let first = batch.first().ok_or_else(|| anyhow::anyhow!("an empty batch"))?;
+    anyhow::ensure!(
+        batch.iter().all(|p| shares(first, p)),
+        "requests of different sizes, schedules or guidance cannot share a batch"
+    );
+    Ok(first)
 }
 
 /// The prior stage's configuration files, parsed and validated once: the size rule and the
@@ -332,25 +417,41 @@ impl PriorPipeline {
 
     /// Image embeddings (N, c_in, h, w) in f32, denormalised (`latents * latent_mean - latent_std`).
     pub fn run(&self, p: &PriorParams, noise: &mut dyn NoiseSource, progress: &mut dyn Progress) -> Result<Tensor> {
-        let rt = &self.runtime;
+        let noise = BatchNoise::new(vec![(noise, p.num_images)]);
+        single(self.run_batch(std::slice::from_ref(p), noise, progress)?)
+    }
+
+    /// [`PriorPipeline::run`] for requests that share one pass per step (`PriorParams::shares_pass`),
+    /// `noise` holding their streams in the same order. The outer error fails the whole batch;
+    /// a request whose embeddings are not finite gets its own error.
+    pub fn run_batch(
+        &self,
+        batch: &[PriorParams],
+        mut noise: BatchNoise,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<Result<Tensor>>> {
+        let p = leader(batch, PriorParams::shares_pass)?;
         let guidance = (p.guidance > 1.0).then_some(p.guidance);
-        let text = self
-            .text_encoder
-            .conditioning(&p.prompt, &p.negative_prompt, p.num_images, guidance.is_some())?;
+        let requests: Vec<_> = batch
+            .iter()
+            .map(|p| (p.prompt.as_str(), p.negative_prompt.as_str(), p.num_images))
+            .collect();
+        let text = self.text_encoder.conditioning(&requests, guidance.is_some())?;
         let cond = self.prior.condition(&text)?;
         let (h, w) = self.latent_size(p.height, p.width);
         let latents = sample(
-            &[p.num_images, self.prior_config.c_in, h, w],
+            &[self.prior_config.c_in, h, w],
             &p.timesteps,
             guidance,
             &self.scheduler,
-            rt,
-            noise,
+            &self.runtime,
+            &mut noise,
             progress,
             "prior",
             |x, r| Ok(self.prior.forward(x, r, &cond)?),
         )?;
-        Ok(latents.affine(self.config.latent_mean, -self.config.latent_std)?)
+        let embeddings = latents.affine(self.config.latent_mean, -self.config.latent_std)?;
+        split_finite(&embeddings, &noise.counts(), "prior")
     }
 }
 
@@ -361,6 +462,14 @@ pub struct DecoderParams {
     pub negative_prompt: String,
     pub timesteps: Vec<f32>,
     pub guidance: f64,
+}
+
+impl DecoderParams {
+    /// Whether two requests can run through the decoder as one batch (given embeddings of one
+    /// size): everything but the prompts equal.
+    pub fn shares_pass(&self, other: &Self) -> bool {
+        self.timesteps == other.timesteps && self.guidance.to_bits() == other.guidance.to_bits()
+    }
 }
 
 /// The decoder stage's configuration files, parsed and validated once.
@@ -475,13 +584,49 @@ impl DecoderPipeline {
         noise: &mut dyn NoiseSource,
         progress: &mut dyn Progress,
     ) -> Result<Tensor> {
+        let noise = BatchNoise::new(vec![(noise, embeddings.dim(0)?)]);
+        let batch = std::slice::from_ref(p);
+        single(self.run_batch(std::slice::from_ref(embeddings), batch, noise, progress)?)
+    }
+
+    /// [`DecoderPipeline::run`] for requests that share one pass per step: embeddings of one
+    /// size, `DecoderParams::shares_pass`, `noise` holding their streams in the same order.
+    /// The outer error fails the whole batch; a request whose latents are not finite gets its own.
+    pub fn run_batch(
+        &self,
+        embeddings: &[Tensor],
+        batch: &[DecoderParams],
+        mut noise: BatchNoise,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<Result<Tensor>>> {
         let rt = &self.runtime;
+        let p = leader(batch, DecoderParams::shares_pass)?;
+        let sizes: Vec<_> = embeddings
+            .iter()
+            .map(|e| e.dims().get(2..).map(<[usize]>::to_vec))
+            .collect();
+        anyhow::ensure!(
+            embeddings.len() == batch.len() && sizes.windows(2).all(|s| s[0] == s[1]),
+            "a batch needs one set of embeddings per request, all of one size"
+        );
+        let counts = noise.counts();
+        let embeddings = match embeddings {
+            [one] => one.clone(),
+            all => Tensor::cat(all, 0)?,
+        };
         let embeddings = embeddings.to_device(&rt.device)?.to_dtype(rt.dtype)?;
         let (n, _, h, w) = embeddings.dims4()?;
+        anyhow::ensure!(
+            counts.iter().sum::<usize>() == n,
+            "the noise streams do not cover the batch"
+        );
         let guidance = (p.guidance > 1.0).then_some(p.guidance);
-        let text = self
-            .text_encoder
-            .conditioning(&p.prompt, &p.negative_prompt, n, guidance.is_some())?;
+        let requests: Vec<_> = batch
+            .iter()
+            .zip(&counts)
+            .map(|(p, &n)| (p.prompt.as_str(), p.negative_prompt.as_str(), n))
+            .collect();
+        let text = self.text_encoder.conditioning(&requests, guidance.is_some())?;
         // the unconditional half sees zeros instead of the image embeddings
         let effnet = match guidance {
             Some(_) => Tensor::cat(&[&embeddings, &embeddings.zeros_like()?], 0)?,
@@ -490,16 +635,17 @@ impl DecoderPipeline {
         let size = self.latent_size(h, w);
         let cond = self.decoder.condition(&effnet, &text, size)?;
         let latents = sample(
-            &[n, self.decoder_config.c_in, size.0, size.1],
+            &[self.decoder_config.c_in, size.0, size.1],
             &p.timesteps,
             guidance,
             &self.scheduler,
             rt,
-            noise,
+            &mut noise,
             progress,
             "decoder",
             |x, r| Ok(self.decoder.forward(x, r, &cond)?),
         )?;
+        let finite = split_finite(&latents, &counts, "decoder")?;
         progress.start("vqgan", 1);
         let images = self
             .vqgan
@@ -508,7 +654,9 @@ impl DecoderPipeline {
             .clamp(0f32, 1f32)?;
         progress.step();
         progress.finish();
-        Ok(images)
+        let images = split_finite(&images, &counts, "decoder")?;
+        // a request's latents decide: clamping can hide their NaN in the images
+        Ok(finite.into_iter().zip(images).map(|(l, i)| l.and(i)).collect())
     }
 }
 
@@ -647,6 +795,42 @@ pub fn weight_bytes(src: &dyn FileSource, folder: &str, stem: &str, dtype: DType
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A NaN in one request's rows fails that request only; the others keep their rows.
+    #[test]
+    fn a_batch_splits_into_its_requests_and_only_a_non_finite_one_fails() {
+        let mut values = vec![0.5f32; 4 * 3];
+        values[3 * 3 + 1] = f32::NAN; // the last row: the third request's second image
+        let t = Tensor::from_vec(values, (4, 3), &Device::Cpu).unwrap();
+        let parts = split_finite(&t, &[1, 1, 2], "prior").unwrap();
+        assert_eq!(parts.len(), 3);
+        for part in &parts[..2] {
+            assert_eq!(part.as_ref().unwrap().to_vec2::<f32>().unwrap(), [[0.5; 3]]);
+        }
+        let err = parts[2].as_ref().unwrap_err().to_string();
+        assert!(err.contains("the prior produced NaN or Inf"), "{err}");
+    }
+
+    /// Each request's rows come from its own stream, in order, as if it ran alone.
+    #[test]
+    fn batch_noise_draws_each_requests_rows_from_its_own_stream() {
+        use crate::rng::TorchCpuGenerator;
+        let alone = |seed: u64, n: usize| {
+            let mut g = TorchCpuGenerator::new(seed);
+            let first = g.standard_normal(&[n, 2, 3]).unwrap();
+            let second = g.standard_normal(&[n, 2, 3]).unwrap();
+            (first, second)
+        };
+        let mut gens = [TorchCpuGenerator::new(7), TorchCpuGenerator::new(8)];
+        let mut noise = BatchNoise::of(&mut gens, [2, 1]);
+        let first = noise.draw(&[2, 3], &Device::Cpu).unwrap();
+        let second = noise.draw(&[2, 3], &Device::Cpu).unwrap();
+        assert_eq!(first.dims(), [3, 2, 3]);
+        let rows = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ((a1, a2), (b1, b2)) = (alone(7, 2), alone(8, 1));
+        assert_eq!(rows(&first), [a1, b1].concat());
+        assert_eq!(rows(&second), [a2, b2].concat());
+    }
 
     fn published() -> SizeRule {
         SizeRule {

@@ -54,6 +54,13 @@ impl GenerateRequest {
             guidance: self.decoder_guidance,
         }
     }
+
+    /// Whether two requests can run through both stages as one batch: everything but the
+    /// prompts, the number of images and the seed equal.
+    pub fn shares_pass(&self, other: &Self) -> bool {
+        self.prior_params().shares_pass(&other.prior_params())
+            && self.decoder_params().shares_pass(&other.decoder_params())
+    }
 }
 
 /// The sampling options as typed, before validation.
@@ -328,6 +335,16 @@ pub struct ModelSpec {
     pub decoder: String,
     /// Hub branch, tag or commit
     pub revision: String,
+    /// Hub commits for single sources by name (`prior`, `stage_c`, `decoder`), over `revision`:
+    /// what `--from` replays, where each source may have been recorded at its own commit
+    pub pinned: std::collections::BTreeMap<String, String>,
+}
+
+impl ModelSpec {
+    /// The Hub revision to load source `name` (`prior`, `stage_c`, `decoder`) at.
+    pub fn revision_for(&self, name: &str) -> &str {
+        self.pinned.get(name).unwrap_or(&self.revision)
+    }
 }
 
 /// The prompts of a run as given.
@@ -341,6 +358,8 @@ pub struct PromptsInput {
     pub keep_going: bool,
     /// `--seed` (`Some(None)`: the flag without a value)
     pub seed: Option<Option<u64>>,
+    /// `--batch-size`: the most images one forward pass holds; `None`: chosen by the device
+    pub batch_size: Option<usize>,
 }
 
 /// A job with the files it will write.
@@ -369,9 +388,33 @@ pub struct JobPlan {
     pub overwrite: bool,
     /// JSON lines on stdout instead of bare paths
     pub json: bool,
+    /// the most images one forward pass holds; `None`: chosen by the device
+    pub batch_size: Option<usize>,
 }
 
 impl JobPlan {
+    /// The jobs grouped into batches, as ranges of `jobs`: consecutive jobs whose requests
+    /// share a pass (`GenerateRequest::shares_pass`) and together have at most `max_images`
+    /// images. A job with more images than that runs alone, as it would without batching.
+    pub fn batches(&self, max_images: usize) -> Vec<std::ops::Range<usize>> {
+        let mut batches: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut images = 0;
+        for (i, p) in self.jobs.iter().enumerate() {
+            let req = &p.job.req;
+            match batches.last_mut() {
+                Some(b) if images + req.num_images <= max_images && self.jobs[b.start].job.req.shares_pass(req) => {
+                    b.end = i + 1;
+                    images += req.num_images;
+                }
+                _ => {
+                    batches.push(i..i + 1);
+                    images = req.num_images;
+                }
+            }
+        }
+        batches
+    }
+
     /// The model's size rule, applied to every job: a bad size stops the run, or, in a batch
     /// with `--keep-going`, skips the job (`{origin}: ...`).
     pub fn check_sizes(&mut self, check: impl Fn(&GenerateRequest) -> Result<()>) -> Result<()> {
@@ -474,6 +517,7 @@ pub fn plan_generate(
             keep_going: prompts.keep_going,
             overwrite: output.overwrite,
             json: output.json,
+            batch_size: prompts.batch_size,
         },
         rng,
         models,
@@ -774,19 +818,14 @@ impl GenerateInputs {
             m.decoder = r.decoder.clone();
         }
         if !given("revision") {
-            // one --revision serves every Hub source: the recorded commit when they share one
-            let commits: std::collections::BTreeSet<&String> = r.commits.values().collect();
-            match commits.into_iter().collect::<Vec<_>>()[..] {
-                [] => {}
-                [commit] => m.revision = commit.clone(),
-                _ => tracing::warn!(
-                    "{}: the sources were recorded at different Hub commits ({:?}); one --revision serves all, \
-                     so they load at --revision {}",
-                    file.display(),
-                    r.commits,
-                    m.revision
-                ),
-            }
+            // each recorded Hub commit pins its source, unless the command line names another source
+            let keep = |name: &str| !given(name);
+            m.pinned = r
+                .commits
+                .iter()
+                .filter(|(name, _)| keep(name))
+                .map(|(n, c)| (n.clone(), c.clone()))
+                .collect();
         }
         if !given("dtype") {
             self.runtime.dtype = Some(parse_dtype(&r.dtype).map_err(|e| bad("dtype", &e))?);
@@ -799,10 +838,12 @@ fn f64_list(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&t| f64::from(t)).collect()
 }
 
-/// `bench`: one request, timed.
+/// `bench`: one request (or `batch_size` of them, seeds counting up from its seed, as one
+/// batch), timed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BenchPlan {
     pub req: GenerateRequest,
+    pub batch_size: usize,
     pub runs: usize,
     pub warmup: usize,
     pub models: ModelSpec,
@@ -813,6 +854,7 @@ pub fn plan_bench(
     sampling: &SamplingInput,
     seed: Option<u64>,
     (runs, warmup): (usize, usize),
+    batch_size: usize,
     models: ModelSpec,
     runtime: RuntimeSpec,
 ) -> Result<BenchPlan> {
@@ -821,6 +863,7 @@ pub fn plan_bench(
     }
     Ok(BenchPlan {
         req: generate_request("a photo of a cat", "", sampling, seed.unwrap_or(0))?,
+        batch_size,
         runs,
         warmup,
         models,
@@ -1000,6 +1043,7 @@ mod tests {
             stage_c: None,
             decoder: "d".into(),
             revision: "main".into(),
+            pinned: Default::default(),
         };
         let runtime = RuntimeSpec {
             device: None,
@@ -1018,6 +1062,40 @@ mod tests {
             skip_existing: false,
             json: false,
         }
+    }
+
+    /// Consecutive jobs that share every setting but prompts, seeds and image counts group up
+    /// to the image limit; any other difference, or a job over the limit, starts a new batch.
+    #[test]
+    fn batches_hold_consecutive_jobs_that_share_a_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = [
+            r#"{"prompt": "a", "seed": 1}"#,
+            r#"{"prompt": "b", "negative_prompt": "n", "seed": 9}"#,
+            r#"{"prompt": "c", "num_images": 2}"#,
+            r#"{"prompt": "d", "prior_guidance": 1.0}"#,
+            r#"{"prompt": "e", "decoder_guidance": 2.0}"#,
+            r#"{"prompt": "f", "steps": 3}"#,
+            r#"{"prompt": "g", "decoder_steps": 3}"#,
+            r#"{"prompt": "h", "width": 512}"#,
+            r#"{"prompt": "i", "height": 512}"#,
+            r#"{"prompt": "j", "num_images": 5}"#,
+            r#"{"prompt": "k"}"#,
+            r#"{"prompt": "l"}"#,
+        ];
+        let plan = plan_in(
+            dir.path(),
+            &lines.join("\n"),
+            None,
+            images_to(dir.path(), "{index}.png"),
+        )
+        .unwrap();
+        let batches = plan.jobs.batches(4);
+        assert_eq!(batches, [0..3, 3..4, 4..5, 5..6, 6..7, 7..8, 8..9, 9..10, 10..12]);
+        // the limit counts images: 1 + 1 + 2 fit in 4, not in 3
+        assert_eq!(plan.jobs.batches(3)[..2], [0..2, 2..3]);
+        let singles: Vec<_> = (0..lines.len()).map(|i| i..i + 1).collect();
+        assert_eq!(plan.jobs.batches(1), singles);
     }
 
     #[test]
@@ -1084,6 +1162,7 @@ mod tests {
                 stage_c: None,
                 decoder: "warp-ai/wuerstchen".into(),
                 revision: "main".into(),
+                pinned: Default::default(),
             },
             runtime: RuntimeSpec {
                 device: None,
@@ -1143,7 +1222,8 @@ mod tests {
             ),
             ("/models/prior", "/models/decoder", Some("owner/stage-c"))
         );
-        assert_eq!(i.models.revision, "c0ffee", "the one recorded Hub commit");
+        assert_eq!(i.models.revision_for("stage_c"), "c0ffee", "the recorded Hub commit");
+        assert_eq!(i.models.revision_for("prior"), "main", "a local folder has no commit");
         // the record a replay writes is the record it read
         let run = crate::record::RunInfo {
             prior: i.models.prior.clone(),
@@ -1154,6 +1234,30 @@ mod tests {
             rng: i.rng,
         };
         assert_eq!(GenerationRecord::new(req, &run).for_image(1), r);
+    }
+
+    /// Each Hub source loads at the commit it was recorded at, also when they differ; a source
+    /// the command line replaces, or `--revision`, is not pinned.
+    #[test]
+    fn replay_pins_each_hub_source_to_its_recorded_commit() {
+        let mut r = recorded();
+        r.commits = [("prior", "aaa"), ("stage_c", "ccc"), ("decoder", "bbb")]
+            .map(|(n, c)| (n.to_string(), c.to_string()))
+            .into();
+        let mut i = replay_inputs();
+        i.replay(&r, Path::new("a.png"), |_| false).unwrap();
+        let pinned = ["prior", "stage_c", "decoder"].map(|n| i.models.revision_for(n).to_string());
+        assert_eq!(pinned, ["aaa", "ccc", "bbb"]);
+        let mut i = replay_inputs();
+        i.models.decoder = "other".into();
+        i.replay(&r, Path::new("a.png"), |id| id == "decoder").unwrap();
+        assert_eq!(
+            (i.models.revision_for("prior"), i.models.revision_for("decoder")),
+            ("aaa", "main")
+        );
+        let mut i = replay_inputs();
+        i.replay(&r, Path::new("a.png"), |id| id == "revision").unwrap();
+        assert!(i.models.pinned.is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use anyhow::Result;
 use candle_core::Device;
 
 use super::{dtype_name, load_decoder, peak_host_memory, source, PriorSources};
-use crate::pipeline::{free_device_memory, DecoderConfigs, SizeRule};
+use crate::pipeline::{free_device_memory, BatchNoise, DecoderConfigs, SizeRule};
 use crate::progress::Progress;
 use crate::request::BenchPlan;
 use crate::rng::TorchCpuGenerator;
@@ -64,7 +64,7 @@ fn round3(v: f64) -> f64 {
 pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
     let req = &plan.req;
     let prior_src = PriorSources::resolve(&plan.models, quiet)?;
-    let decoder_src = source(&plan.models.decoder, &plan.models.revision, quiet)?;
+    let decoder_src = source(&plan.models.decoder, plan.models.revision_for("decoder"), quiet)?;
     let (prior_cfg, decoder_cfg) = (prior_src.configs()?, DecoderConfigs::read(decoder_src.as_ref())?);
     let rule = SizeRule::new(&prior_cfg, &decoder_cfg);
     rule.check("--width", req.width)?;
@@ -91,6 +91,10 @@ pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
     // the estimate `generate` weighs against free device memory, for comparison with the peaks
     let shapes = crate::memory::ModelShapes::new(&prior_cfg, &decoder_cfg);
     let run = crate::memory::RunShapes::of(req, rt.dtype);
+    let run = crate::memory::RunShapes {
+        num_images: run.num_images * plan.batch_size,
+        ..run
+    };
     let estimated_activations = crate::memory::peak_activation_bytes(&run, &shapes);
     let estimated_weights = crate::memory::weight_bytes(
         prior_src.prior.as_ref(),
@@ -103,10 +107,20 @@ pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
     for i in 0..plan.warmup + plan.runs {
         clock.stages.clear();
         let t = Instant::now();
-        let mut noise = TorchCpuGenerator::new(req.seed);
-        let emb = prior.run(&req.prior_params(), &mut noise, &mut clock)?;
-        let images = decoder.run(&emb, &req.decoder_params(), &mut noise, &mut clock)?;
-        let _ = images.to_device(&Device::Cpu)?; // the images on the host end every run
+        let mut noises: Vec<_> = (0..plan.batch_size as u64)
+            .map(|k| TorchCpuGenerator::new(req.seed + k))
+            .collect();
+        let counts = vec![req.num_images; plan.batch_size];
+        let prior_params = vec![req.prior_params(); plan.batch_size];
+        let prior_noise = BatchNoise::of(&mut noises, counts.clone());
+        let embeddings = prior.run_batch(&prior_params, prior_noise, &mut clock)?;
+        let embeddings = embeddings.into_iter().collect::<Result<Vec<_>>>()?;
+        let decoder_params = vec![req.decoder_params(); plan.batch_size];
+        let decoder_noise = BatchNoise::of(&mut noises, counts);
+        let images = decoder.run_batch(&embeddings, &decoder_params, decoder_noise, &mut clock)?;
+        for images in images {
+            let _ = images?.to_device(&Device::Cpu)?; // the images on the host end every run
+        }
         let total = t.elapsed().as_secs_f64();
         if i >= plan.warmup {
             totals.push((total, clock.stages.clone()));
@@ -122,6 +136,8 @@ pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
         )
     };
     let (prior_s, decoder_s, vqgan_s) = (stage("prior"), stage("decoder"), stage("vqgan"));
+    let total_s = median(totals.iter().map(|(t, _)| *t).collect());
+    let images = plan.batch_size * req.num_images;
     let prior_steps = req.prior_timesteps.len() - 1;
     let decoder_steps = req.decoder_timesteps.len() - 1;
     let device_peak = match (free_before, clock.min_free) {
@@ -136,6 +152,7 @@ pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
         "width": req.width,
         "height": req.height,
         "num_images": req.num_images,
+        "batch_size": plan.batch_size,
         "prior_steps": prior_steps,
         "prior_guidance": req.prior_guidance,
         "decoder_steps": decoder_steps,
@@ -145,11 +162,12 @@ pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
         "threads": candle_core::utils::get_num_threads(),
         "load_s": { "prior": round3(load_prior), "decoder": round3(load_decoder) },
         "median_s": {
-            "total": round3(median(totals.iter().map(|(t, _)| *t).collect())),
+            "total": round3(total_s),
             "prior": round3(prior_s),
             "decoder": round3(decoder_s),
             "vqgan": round3(vqgan_s),
         },
+        "images_per_s": round3(images as f64 / total_s),
         "prior_ms_per_step": round3(prior_s * 1000.0 / prior_steps as f64),
         "decoder_ms_per_step": round3(decoder_s * 1000.0 / decoder_steps as f64),
         "peak_host_bytes": peak_host_memory(),

@@ -9,7 +9,7 @@ use crate::request::ModelSpec;
 
 pub fn run(models: &ModelSpec, quiet: bool) -> Result<()> {
     let prior = PriorSources::resolve(models, quiet)?;
-    let decoder = source(&models.decoder, &models.revision, quiet)?;
+    let decoder = source(&models.decoder, models.revision_for("decoder"), quiet)?;
     let mut files = PriorPipeline::locate(prior.prior.as_ref(), prior.stage_c.as_deref())?;
     files.extend(DecoderPipeline::locate(decoder.as_ref())?);
     let bytes: u64 = files

@@ -2,6 +2,7 @@
 //! run every job, write each PNG atomically as soon as it is done, print the written paths
 //! (or JSON) on stdout.
 
+use std::ops::Range;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Result;
@@ -10,7 +11,7 @@ use candle_core::{Device, Tensor};
 use super::{check_interrupt, install_interrupt, load_decoder, log_peak_memory, source, PriorSources, Summary, Writer};
 use crate::memory::{self, ModelShapes, RunShapes};
 use crate::output;
-use crate::pipeline::{DecoderConfigs, DecoderPipeline, PriorPipeline, Runtime, SizeRule};
+use crate::pipeline::{BatchNoise, DecoderConfigs, DecoderPipeline, PriorPipeline, Runtime, SizeRule};
 use crate::progress::TerminalProgress;
 use crate::record::{GenerationRecord, NoiseDraws, RunInfo};
 use crate::request::{GeneratePlan, GenerateRequest, JobPlan, PlannedJob};
@@ -83,21 +84,32 @@ fn generator(req: &GenerateRequest, kernel: BoxMuller) -> TorchCpuGenerator {
     TorchCpuGenerator::with_kernel(req.seed, kernel)
 }
 
+/// The most images a batch may hold when `--batch-size` is not given: 1 on the CPU (a
+/// batch runs no faster there and holds more memory); on a GPU the most, up to
+/// [`MAX_AUTO_BATCH`], whose activations (`activations(n)`) fit in `free` beside the weights.
+fn auto_batch_images(free: Option<u64>, weights: u64, activations: impl Fn(usize) -> u64) -> usize {
+    let Some(free) = free else { return 1 };
+    (1..=MAX_AUTO_BATCH)
+        .rev()
+        .find(|&n| weights + activations(n) <= free)
+        .unwrap_or(1)
+}
+
+/// Past this many images a batch gains little on a GPU (the passes are already large) and
+/// delays every image of the batch.
+const MAX_AUTO_BATCH: usize = 8;
+
 /// Whether to hold one stage at a time: asked for, or needed because the GPU cannot hold both
 /// stages' weights (estimated from the file sizes) plus the activations of the run's most
-/// demanding job (estimated from the configs and its sizes, `memory::peak_activation_bytes`).
-fn staged(asked: bool, rt: &Runtime, weights: u64, shapes: &ModelShapes, jobs: &[PlannedJob]) -> bool {
+/// demanding job in batches of `batch_images` (estimated from the configs and its sizes,
+/// `memory::peak_activation_bytes`).
+fn staged(asked: bool, free: Option<u64>, weights: u64, activations: u64) -> bool {
     if asked {
         return true;
     }
-    let Some(free) = crate::pipeline::free_device_memory(&rt.device) else {
+    let Some(free) = free else {
         return false;
     };
-    let activations = jobs
-        .iter()
-        .map(|p| memory::peak_activation_bytes(&RunShapes::of(&p.job.req, rt.dtype), shapes))
-        .max()
-        .unwrap_or(0);
     let need = weights + activations;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     tracing::info!(
@@ -114,6 +126,19 @@ fn staged(asked: bool, rt: &Runtime, weights: u64, shapes: &ModelShapes, jobs: &
     low
 }
 
+/// The peak activations of the run's most demanding job when a batch holds `images` images.
+fn batch_activations(jobs: &[PlannedJob], rt: &Runtime, shapes: &ModelShapes, images: usize) -> u64 {
+    let peak = |p: &PlannedJob| {
+        let run = RunShapes::of(&p.job.req, rt.dtype);
+        let run = RunShapes {
+            num_images: run.num_images.max(images),
+            ..run
+        };
+        memory::peak_activation_bytes(&run, shapes)
+    };
+    jobs.iter().map(peak).max().unwrap_or(0)
+}
+
 pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     if super::report_done(&plan.jobs) {
         return Summary::default().finish(&plan.jobs);
@@ -121,7 +146,7 @@ pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     let interrupt = install_interrupt();
     // the size rule needs only the models' small JSON files
     let prior_src = PriorSources::resolve(&plan.models, quiet)?;
-    let decoder_src = source(&plan.models.decoder, &plan.models.revision, quiet)?;
+    let decoder_src = source(&plan.models.decoder, plan.models.revision_for("decoder"), quiet)?;
     let (prior_cfg, decoder_cfg) = (prior_src.configs()?, DecoderConfigs::read(decoder_src.as_ref())?);
     let rule = SizeRule::new(&prior_cfg, &decoder_cfg);
     plan.jobs.check_sizes(|req| {
@@ -141,9 +166,25 @@ pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
         rt.dtype,
     );
     let shapes = ModelShapes::new(&prior_cfg, &decoder_cfg);
-    let staged = staged(plan.runtime.low_memory, &rt, weights, &shapes, &plan.jobs.jobs);
+    let free = crate::pipeline::free_device_memory(&rt.device);
+    let activations = |images| batch_activations(&plan.jobs.jobs, &rt, &shapes, images);
+    let staged = staged(
+        plan.runtime.low_memory,
+        free,
+        weights,
+        activations(plan.jobs.batch_size.unwrap_or(1)),
+    );
+    let batch_images = plan
+        .jobs
+        .batch_size
+        .unwrap_or_else(|| auto_batch_images(free, weights, activations));
+    let batches = plan.jobs.batches(batch_images);
+    if batches.len() < plan.jobs.jobs.len() {
+        tracing::info!("up to {batch_images} images per pass: {} batches", batches.len());
+    }
     let ctx = Ctx {
         plan: &plan.jobs,
+        batches,
         info: &info,
         writer: &writer,
         kernel: plan.rng,
@@ -172,10 +213,20 @@ pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
 
 struct Ctx<'a> {
     plan: &'a JobPlan,
+    /// ranges of `plan.jobs` that run as one batch
+    batches: Vec<Range<usize>>,
     info: &'a RunInfo,
     writer: &'a Writer,
     kernel: BoxMuller,
     interrupt: &'a AtomicBool,
+}
+
+/// A job between its two stages: its embeddings, and its random stream as the decoder
+/// continues it.
+struct Halfway {
+    job: usize,
+    embeddings: Tensor,
+    noise: TorchCpuGenerator,
 }
 
 impl Ctx<'_> {
@@ -205,50 +256,105 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    fn finish_job(&self, p: &PlannedJob, images: &Tensor, progress: &mut TerminalProgress) -> Result<()> {
-        let timings = progress.take_timings();
-        let t: Vec<String> = timings.iter().map(|(s, t)| format!("{s} {t:.2}s")).collect();
-        tracing::info!("seed {}: {}", p.job.req.seed, t.join(", "));
-        let record = GenerationRecord::new(&p.job.req, self.info);
-        let writer = Writer {
-            overwrite: p.overwrite,
-            json: self.writer.json,
-        };
-        writer.images(&p.job, &output::to_rgb8(images)?, &p.images, &record, &timings)
+    /// `--keep-going` for an error that failed a whole batch: every job in it failed.
+    fn batch_failed(&self, jobs: &[usize], err: anyhow::Error, summary: &mut Summary) -> Result<()> {
+        let origins = jobs.iter().map(|&i| self.jobs()[i].job.origin.as_str());
+        summary.batch_failure(origins, err, self.plan.keep_going)
     }
 
-    /// The prior half of a job: its embeddings, and its random stream as the decoder continues it.
-    fn prior_half(
+    /// The prior for the jobs `batch`, their embeddings saved: the jobs that go on to the
+    /// decoder (the failed ones are in `summary`, or stop the run).
+    fn prior_batch(
         &self,
-        i: usize,
+        batch: Range<usize>,
         prior: &PriorPipeline,
         progress: &mut TerminalProgress,
-    ) -> Result<(Tensor, TorchCpuGenerator)> {
-        let p = &self.jobs()[i];
+        summary: &mut Summary,
+    ) -> Result<Vec<Halfway>> {
         check_interrupt(self.interrupt)?;
-        self.log_job(i, p);
-        let mut noise = generator(&p.job.req, self.kernel);
-        let emb = prior.run(&p.job.req.prior_params(), &mut noise, progress)?;
-        self.save_embeddings(p, &emb)?;
-        Ok((emb, noise))
+        let jobs = &self.jobs()[batch.clone()];
+        for (i, p) in batch.clone().zip(jobs) {
+            self.log_job(i, p);
+        }
+        let params: Vec<_> = jobs.iter().map(|p| p.job.req.prior_params()).collect();
+        let mut noises: Vec<_> = jobs.iter().map(|p| generator(&p.job.req, self.kernel)).collect();
+        let streams = BatchNoise::of(&mut noises, params.iter().map(|p| p.num_images));
+        let results = match prior.run_batch(&params, streams, progress) {
+            Ok(results) => results,
+            Err(err) => {
+                self.batch_failed(&batch.collect::<Vec<_>>(), err, summary)?;
+                return Ok(Vec::new());
+            }
+        };
+        let mut halfway = Vec::new();
+        for ((i, result), noise) in batch.zip(results).zip(noises) {
+            let p = &self.jobs()[i];
+            let result = result.and_then(|emb| self.save_embeddings(p, &emb).map(|()| emb));
+            if let Some(embeddings) = summary.failure(&p.job.origin, result, self.plan.keep_going)? {
+                halfway.push(Halfway {
+                    job: i,
+                    embeddings,
+                    noise,
+                });
+            }
+        }
+        Ok(halfway)
     }
 
-    /// The decoder half of a job, through to the written files.
-    fn decoder_half(
+    /// The decoder for jobs the prior left `halfway` (one batch), through to the written files.
+    fn decoder_batch(
         &self,
-        i: usize,
+        halfway: Vec<Halfway>,
         decoder: &DecoderPipeline,
-        emb: &Tensor,
-        noise: &mut TorchCpuGenerator,
         progress: &mut TerminalProgress,
+        summary: &mut Summary,
     ) -> Result<()> {
-        let p = &self.jobs()[i];
+        if halfway.is_empty() {
+            return Ok(());
+        }
         check_interrupt(self.interrupt)?;
-        let images = decoder.run(emb, &p.job.req.decoder_params(), noise, progress)?;
-        self.finish_job(p, &images, progress)
+        let jobs: Vec<usize> = halfway.iter().map(|h| h.job).collect();
+        let params: Vec<_> = jobs.iter().map(|&i| self.jobs()[i].job.req.decoder_params()).collect();
+        let (mut embeddings, mut noises) = (Vec::new(), Vec::new());
+        for h in halfway {
+            embeddings.push(h.embeddings);
+            noises.push(h.noise);
+        }
+        let counts: Vec<usize> = embeddings
+            .iter()
+            .map(|e| e.dim(0))
+            .collect::<candle_core::Result<_>>()?;
+        let batch_images = counts.iter().sum();
+        let streams = BatchNoise::of(&mut noises, counts);
+        let results = match decoder.run_batch(&embeddings, &params, streams, progress) {
+            Ok(results) => results,
+            Err(err) => return self.batch_failed(&jobs, err, summary),
+        };
+        let timings = progress.take_timings();
+        let t: Vec<String> = timings.iter().map(|(s, t)| format!("{s} {t:.2}s")).collect();
+        let seeds: Vec<String> = jobs.iter().map(|&i| self.jobs()[i].job.req.seed.to_string()).collect();
+        tracing::info!("seed {}: {}", seeds.join(", "), t.join(", "));
+        let writer = Writer {
+            overwrite: false,
+            json: self.writer.json,
+            batch_images,
+        };
+        for (&i, result) in jobs.iter().zip(results) {
+            let p = &self.jobs()[i];
+            let written = result.and_then(|images| {
+                let writer = Writer {
+                    overwrite: p.overwrite,
+                    ..writer
+                };
+                let record = GenerationRecord::new(&p.job.req, self.info);
+                writer.images(&p.job, &output::to_rgb8(&images)?, &p.images, &record, &timings)
+            });
+            summary.record(&p.job.origin, written, self.plan.keep_going)?;
+        }
+        Ok(())
     }
 
-    /// Both stages resident: each job runs start to finish.
+    /// Both stages resident: each batch runs start to finish.
     fn run_together(
         &self,
         prior: &PriorPipeline,
@@ -256,11 +362,9 @@ impl Ctx<'_> {
         progress: &mut TerminalProgress,
     ) -> Result<Summary> {
         let mut summary = Summary::default();
-        for (i, p) in self.jobs().iter().enumerate() {
-            let result = self
-                .prior_half(i, prior, progress)
-                .and_then(|(emb, mut noise)| self.decoder_half(i, decoder, &emb, &mut noise, progress));
-            summary.record(&p.job.origin, result, self.plan.keep_going)?;
+        for batch in &self.batches {
+            let halfway = self.prior_batch(batch.clone(), prior, progress, &mut summary)?;
+            self.decoder_batch(halfway, decoder, progress, &mut summary)?;
         }
         Ok(summary)
     }
@@ -277,20 +381,34 @@ impl Ctx<'_> {
         let mut pending = Vec::new();
         {
             let prior = load_prior()?;
-            for (i, p) in self.jobs().iter().enumerate() {
-                let result = self
-                    .prior_half(i, &prior, progress)
-                    .and_then(|(emb, noise)| Ok((emb.to_device(&Device::Cpu)?, noise)));
-                if let Some((emb, noise)) = summary.failure(&p.job.origin, result, self.plan.keep_going)? {
-                    pending.push((i, emb, noise));
+            for batch in &self.batches {
+                let mut halfway = self.prior_batch(batch.clone(), &prior, progress, &mut summary)?;
+                for h in &mut halfway {
+                    h.embeddings = h.embeddings.to_device(&Device::Cpu)?;
                 }
+                pending.push(halfway);
             }
         }
         let decoder = load_decoder()?;
-        for (i, emb, mut noise) in pending {
-            let result = self.decoder_half(i, &decoder, &emb, &mut noise, progress);
-            summary.record(&self.jobs()[i].job.origin, result, self.plan.keep_going)?;
+        for halfway in pending {
+            self.decoder_batch(halfway, &decoder, progress, &mut summary)?;
         }
         Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_automatic_batch_is_one_image_on_the_cpu_and_what_fits_on_a_gpu() {
+        let activations = |n: usize| 3 * n as u64;
+        assert_eq!(auto_batch_images(None, 10, activations), 1);
+        assert_eq!(auto_batch_images(Some(19), 10, activations), 3);
+        assert_eq!(auto_batch_images(Some(18), 10, activations), 2);
+        assert_eq!(auto_batch_images(Some(u64::MAX / 2), 10, activations), MAX_AUTO_BATCH);
+        // nothing fits: one image, and the staged decision deals with the rest
+        assert_eq!(auto_batch_images(Some(5), 10, activations), 1);
     }
 }

@@ -117,11 +117,11 @@ pub struct PriorSources {
 impl PriorSources {
     pub fn resolve(m: &ModelSpec, quiet: bool) -> Result<Self> {
         Ok(Self {
-            prior: source(&m.prior, &m.revision, quiet)?,
+            prior: source(&m.prior, m.revision_for("prior"), quiet)?,
             stage_c: m
                 .stage_c
                 .as_deref()
-                .map(|s| source(s, &m.revision, quiet))
+                .map(|s| source(s, m.revision_for("stage_c"), quiet))
                 .transpose()?,
         })
     }
@@ -237,6 +237,8 @@ pub fn commits(sources: &[(&str, Option<&dyn FileSource>)]) -> BTreeMap<String, 
 pub struct Writer {
     pub overwrite: bool,
     pub json: bool,
+    /// how many images shared the forward passes that the timings are of
+    pub batch_images: usize,
 }
 
 impl From<&JobPlan> for Writer {
@@ -244,6 +246,7 @@ impl From<&JobPlan> for Writer {
         Self {
             overwrite: plan.overwrite,
             json: plan.json,
+            batch_images: 1,
         }
     }
 }
@@ -276,6 +279,7 @@ impl Writer {
             index: usize,
             image: usize,
             timings_s: BTreeMap<&'a str, f64>,
+            batch_images: usize,
             #[serde(flatten)]
             record: &'a GenerationRecord,
         }
@@ -287,6 +291,7 @@ impl Writer {
                 .iter()
                 .map(|(k, v)| (k.as_str(), (v * 1000.0).round() / 1000.0))
                 .collect(),
+            batch_images: self.batch_images,
             record,
         };
         println!("{}", serde_json::to_string(&line).unwrap_or_default());
@@ -362,6 +367,22 @@ impl Summary {
                 Ok(None)
             }
         }
+    }
+
+    /// An error that failed a whole batch: each of its jobs (`origins`) failed with it.
+    pub fn batch_failure<'o>(
+        &mut self,
+        origins: impl IntoIterator<Item = &'o str>,
+        err: anyhow::Error,
+        keep_going: bool,
+    ) -> Result<()> {
+        let message = format!("{err:#}");
+        let mut err = Some(err);
+        for origin in origins {
+            let err = err.take().unwrap_or_else(|| anyhow::anyhow!("{message}"));
+            self.failure::<()>(origin, Err(err), keep_going)?;
+        }
+        Ok(())
     }
 
     /// A finished job's result.

@@ -12,7 +12,7 @@ use super::generate::embeddings_file;
 use super::{check_interrupt, install_interrupt, load_decoder, log_peak_memory, source, PriorSources, Summary, Writer};
 use crate::error::{InputError, ModelError};
 use crate::output;
-use crate::pipeline::DecoderConfigs;
+use crate::pipeline::{BatchNoise, DecoderConfigs};
 use crate::progress::TerminalProgress;
 use crate::record::{GenerationRecord, RunInfo};
 use crate::request::{self, DecodePlan, GeneratePlan};
@@ -34,21 +34,44 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     let writer = Writer::from(&plan.jobs);
     let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
     let mut summary = Summary::default();
-    for p in &plan.jobs.jobs {
+    // on the CPU one request per pass; a GPU batches (the prior's activations are small)
+    let max_images = plan.jobs.batch_size.unwrap_or(if rt.device.is_cpu() { 1 } else { 8 });
+    for batch in plan.jobs.batches(max_images) {
         check_interrupt(&interrupt)?;
-        let result = (|| {
-            let path = p
-                .embeddings
-                .as_ref()
-                .ok_or_else(|| anyhow::anyhow!("no embeddings file planned"))?;
-            let mut noise = TorchCpuGenerator::with_kernel(p.job.req.seed, plan.rng);
-            let emb = prior.run(&p.job.req.prior_params(), &mut noise, &mut progress)?;
-            output::write_atomic(path, &embeddings_file(&emb, &p.job.req, &info)?, p.overwrite)?;
-            let record = GenerationRecord::new(&p.job.req, &info);
-            writer.report(path, &p.job, 0, &record, &progress.take_timings());
-            anyhow::Ok(())
-        })();
-        summary.record(&p.job.origin, result, plan.jobs.keep_going)?;
+        let jobs = &plan.jobs.jobs[batch];
+        let params: Vec<_> = jobs.iter().map(|p| p.job.req.prior_params()).collect();
+        let mut noises: Vec<_> = jobs
+            .iter()
+            .map(|p| TorchCpuGenerator::with_kernel(p.job.req.seed, plan.rng))
+            .collect();
+        let streams = BatchNoise::of(&mut noises, params.iter().map(|p| p.num_images));
+        let results = prior.run_batch(&params, streams, &mut progress);
+        let timings = progress.take_timings();
+        let results = match results {
+            Ok(results) => results,
+            Err(err) => {
+                let origins = jobs.iter().map(|p| p.job.origin.as_str());
+                summary.batch_failure(origins, err, plan.jobs.keep_going)?;
+                continue;
+            }
+        };
+        let writer = Writer {
+            batch_images: params.iter().map(|p| p.num_images).sum(),
+            ..writer
+        };
+        for (p, result) in jobs.iter().zip(results) {
+            let written = result.and_then(|emb| {
+                let path = p
+                    .embeddings
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("no embeddings file planned"))?;
+                output::write_atomic(path, &embeddings_file(&emb, &p.job.req, &info)?, p.overwrite)?;
+                let record = GenerationRecord::new(&p.job.req, &info);
+                writer.report(path, &p.job, 0, &record, &timings);
+                anyhow::Ok(())
+            });
+            summary.record(&p.job.origin, written, plan.jobs.keep_going)?;
+        }
     }
     log_peak_memory();
     summary.finish(&plan.jobs)
@@ -96,7 +119,7 @@ pub fn run_decode(plan: DecodePlan, quiet: bool) -> Result<()> {
     let interrupt = install_interrupt();
     let emb = read_embeddings(&plan.embeddings)?;
     let (n, _, h, w) = emb.tensor.dims4()?;
-    let decoder_src = source(&plan.models.decoder, &plan.models.revision, quiet)?;
+    let decoder_src = source(&plan.models.decoder, plan.models.revision_for("decoder"), quiet)?;
     let configs = DecoderConfigs::read(decoder_src.as_ref())?;
     let image_size = configs.image_size(h, w)?;
     let (req, start) = request::decode_request(&plan, emb.record.as_ref(), n, image_size)?;
@@ -132,6 +155,7 @@ pub fn run_decode(plan: DecodePlan, quiet: bool) -> Result<()> {
     check_interrupt(&interrupt)?;
     let images = decoder.run(&emb.tensor, &job.req.decoder_params(), &mut noise, &mut progress)?;
     let writer = Writer {
+        batch_images: 1,
         overwrite: plan.output.overwrite,
         json: plan.output.json,
     };

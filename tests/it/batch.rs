@@ -269,6 +269,71 @@ fn prior_then_decode_gives_the_same_image_as_generate() {
     assert_ne!(read_png(&d.join("other-0.png")).2, read_png(&d.join("dec-0.png")).2);
 }
 
+/// `--batch-size`: consecutive jobs that share size, schedules and guidance run as one batch
+/// (each JSON line says how many images shared its passes), jobs that cannot share split off,
+/// and every image equals the one its prompt gives alone (f32 on the CPU: within 1/255 and
+/// >= 99.9% identical; batched matrix products may sum in another order).
+#[test]
+fn batched_prompts_give_the_images_they_give_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = [
+        // one batch of 4 images: mixed prompts, a negative prompt, two images of one prompt
+        r#"{"prompt": "a red cat", "seed": 3}"#,
+        r#"{"prompt": "a blue dog", "negative_prompt": "blurry", "seed": 4}"#,
+        r#"{"prompt": "two birds", "num_images": 2, "seed": 5}"#,
+        // prior guidance off: a batch of its own
+        r#"{"prompt": "a house", "prior_guidance": 1.0, "seed": 6}"#,
+        r#"{"prompt": "a tree", "prior_guidance": 1.0, "seed": 7}"#,
+        // decoder guidance on, one with a negative prompt
+        r#"{"prompt": "hills", "decoder_guidance": 2.0, "seed": 8}"#,
+        r#"{"prompt": "a lake", "decoder_guidance": 2.0, "negative_prompt": "fog", "seed": 9}"#,
+        // another size, then the default size again: each alone
+        r#"{"prompt": "mountains", "width": 256, "seed": 10}"#,
+        r#"{"prompt": "the sea", "seed": 11}"#,
+    ];
+    std::fs::write(dir.path().join("p.jsonl"), lines.join("\n")).unwrap();
+    let run = |name: &str, batch_size: &str| -> Vec<(String, u64)> {
+        let mut cmd = wuerstchen(dir.path());
+        cmd.current_dir(dir.path()).arg("generate").args(model_args("tiny-a"));
+        cmd.args(["--prompts", "p.jsonl", "--width", "128", "--height", "128", "--json"])
+            .args(FAST)
+            .args(["--batch-size", batch_size, "--output", &format!("{name}/{{seed}}.png")]);
+        std::fs::create_dir(dir.path().join(name)).unwrap();
+        let out = cmd.assert().success();
+        let lines = stdout(&out);
+        let lines = lines
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+        let batch = |v: &serde_json::Value| {
+            (
+                v["path"].as_str().unwrap().to_string(),
+                v["batch_images"].as_u64().unwrap(),
+            )
+        };
+        lines.map(|v| batch(&v)).collect()
+    };
+    let alone = run("alone", "1");
+    let batched = run("batched", "4");
+    let sizes = |run: &[(String, u64)]| run.iter().map(|(_, n)| *n).collect::<Vec<_>>();
+    // alone, a prompt's own images still share its passes (num_images_per_prompt)
+    assert_eq!(sizes(&alone), [1, 1, 2, 2, 1, 1, 1, 1, 1, 1], "{alone:?}");
+    assert_eq!(sizes(&batched), [4, 4, 4, 4, 2, 2, 2, 2, 1, 1], "{batched:?}");
+    assert_eq!(alone.len(), batched.len());
+    for ((a, _), (b, _)) in alone.iter().zip(&batched) {
+        let (pa, pb) = (read_png(&dir.path().join(a)), read_png(&dir.path().join(b)));
+        assert_eq!((pa.0, pa.1, pa.3.len()), (pb.0, pb.1, pb.3.len()), "{a} vs {b}");
+        let (x, y) = (&pa.2, &pb.2);
+        let max = x.iter().zip(y).map(|(p, q)| p.abs_diff(*q)).max().unwrap();
+        let same = x.iter().zip(y).filter(|(p, q)| p == q).count() as f64 / x.len() as f64;
+        assert!(
+            max <= 1 && same >= 0.999,
+            "{b}: max difference {max}, {same:.5} identical"
+        );
+        // the record is the prompt's own, whatever the batch
+        assert_eq!(pa.3, pb.3, "{a} vs {b}");
+    }
+}
+
 /// (shape, raw bytes) of the `image_embeddings` tensor.
 fn safetensors_tensor(path: &Path) -> (Vec<usize>, Vec<u8>) {
     let bytes = std::fs::read(path).unwrap();

@@ -87,6 +87,14 @@ fn bad_input_exits_2_before_any_model_loads() {
         ),
         (vec!["--output", "/proc/wuerstchen.png"], vec!["not writable"]),
         (vec!["--shard", "0/2"], vec!["--shard needs --prompts"]),
+        (
+            vec!["--batch-size", "0"],
+            vec!["invalid value '0' for '--batch-size", "at least 1"],
+        ),
+        (
+            vec!["--batch-size", "two"],
+            vec!["invalid value 'two' for '--batch-size"],
+        ),
     ];
     for (args, needles) in cases {
         let mut all = vec!["--prompt", "x"];
