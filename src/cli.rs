@@ -432,7 +432,7 @@ pub struct RuntimeArgs {
     #[arg(long, value_name = "SIZE", default_value = "1G")]
     pub attention_budget: String,
     /// Hold only one stage's weights at a time (a batch runs all priors, then all decodes);
-    /// chosen automatically when the GPU has too little free memory for both
+    /// chosen automatically when the GPU (on the CPU: the host) has too little memory for both
     #[arg(long)]
     pub low_memory: bool,
 }

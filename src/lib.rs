@@ -5,6 +5,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod mapping;
 pub mod memory;
 pub mod models;
 pub mod ops;
@@ -20,3 +21,8 @@ pub mod selftest;
 pub mod tiny;
 pub mod tokenizer;
 pub mod weights;
+
+/// The unit tests run with the binary's allocator, so that weights live in their mappings there too.
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: mapping::MappingAware = mapping::MappingAware;

@@ -7,6 +7,10 @@ use wuerstchen::error::{InputError, Interrupted};
 
 mod cli;
 
+/// Lets CPU weights live in their files' mappings instead of copies (see `mapping.rs`).
+#[global_allocator]
+static ALLOCATOR: wuerstchen::mapping::MappingAware = wuerstchen::mapping::MappingAware;
+
 fn main() -> ExitCode {
     keep_freed_memory();
     park_idle_workers();

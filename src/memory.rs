@@ -326,7 +326,7 @@ mod tests {
     fn published_models_at_1024_in_bf16_are_near_diffusers_measured_peak() {
         // The published weights: 3,113,414,574 parameters (prior 993.6 M, its text encoder
         // 693.0 M, decoder 1055.4 M, its text encoder 353.0 M, VQGAN 18.4 M; the safetensors
-        // sizes / 4, ../shared/reference/configs.py), 2 bytes each in bf16: 5.8 GiB.
+        // sizes / 4 of `tiny-model --size real`), 2 bytes each in bf16: 5.8 GiB.
         let weights = 3_113_414_574u64 * 2;
         let m = published();
         let one = (weights + peak_activation_bytes(&run(1024, 1, 4.0, 0.0), &m)) as f64 / GIB;
@@ -337,7 +337,7 @@ mod tests {
             stage_peaks(&run(1024, 1, 4.0, 0.0), &m)
         );
         // diffusers measured 6.9 GiB (batch 1) and 10.0 GiB (batch 4) on an H100
-        // (../shared/gpu/README.md). Never below: we hold the same weights and at least its
+        // (docs/PERFORMANCE.md). Never below: we hold the same weights and at least its
         // activations, plus an attention score block (diffusers' SDPA keeps no scores) and the
         // per-image effnet terms it recomputes at every step. Not above 1.4x: more would have
         // `generate` load one stage at a time on cards where both fit.

@@ -768,6 +768,23 @@ pub fn free_device_memory(device: &Device) -> Option<u64> {
     None
 }
 
+/// Memory a run may still take on `device`: free GPU memory, or on the CPU the kernel's
+/// `MemAvailable` (free memory plus what it can reclaim, the page cache included).
+pub fn available_memory(device: &Device) -> Option<u64> {
+    if device.is_cpu() {
+        mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
+    } else {
+        free_device_memory(device)
+    }
+}
+
+/// `MemAvailable` in bytes from the text of `/proc/meminfo`.
+pub fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// The compute capability (major, minor) of a CUDA device; `None` for the CPU, or when it
 /// cannot be read.
 pub fn compute_capability(device: &Device) -> Option<(u32, u32)> {

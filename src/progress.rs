@@ -95,6 +95,41 @@ impl Progress for TerminalProgress {
     }
 }
 
+/// Bars of the bytes of weights loaded, one per stage, drawn together (the stages load side
+/// by side); hidden with `quiet` or when stderr is not a terminal.
+#[derive(Clone)]
+pub struct LoadBars {
+    multi: indicatif::MultiProgress,
+}
+
+impl LoadBars {
+    pub fn new(quiet: bool) -> Self {
+        use std::io::IsTerminal;
+        let target = if quiet || !std::io::stderr().is_terminal() {
+            indicatif::ProgressDrawTarget::hidden()
+        } else {
+            indicatif::ProgressDrawTarget::stderr()
+        };
+        Self {
+            multi: indicatif::MultiProgress::with_draw_target(target),
+        }
+    }
+
+    /// A bar for loading `stage`, `total` bytes of weight files.
+    pub fn stage(&self, stage: &str, total: u64) -> indicatif::ProgressBar {
+        let bar = self.multi.add(indicatif::ProgressBar::new(total));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} loading",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(stage.to_string());
+        bar
+    }
+}
+
 /// Download bars on stderr, one per file, for `hub::DownloadProgress`.
 pub struct DownloadBars {
     multi: indicatif::MultiProgress,

@@ -1,6 +1,8 @@
 //! Memory-mapped safetensors behind a candle `VarBuilder`, with errors that name the
-//! component, the file and the key. Tensors are copied to the device in their stored dtype
-//! and converted there (on a GPU the conversion is a kernel, not a CPU loop).
+//! component, the file and the key. On the CPU a tensor stored in the dtype it runs in stays
+//! in the file's mapping (`mapping.rs`), and one converted (f32 to bf16/f16) is converted
+//! straight out of the mapping on every core. On a GPU tensors are copied to the device in
+//! their stored dtype and converted there (a kernel, not a CPU loop).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,15 +11,41 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
 use crate::error::ModelError;
+use crate::mapping::Mapping;
+
+/// Told the stored bytes of each tensor loaded.
+type Meter = Box<dyn Fn(u64)>;
+
+thread_local! {
+    /// This thread's meter (see `metered`).
+    static METER: std::cell::RefCell<Option<Meter>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `load` with `meter` told the stored bytes of every tensor loaded on this thread
+/// meanwhile: a loading progress bar without a parameter through every model constructor.
+pub fn metered<T>(meter: impl Fn(u64) + 'static, load: impl FnOnce() -> T) -> T {
+    let previous = METER.with(|m| m.replace(Some(Box::new(meter))));
+    let out = load();
+    METER.with(|m| *m.borrow_mut() = previous);
+    out
+}
+
+fn meter(bytes: usize) {
+    METER.with(|m| {
+        if let Some(f) = &*m.borrow() {
+            f(bytes as u64);
+        }
+    });
+}
 
 struct MappedFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Mapping,
     data_start: usize,
     metadata: Metadata,
 }
@@ -41,14 +69,12 @@ impl Weights {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
-            // SAFETY: the file is only read; a concurrent writer would be a user error that the
-            // header and size checks below make unlikely to go unnoticed.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::BadFile {
+            let mmap = Mapping::open(&file).map_err(|e| ModelError::BadFile {
                 component: component.to_string(),
                 path: path.clone(),
                 message: format!("cannot map: {e}"),
             })?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::BadFile {
+            let (header_len, metadata) = SafeTensors::read_metadata(mmap.bytes()).map_err(|e| ModelError::BadFile {
                 component: component.to_string(),
                 path: path.clone(),
                 message: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
@@ -113,11 +139,103 @@ impl Weights {
             return Err(bad(format!("tensor `{name}` has dtype {stored:?}, expected a float")));
         }
         let (start, end) = info.data_offsets;
+        let range = file.data_start + start..file.data_start + end;
         let bytes = file
             .mmap
-            .get(file.data_start + start..file.data_start + end)
+            .bytes()
+            .get(range.clone())
             .ok_or_else(|| bad(format!("tensor `{name}` lies outside the file")))?;
-        Tensor::from_raw_buffer(bytes, stored, &info.shape, dev)?.to_dtype(dtype)
+        if bytes.len() != info.shape.iter().product::<usize>() * stored.size_in_bytes() {
+            return Err(bad(format!("tensor `{name}`: its bytes do not match its shape")));
+        }
+        file.mmap.populate(&range);
+        meter(range.len());
+        if dev.is_cpu() && stored == dtype {
+            if let Some(t) = in_mapping(&file.mmap, range.clone(), stored, &info.shape)? {
+                return Ok(t);
+            }
+        }
+        let t = if dev.is_cpu() && stored == DType::F32 {
+            from_f32_bytes(bytes, dtype, &info.shape)?
+        } else {
+            Tensor::from_raw_buffer(bytes, stored, &info.shape, dev)?.to_dtype(dtype)?
+        };
+        file.mmap.release(&range);
+        Ok(t)
+    }
+}
+
+/// A CPU tensor of `dtype` whose elements are the mapping's `range`, not copied; `None` where
+/// the mapping cannot hold tensors (see `Mapping::vec`).
+fn in_mapping(
+    map: &Mapping,
+    range: std::ops::Range<usize>,
+    dtype: DType,
+    shape: &[usize],
+) -> candle_core::Result<Option<Tensor>> {
+    let cpu = &Device::Cpu;
+    match dtype {
+        DType::F32 => map.vec::<f32>(range).map(|v| Tensor::from_vec(v, shape, cpu)),
+        DType::F16 => map.vec::<half::f16>(range).map(|v| Tensor::from_vec(v, shape, cpu)),
+        DType::BF16 => map.vec::<half::bf16>(range).map(|v| Tensor::from_vec(v, shape, cpu)),
+        DType::F64 => map.vec::<f64>(range).map(|v| Tensor::from_vec(v, shape, cpu)),
+        _ => None,
+    }
+    .transpose()
+}
+
+/// Little-endian f32 bytes as a CPU tensor of `dtype`, converted on every core in one pass
+/// with the same rounding as candle's `to_dtype` (round to nearest even).
+fn from_f32_bytes(bytes: &[u8], dtype: DType, shape: &[usize]) -> candle_core::Result<Tensor> {
+    match dtype {
+        DType::BF16 => convert(bytes, shape, |x| half::bf16::from_bits(bf16_bits(x))),
+        DType::F16 => convert(bytes, shape, |x| half::f16::from_f32(f32::from_bits(x))),
+        DType::F64 => convert(bytes, shape, |x| f64::from(f32::from_bits(x))),
+        _ => Tensor::from_raw_buffer(bytes, DType::F32, shape, &Device::Cpu)?.to_dtype(dtype),
+    }
+}
+
+/// Elements per task of a conversion: large enough to amortise rayon, small enough to balance.
+const CONVERT_CHUNK: usize = 1 << 16;
+
+/// `f` over the little-endian words of `bytes` into a new CPU tensor, each element written
+/// once, from aligned words where the file allows (which the compiler vectorises: bf16 at
+/// 0.02 s per 10^8 elements here, against 0.08 s through byte arrays).
+fn convert<T: candle_core::WithDType>(
+    bytes: &[u8],
+    shape: &[usize],
+    f: impl Fn(u32) -> T + Sync,
+) -> candle_core::Result<Tensor> {
+    let n = bytes.len() / 4;
+    let mut values: Vec<T> = Vec::with_capacity(n);
+    let out = values.spare_capacity_mut()[..n].par_chunks_mut(CONVERT_CHUNK);
+    // SAFETY: any bytes are valid `u32`s; only an aligned middle with nothing around it is used.
+    match unsafe { bytes.align_to::<u32>() } {
+        ([], words, []) => out.zip(words.par_chunks(CONVERT_CHUNK)).for_each(|(out, words)| {
+            for (o, &w) in out.iter_mut().zip(words) {
+                o.write(f(u32::from_le(w)));
+            }
+        }),
+        _ => out.zip(bytes.par_chunks(CONVERT_CHUNK * 4)).for_each(|(out, src)| {
+            for (o, b) in out.iter_mut().zip(src.chunks_exact(4)) {
+                o.write(f(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            }
+        }),
+    }
+    // SAFETY: every one of the `n` elements was written above.
+    unsafe { values.set_len(n) };
+    Tensor::from_vec(values, shape, &Device::Cpu)
+}
+
+/// `half::bf16::from_f32(f32::from_bits(x)).to_bits()` without branches: round to nearest
+/// even by adding 0x7fff plus the kept part's lowest bit; a NaN stays a (quiet) NaN.
+fn bf16_bits(x: u32) -> u16 {
+    let rounded = (x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16) as u16;
+    let nan = (x & 0x7fff_ffff) > 0x7f80_0000;
+    if nan {
+        ((x >> 16) | 0x40) as u16
+    } else {
+        rounded
     }
 }
 
@@ -200,4 +318,90 @@ pub fn component_weight_files(
             src.get(&rel)?.ok_or_else(|| missing(&rel).into())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_is_halfs() {
+        let special = [
+            0u32,
+            0x8000_0000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0x7f80_0001,
+            0xffff_ffff,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            0x0000_8000,
+            0x0001_8000,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x3f80_8001,
+            0x0000_0001,
+        ];
+        // every special value, and a stride through all 2^32 bit patterns
+        let all = special.into_iter().chain((0..u32::MAX).step_by(65_521));
+        for x in all {
+            let want = half::bf16::from_f32(f32::from_bits(x)).to_bits();
+            assert_eq!(bf16_bits(x), want, "{x:#010x}");
+        }
+    }
+
+    /// On the CPU a tensor in its stored dtype is the file's bytes in place; one converted equals
+    /// candle's conversion of the copy.
+    #[test]
+    fn cpu_weights_stay_in_their_mapping_or_convert_like_candle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let values: Vec<f32> = (0..6000).map(|i| (i as f32 * 0.37).cos()).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![60, 100], &bytes).unwrap();
+        std::fs::write(&path, safetensors::serialize([("w", view)], None).unwrap()).unwrap();
+        let expected = Tensor::from_vec(values, (60, 100), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let vb = Weights::open("test", std::slice::from_ref(&path))
+                .unwrap()
+                .var_builder(dtype, &Device::Cpu);
+            let t = vb.get((60, 100), "w").unwrap();
+            let diff = (t.to_dtype(DType::F32).unwrap()
+                - expected.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap())
+            .unwrap();
+            assert_eq!(
+                diff.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(),
+                0.0,
+                "{dtype:?}"
+            );
+            let (storage, _) = t.storage_and_layout();
+            let in_mapping = match &*storage {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                    crate::mapping::is_mapped(v.as_ptr() as *mut u8)
+                }
+                candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => {
+                    crate::mapping::is_mapped(v.as_ptr() as *mut u8)
+                }
+                _ => panic!("a CPU tensor"),
+            };
+            assert_eq!(in_mapping, dtype == DType::F32, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn conversion_equals_candles_to_dtype() {
+        let values: Vec<f32> = (0..200_003)
+            .map(|i| ((i as f32) * 0.618_034).sin() * 1e3 / (1 + i % 7) as f32)
+            .collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let reference = Tensor::from_vec(values, 200_003, &Device::Cpu).unwrap();
+        for dtype in [DType::BF16, DType::F16, DType::F64] {
+            let ours = from_f32_bytes(&bytes, dtype, &[200_003]).unwrap();
+            let theirs = reference.to_dtype(dtype).unwrap();
+            let diff = (ours.to_dtype(DType::F64).unwrap() - theirs.to_dtype(DType::F64).unwrap()).unwrap();
+            let max = diff.abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+            assert_eq!(max, 0.0, "{dtype:?}");
+        }
+    }
 }

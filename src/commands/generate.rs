@@ -99,21 +99,21 @@ fn auto_batch_images(free: Option<u64>, weights: u64, activations: impl Fn(usize
 /// delays every image of the batch.
 const MAX_AUTO_BATCH: usize = 8;
 
-/// Whether to hold one stage at a time: asked for, or needed because the GPU cannot hold both
-/// stages' weights (estimated from the file sizes) plus the activations of the run's most
-/// demanding job in batches of `batch_images` (estimated from the configs and its sizes,
-/// `memory::peak_activation_bytes`).
-fn staged(asked: bool, free: Option<u64>, weights: u64, activations: u64) -> bool {
+/// Whether to hold one stage at a time: asked for, or needed because the device (`available`:
+/// free GPU memory, or the host's `MemAvailable`) cannot hold both stages' weights (estimated
+/// from the file sizes) plus the activations of the run's most demanding batch (estimated from
+/// the configs and its sizes, `memory::peak_activation_bytes`).
+fn staged(asked: bool, available: Option<u64>, weights: u64, activations: u64) -> bool {
     if asked {
         return true;
     }
-    let Some(free) = free else {
+    let Some(free) = available else {
         return false;
     };
     let need = weights + activations;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     tracing::info!(
-        "estimated peak {:.1} GiB (weights {:.1} GiB, activations {:.1} GiB), {:.1} GiB free on the GPU",
+        "estimated peak {:.1} GiB (weights {:.1} GiB, activations {:.1} GiB), {:.1} GiB available",
         gib(need),
         gib(weights),
         gib(activations),
@@ -166,18 +166,17 @@ pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
         rt.dtype,
     );
     let shapes = ModelShapes::new(&prior_cfg, &decoder_cfg);
-    let free = crate::pipeline::free_device_memory(&rt.device);
     let activations = |images| batch_activations(&plan.jobs.jobs, &rt, &shapes, images);
     let staged = staged(
         plan.runtime.low_memory,
-        free,
+        crate::pipeline::available_memory(&rt.device),
         weights,
         activations(plan.jobs.batch_size.unwrap_or(1)),
     );
     let batch_images = plan
         .jobs
         .batch_size
-        .unwrap_or_else(|| auto_batch_images(free, weights, activations));
+        .unwrap_or_else(|| auto_batch_images(crate::pipeline::free_device_memory(&rt.device), weights, activations));
     let batches = plan.jobs.batches(batch_images);
     if batches.len() < plan.jobs.jobs.len() {
         tracing::info!("up to {batch_images} images per pass: {} batches", batches.len());
@@ -190,8 +189,9 @@ pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
         kernel: plan.rng,
         interrupt: &interrupt,
     };
-    let load_prior = || prior_src.load(&prior_cfg, &rt);
-    let load_decoder = || load_decoder(decoder_src.as_ref(), &decoder_cfg, &rt);
+    let bars = crate::progress::LoadBars::new(quiet);
+    let load_prior = || prior_src.load(&prior_cfg, &rt, &bars);
+    let load_decoder = || load_decoder(decoder_src.as_ref(), &decoder_cfg, &rt, &bars);
     let summary = if staged {
         ctx.run_staged(load_prior, load_decoder, &mut progress)?
     } else {
@@ -400,6 +400,37 @@ impl Ctx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The published models in f32 (12.45 GB of weights) at 1024x1024: a 16 GiB machine
+    /// (MemAvailable as its kernel reports it) holds one stage at a time, a 32 GiB one both.
+    #[test]
+    fn low_memory_is_chosen_from_what_the_host_has_available() {
+        let meminfo = |gib: u64| {
+            format!(
+                "MemTotal: {} kB\nMemFree: 1000 kB\nMemAvailable: {} kB\n",
+                gib << 20,
+                (gib << 20) * 15 / 16
+            )
+        };
+        let weights = 3_113_414_574u64 * 4;
+        let run = RunShapes {
+            width: 1024,
+            height: 1024,
+            num_images: 1,
+            prior_guidance: 4.0,
+            decoder_guidance: 0.0,
+            dtype: candle_core::DType::F32,
+            attention_budget: 1 << 30,
+        };
+        let activations = memory::peak_activation_bytes(&run, &crate::tiny::published_shapes());
+        let available = |gib| crate::pipeline::mem_available(&meminfo(gib));
+        assert_eq!(available(16), Some((16u64 << 30) * 15 / 16));
+        assert!(staged(false, available(16), weights, activations));
+        assert!(!staged(false, available(32), weights, activations));
+        assert!(staged(true, available(32), weights, activations), "asked for");
+        assert!(!staged(false, None, weights, activations), "nothing known: both stages");
+        assert_eq!(crate::pipeline::mem_available("MemTotal: 5 kB\n"), None);
+    }
 
     #[test]
     fn the_automatic_batch_is_one_image_on_the_cpu_and_what_fits_on_a_gpu() {

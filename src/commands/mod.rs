@@ -20,6 +20,7 @@ use crate::error::{InputError, Interrupted};
 use crate::hub::{self, DownloadProgress, FileSource};
 use crate::output;
 use crate::pipeline::{DecoderConfigs, DecoderPipeline, PriorConfigs, PriorPipeline, Runtime};
+use crate::progress::LoadBars;
 use crate::record::{GenerationRecord, RunInfo};
 use crate::request::{DeviceSpec, Job, JobPlan, ModelSpec, RuntimeSpec};
 use crate::rng::BoxMuller;
@@ -148,25 +149,56 @@ impl PriorSources {
         }
     }
 
-    /// Loads the prior stage, logging how long it took.
-    pub fn load(&self, configs: &PriorConfigs, rt: &Runtime) -> Result<PriorPipeline> {
-        let t = std::time::Instant::now();
-        let p = PriorPipeline::load_with(configs, self.prior.as_ref(), self.stage_c.as_deref(), rt)
-            .with_context(|| format!("loading the prior from {}", self.prior.describe()))?;
-        finish_uploads(rt)?;
-        tracing::info!("prior loaded in {:.2}s", t.elapsed().as_secs_f64());
-        Ok(p)
+    /// Loads the prior stage, with a bar of the bytes loaded, logging how long it took.
+    pub fn load(&self, configs: &PriorConfigs, rt: &Runtime, bars: &LoadBars) -> Result<PriorPipeline> {
+        let (prior, stage_c) = (self.prior.as_ref(), self.stage_c.as_deref());
+        let files = PriorPipeline::locate(prior, stage_c);
+        let load = || {
+            let p = PriorPipeline::load_with(configs, prior, stage_c, rt)?;
+            finish_uploads(rt)?;
+            Ok(p)
+        };
+        with_bar(bars, "prior", files, load).with_context(|| format!("loading the prior from {}", prior.describe()))
     }
 }
 
-/// Loads the decoder stage, logging how long it took.
-pub fn load_decoder(src: &dyn FileSource, configs: &DecoderConfigs, rt: &Runtime) -> Result<DecoderPipeline> {
+/// Loads the decoder stage, with a bar of the bytes loaded, logging how long it took.
+pub fn load_decoder(
+    src: &dyn FileSource,
+    configs: &DecoderConfigs,
+    rt: &Runtime,
+    bars: &LoadBars,
+) -> Result<DecoderPipeline> {
+    let files = DecoderPipeline::locate(src);
+    let load = || {
+        let d = DecoderPipeline::load_with(configs, src, rt)?;
+        finish_uploads(rt)?;
+        Ok(d)
+    };
+    with_bar(bars, "decoder", files, load).with_context(|| format!("loading the decoder from {}", src.describe()))
+}
+
+/// Runs `load` with a bar over the bytes of the weight files among `files`, then logs its time.
+fn with_bar<T>(
+    bars: &LoadBars,
+    stage: &str,
+    files: Result<Vec<std::path::PathBuf>>,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let weights = files
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "safetensors"));
+    let total = weights.filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let bar = bars.stage(stage, total);
     let t = std::time::Instant::now();
-    let d = DecoderPipeline::load_with(configs, src, rt)
-        .with_context(|| format!("loading the decoder from {}", src.describe()))?;
-    finish_uploads(rt)?;
-    tracing::info!("decoder loaded in {:.2}s", t.elapsed().as_secs_f64());
-    Ok(d)
+    let meter = bar.clone();
+    let out = crate::weights::metered(move |n| meter.inc(n), load);
+    bar.finish_and_clear();
+    if out.is_ok() {
+        tracing::info!("{stage} loaded in {:.2}s", t.elapsed().as_secs_f64());
+    }
+    out
 }
 
 /// Waits until the uploads and casts this thread issued have run. The stages load on two

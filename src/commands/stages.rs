@@ -29,7 +29,7 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     plan.jobs.check_sizes(|_| Ok(()))?;
     let configs = prior_src.configs()?;
     let rt = plan.runtime.open()?;
-    let prior = prior_src.load(&configs, &rt)?;
+    let prior = prior_src.load(&configs, &rt, &crate::progress::LoadBars::new(quiet))?;
     let info = prior_src.run_info(None, rt.dtype, plan.rng);
     let writer = Writer::from(&plan.jobs);
     let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
@@ -139,7 +139,12 @@ pub fn run_decode(plan: DecodePlan, quiet: bool) -> Result<()> {
         }
     }
     let rt = plan.runtime.open()?;
-    let decoder = load_decoder(decoder_src.as_ref(), &configs, &rt)?;
+    let decoder = load_decoder(
+        decoder_src.as_ref(),
+        &configs,
+        &rt,
+        &crate::progress::LoadBars::new(quiet),
+    )?;
     let recorded = emb.record.as_ref();
     let mut commits = recorded.map(|r| r.commits.clone()).unwrap_or_default();
     commits.extend(super::commits(&[("decoder", Some(decoder_src.as_ref()))]));

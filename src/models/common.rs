@@ -165,15 +165,25 @@ impl ResBlock {
         let total: usize = skips.iter().sum();
         let lin = vb.pp("channelwise.0");
         let weight = lin.get((c * 4, c + total), "weight")?;
+        // The CPU's matrix product takes the column blocks as strided views of the loaded
+        // weight (which stays in its file mapping); cuBLAS needs each block contiguous.
+        let block = |at, width| {
+            let view = weight.narrow(1, at, width)?;
+            if view.device().is_cpu() {
+                Ok(view)
+            } else {
+                view.contiguous()
+            }
+        };
         let mut lin1_skips = Vec::with_capacity(skips.len());
         let mut at = c;
         for &width in skips {
-            lin1_skips.push(Linear::new(weight.narrow(1, at, width)?.contiguous()?, None));
+            lin1_skips.push(Linear::new(block(at, width)?, None));
             at += width;
         }
         Ok(Self {
             depthwise: DepthwiseConv::new(c, kernel, Padding::Zeros, vb.pp("depthwise"))?,
-            lin1: Linear::new(weight.narrow(1, 0, c)?.contiguous()?, Some(lin.get(c * 4, "bias")?)),
+            lin1: Linear::new(block(0, c)?, Some(lin.get(c * 4, "bias")?)),
             lin1_skips,
             grn: GlobalResponseNorm::load(c * 4, vb.pp("channelwise.2"))?,
             lin2: Linear::load(c * 4, c, vb.pp("channelwise.4"))?,
