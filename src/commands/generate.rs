@@ -98,7 +98,7 @@ fn auto_batch_images(free: Option<u64>, weights: u64, activations: impl Fn(usize
 
 /// Past this many images a batch gains little on a GPU (the passes are already large) and
 /// delays every image of the batch.
-const MAX_AUTO_BATCH: usize = 8;
+pub(super) const MAX_AUTO_BATCH: usize = 8;
 
 /// Whether to hold one stage at a time: asked for, or needed because the device (`available`:
 /// free GPU memory, or the host's `MemAvailable`) cannot hold both stages' weights (estimated

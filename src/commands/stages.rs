@@ -34,8 +34,14 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     let writer = Writer::from(&plan.jobs);
     let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
     let mut summary = Summary::default();
-    // on the CPU one request per pass; a GPU batches (the prior's activations are small)
-    let max_images = plan.jobs.batch_size.unwrap_or(if rt.device.is_cpu() { 1 } else { 8 });
+    // on the CPU one request per pass; a GPU batches (the prior's activations are small: 24x24
+    // latents at 1024x1024)
+    let auto = if rt.device.is_cpu() {
+        1
+    } else {
+        super::generate::MAX_AUTO_BATCH
+    };
+    let max_images = plan.jobs.batch_size.unwrap_or(auto);
     for batch in plan.jobs.batches(max_images) {
         check_interrupt(&interrupt)?;
         let jobs = &plan.jobs.jobs[batch];
@@ -160,7 +166,7 @@ pub fn run_decode(plan: DecodePlan, quiet: bool) -> Result<()> {
     check_interrupt(&interrupt)?;
     let images = decoder.run(&emb.tensor, &job.req.decoder_params(), &mut noise, &mut progress)?;
     let writer = Writer {
-        batch_images: 1,
+        batch_images: n,
         overwrite: plan.output.overwrite,
         json: plan.output.json,
     };
