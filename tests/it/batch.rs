@@ -416,40 +416,47 @@ fn progress_bars_stay_off_when_stderr_is_not_a_terminal_and_quiet_is_silent() {
 #[cfg(unix)]
 #[test]
 fn ctrl_c_keeps_finished_images_and_leaves_no_partial_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let prompts = dir.path().join("p.txt");
-    std::fs::write(&prompts, (0..40).map(|i| format!("prompt {i}\n")).collect::<String>()).unwrap();
-    let mut args = vec!["generate".to_string()];
-    args.extend(model_args("tiny-a"));
-    args.extend(
-        [
-            "--prompts",
-            "p.txt",
-            "--width",
-            "128",
-            "--height",
-            "128",
-            "--seed",
-            "1",
-            "--output",
-            "c-{index}.png",
-        ]
-        .map(String::from),
-    );
-    let status = signal_after_first_file(dir.path(), &args, &dir.path().join("c-0.png"), "INT");
-    assert_eq!(status.code(), Some(130));
-    let files = files_in(dir.path());
-    assert!(files.len() < 41, "stopped early: {files:?}");
-    for f in files.iter().filter(|f| f.ends_with(".png")) {
-        let (w, h, _, _) = read_png(&dir.path().join(f));
-        assert_eq!((w, h), (128, 128), "{f} is complete");
+    // one prompt at a time, and batches of 4 (whose computed images are all written)
+    for batch in [1, 4] {
+        let dir = tempfile::tempdir().unwrap();
+        let prompts = dir.path().join("p.txt");
+        std::fs::write(&prompts, (0..40).map(|i| format!("prompt {i}\n")).collect::<String>()).unwrap();
+        let mut args = vec!["generate".to_string()];
+        args.extend(model_args("tiny-a"));
+        args.extend(
+            [
+                "--prompts",
+                "p.txt",
+                "--width",
+                "128",
+                "--height",
+                "128",
+                "--seed",
+                "1",
+                "--output",
+                "c-{index}.png",
+                "--batch-size",
+                &batch.to_string(),
+            ]
+            .map(String::from),
+        );
+        let status = signal_after_first_file(dir.path(), &args, &dir.path().join("c-0.png"), "INT");
+        assert_eq!(status.code(), Some(130));
+        let files = files_in(dir.path());
+        assert!(files.len() < 41, "stopped early: {files:?}");
+        let pngs: Vec<&String> = files.iter().filter(|f| f.ends_with(".png")).collect();
+        for f in &pngs {
+            let (w, h, _, _) = read_png(&dir.path().join(f));
+            assert_eq!((w, h), (128, 128), "{f} is complete");
+        }
+        assert_eq!(pngs.len() % batch, 0, "whole batches written: {pngs:?}");
+        assert!(
+            files
+                .iter()
+                .all(|f| f == "p.txt" || (f.starts_with("c-") && f.ends_with(".png"))),
+            "stray files: {files:?}"
+        );
     }
-    assert!(
-        files
-            .iter()
-            .all(|f| f == "p.txt" || (f.starts_with("c-") && f.ends_with(".png"))),
-        "stray files: {files:?}"
-    );
 }
 
 /// Serves a fixture pipeline folder as a Hub repo (the tokenizer symlink followed).
