@@ -363,6 +363,8 @@ fn low_memory_mode_gives_the_same_images() {
     }
 }
 
+/// The bars (bytes while loading, then steps) draw only on a terminal: a piped stderr gets the
+/// log lines alone (the load time among them), and `--quiet` nothing.
 #[test]
 fn progress_bars_stay_off_when_stderr_is_not_a_terminal_and_quiet_is_silent() {
     let dir = tempfile::tempdir().unwrap();
@@ -389,6 +391,10 @@ fn progress_bars_stay_off_when_stderr_is_not_a_terminal_and_quiet_is_silent() {
     };
     let err = stderr(&run(&[]));
     assert!(!err.contains('\r') && !err.contains("=>"), "no bars: {err:?}");
+    assert!(
+        err.contains("prior loaded in") && err.contains("decoder loaded in"),
+        "{err}"
+    );
     assert!(
         err.contains("seed 1") && err.contains("prior"),
         "timings and seed are logged: {err}"
