@@ -25,6 +25,29 @@ impl Progress for Silent {
     fn finish(&mut self) {}
 }
 
+/// Whether bars stay hidden: asked for (`quiet`), or stderr is not a terminal.
+fn bars_hidden(quiet: bool) -> bool {
+    use std::io::IsTerminal;
+    quiet || !std::io::stderr().is_terminal()
+}
+
+/// Where a set of bars drawn together goes: stderr, or nowhere (see `bars_hidden`).
+fn multi_progress(quiet: bool) -> indicatif::MultiProgress {
+    let target = if bars_hidden(quiet) {
+        indicatif::ProgressDrawTarget::hidden()
+    } else {
+        indicatif::ProgressDrawTarget::stderr()
+    };
+    indicatif::MultiProgress::with_draw_target(target)
+}
+
+/// The bars' look: `template`'s fields around a 30-wide `=>` bar.
+fn bar_style(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
 /// Progress bars on stderr (indicatif), one per stage; hidden when stderr is not a terminal.
 pub struct TerminalProgress {
     bar: Option<indicatif::ProgressBar>,
@@ -39,10 +62,9 @@ impl TerminalProgress {
     /// `quiet` hides the bars; so does a stderr that is not a terminal.
     /// `interrupt`: set (by a Ctrl-C handler) when the user wants to stop.
     pub fn new(quiet: bool, interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) -> Self {
-        use std::io::IsTerminal;
         Self {
             bar: None,
-            hidden: quiet || !std::io::stderr().is_terminal(),
+            hidden: bars_hidden(quiet),
             started: std::time::Instant::now(),
             interrupt,
             timings: Vec::new(),
@@ -63,11 +85,7 @@ impl Progress for TerminalProgress {
         } else {
             indicatif::ProgressBar::new(total as u64)
         };
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {per_sec} {elapsed}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
+        bar.set_style(bar_style("{prefix:>8} [{bar:30}] {pos}/{len} {per_sec} {elapsed}"));
         bar.set_prefix(stage.to_string());
         self.timings.push((stage.to_string(), 0.0));
         self.bar = Some(bar);
@@ -104,27 +122,17 @@ pub struct LoadBars {
 
 impl LoadBars {
     pub fn new(quiet: bool) -> Self {
-        use std::io::IsTerminal;
-        let target = if quiet || !std::io::stderr().is_terminal() {
-            indicatif::ProgressDrawTarget::hidden()
-        } else {
-            indicatif::ProgressDrawTarget::stderr()
-        };
         Self {
-            multi: indicatif::MultiProgress::with_draw_target(target),
+            multi: multi_progress(quiet),
         }
     }
 
     /// A bar for loading `stage`, `total` bytes of weight files.
     pub fn stage(&self, stage: &str, total: u64) -> indicatif::ProgressBar {
         let bar = self.multi.add(indicatif::ProgressBar::new(total));
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} loading",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
+        bar.set_style(bar_style(
+            "{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} loading",
+        ));
         bar.set_prefix(stage.to_string());
         bar
     }
@@ -138,14 +146,8 @@ pub struct DownloadBars {
 
 impl DownloadBars {
     pub fn new(quiet: bool) -> Self {
-        use std::io::IsTerminal;
-        let target = if quiet || !std::io::stderr().is_terminal() {
-            indicatif::ProgressDrawTarget::hidden()
-        } else {
-            indicatif::ProgressDrawTarget::stderr()
-        };
         Self {
-            multi: indicatif::MultiProgress::with_draw_target(target),
+            multi: multi_progress(quiet),
             bars: Default::default(),
         }
     }
@@ -154,11 +156,9 @@ impl DownloadBars {
 impl crate::hub::DownloadProgress for DownloadBars {
     fn start(&self, file: &str, total_bytes: u64) {
         let bar = self.multi.add(indicatif::ProgressBar::new(total_bytes));
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg:>40} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
+        bar.set_style(bar_style(
+            "{msg:>40} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        ));
         bar.set_message(file.to_string());
         tracing::info!("downloading {file} ({:.1} MB)", total_bytes as f64 / 1e6);
         if let Ok(mut bars) = self.bars.lock() {
