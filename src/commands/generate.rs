@@ -79,9 +79,23 @@ fn sorted_header(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// The noise for one request: the torch-compatible generator seeded with its seed.
-fn generator(req: &GenerateRequest, kernel: BoxMuller) -> TorchCpuGenerator {
-    TorchCpuGenerator::with_kernel(req.seed, kernel)
+/// The prior over `jobs` as one batch, each job with the torch-compatible generator of its
+/// seed: each job's embeddings (or its own error) and its stream as the decoder continues it.
+/// The outer error failed the whole batch.
+pub(super) fn prior_over(
+    prior: &PriorPipeline,
+    jobs: &[PlannedJob],
+    kernel: BoxMuller,
+    progress: &mut TerminalProgress,
+) -> Result<Vec<(Result<Tensor>, TorchCpuGenerator)>> {
+    let params: Vec<_> = jobs.iter().map(|p| p.job.req.prior_params()).collect();
+    let mut noises: Vec<_> = jobs
+        .iter()
+        .map(|p| TorchCpuGenerator::with_kernel(p.job.req.seed, kernel))
+        .collect();
+    let streams = BatchNoise::of(&mut noises, params.iter().map(|p| p.num_images));
+    let results = prior.run_batch(&params, streams, progress)?;
+    Ok(results.into_iter().zip(noises).collect())
 }
 
 /// The most images a batch may hold when `--batch-size` is not given: 1 on the CPU (where a
@@ -277,10 +291,7 @@ impl Ctx<'_> {
         for (i, p) in batch.clone().zip(jobs) {
             self.log_job(i, p);
         }
-        let params: Vec<_> = jobs.iter().map(|p| p.job.req.prior_params()).collect();
-        let mut noises: Vec<_> = jobs.iter().map(|p| generator(&p.job.req, self.kernel)).collect();
-        let streams = BatchNoise::of(&mut noises, params.iter().map(|p| p.num_images));
-        let results = match prior.run_batch(&params, streams, progress) {
+        let results = match prior_over(prior, jobs, self.kernel, progress) {
             Ok(results) => results,
             Err(err) => {
                 self.batch_failed(&batch.collect::<Vec<_>>(), err, summary)?;
@@ -288,7 +299,7 @@ impl Ctx<'_> {
             }
         };
         let mut halfway = Vec::new();
-        for ((i, result), noise) in batch.zip(results).zip(noises) {
+        for (i, (result, noise)) in batch.zip(results) {
             let p = &self.jobs()[i];
             let result = result.and_then(|emb| self.save_embeddings(p, &emb).map(|()| emb));
             if let Some(embeddings) = summary.failure(&p.job.origin, result, self.plan.keep_going)? {

@@ -12,7 +12,7 @@ use super::generate::embeddings_file;
 use super::{check_interrupt, install_interrupt, load_decoder, log_peak_memory, source, PriorSources, Summary, Writer};
 use crate::error::{InputError, ModelError};
 use crate::output;
-use crate::pipeline::{BatchNoise, DecoderConfigs};
+use crate::pipeline::DecoderConfigs;
 use crate::progress::TerminalProgress;
 use crate::record::{GenerationRecord, RunInfo};
 use crate::request::{self, DecodePlan, GeneratePlan};
@@ -45,13 +45,7 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     for batch in plan.jobs.batches(max_images) {
         check_interrupt(&interrupt)?;
         let jobs = &plan.jobs.jobs[batch];
-        let params: Vec<_> = jobs.iter().map(|p| p.job.req.prior_params()).collect();
-        let mut noises: Vec<_> = jobs
-            .iter()
-            .map(|p| TorchCpuGenerator::with_kernel(p.job.req.seed, plan.rng))
-            .collect();
-        let streams = BatchNoise::of(&mut noises, params.iter().map(|p| p.num_images));
-        let results = prior.run_batch(&params, streams, &mut progress);
+        let results = super::generate::prior_over(&prior, jobs, plan.rng, &mut progress);
         let timings = progress.take_timings();
         let results = match results {
             Ok(results) => results,
@@ -62,10 +56,10 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
             }
         };
         let writer = Writer {
-            batch_images: params.iter().map(|p| p.num_images).sum(),
+            batch_images: jobs.iter().map(|p| p.job.req.num_images).sum(),
             ..writer
         };
-        for (p, result) in jobs.iter().zip(results) {
+        for (p, (result, _)) in jobs.iter().zip(results) {
             let written = result.and_then(|emb| {
                 let path = p
                     .embeddings
