@@ -21,7 +21,8 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// The system allocator, plus vectors that point into registered mappings (see the module docs).
+/// mimalloc for small allocations and the system allocator for large ones, plus vectors that
+/// point into registered mappings (see the module docs).
 pub struct MappingAware;
 
 /// Set by the first allocation through [`MappingAware`]: it is the global allocator.
@@ -86,35 +87,56 @@ fn release(i: usize) {
     }
 }
 
-// SAFETY: every allocation comes from `System`; a pointer into a registered mapping was
-// never allocated and is only counted when freed (and copied out of when reallocated).
+/// Allocations smaller than this go to mimalloc, larger ones (tensors, file buffers) to the
+/// system allocator. Loading a tokenizer makes ~200k small strings and hash tables, which
+/// glibc's malloc serves and frees in 25-28 ms against mimalloc's 15-17 ms; the tensors stay
+/// with glibc, because sampling ran slower with mimalloc serving them as well.
+const SMALL: usize = 64 << 10;
+
+/// The allocator for an allocation of `size` bytes that is not in a mapping.
+fn serves(size: usize) -> &'static dyn GlobalAlloc {
+    if size < SMALL {
+        &mimalloc::MiMalloc
+    } else {
+        &System
+    }
+}
+
+// SAFETY: every allocation comes from the allocator `serves` picks for its size, and is freed
+// or resized by the same one (a resize across `SMALL` moves it); a pointer into a registered
+// mapping was never allocated and is only counted when freed (and copied out of when
+// reallocated).
 unsafe impl GlobalAlloc for MappingAware {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if !INSTALLED.load(Ordering::Relaxed) {
             INSTALLED.store(true, Ordering::Relaxed);
         }
-        System.alloc(layout)
+        serves(layout.size()).alloc(layout)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        System.alloc_zeroed(layout)
+        serves(layout.size()).alloc_zeroed(layout)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         match slot_of(ptr) {
             Some(i) => release(i),
-            None => System.dealloc(ptr, layout),
+            None => serves(layout.size()).dealloc(ptr, layout),
         }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let Some(i) = slot_of(ptr) else {
-            return System.realloc(ptr, layout, new_size);
-        };
-        let new = System.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
+        let slot = slot_of(ptr);
+        if slot.is_none() && (layout.size() < SMALL) == (new_size < SMALL) {
+            return serves(new_size).realloc(ptr, layout, new_size);
+        }
+        let new = self.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
         if !new.is_null() {
             std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
-            release(i);
+            match slot {
+                Some(i) => release(i),
+                None => serves(layout.size()).dealloc(ptr, layout),
+            }
         }
         new
     }
