@@ -1,3 +1,6 @@
+//! Builds the fused CUDA kernels (`src/ops/cuda`): their host harness for the tests always,
+//! their PTX with nvcc under the `cuda` feature.
+//!
 //! Records the git commit the binary was built from, for `wuerstchen --version`:
 //! `WUERSTCHEN_VERSION=0.1.0 (abc1234 2026-11-30)` (`abc1234-dirty` with uncommitted changes to
 //! tracked files). Nothing is set when there is no commit to name (a crates.io tarball, no git,
@@ -9,6 +12,47 @@ use std::process::Command;
 fn main() {
     // without any rerun-if-changed line cargo would rerun this on every change to the package
     println!("cargo:rerun-if-changed=build.rs");
+    build_kernels();
+    record_version();
+}
+
+/// The host harness (plain C, linked only where the tests call it) and, with the `cuda`
+/// feature, `fused.ptx` in OUT_DIR from nvcc (`$NVCC`, else `nvcc` on the PATH) for compute
+/// capability 8.0, which the driver compiles for the GPU at hand (Ampere and later).
+fn build_kernels() {
+    for file in ["fused.h", "fused.cu", "host.c"] {
+        println!("cargo:rerun-if-changed=src/ops/cuda/{file}");
+    }
+    cc::Build::new()
+        .file("src/ops/cuda/host.c")
+        .flag_if_supported("-ffp-contract=off")
+        .warnings(true)
+        .compile("wuerstchen_fused_host");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    println!("cargo:rerun-if-env-changed=NVCC");
+    let nvcc = std::env::var_os("NVCC").unwrap_or_else(|| "nvcc".into());
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("fused.ptx");
+    let status = Command::new(&nvcc)
+        .args([
+            "--ptx",
+            "-O3",
+            "--gpu-architecture=compute_80",
+            "src/ops/cuda/fused.cu",
+            "-o",
+        ])
+        .arg(&out)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("nvcc failed on src/ops/cuda/fused.cu ({s})"),
+        Err(e) => panic!("the cuda feature needs nvcc ($NVCC or on the PATH): {e}"),
+    }
+}
+
+/// Sets WUERSTCHEN_VERSION (see the top of this file).
+fn record_version() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
     // `cargo package` writes this file into the tarball: the build is not from a checkout, even
     // when the unpacked crate happens to sit inside some other git repository

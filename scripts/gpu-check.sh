@@ -321,7 +321,7 @@ def summarize():
     rows.append((what, cell, "-", "-"))
 
     # 2. selftests
-    for dt in ("bf16", "f16", "f32"):
+    for dt in ("bf16", "bf16-fused", "f16", "f32"):
         sid = f"2-selftest-{dt}"
         s, r = steps.get(sid), res(sid)
         if isinstance(r, dict) and isinstance(r.get("results"), list):
@@ -542,11 +542,14 @@ pid_py=$!
 
 # ---------------------------------------------------------------------------------------------
 # 2. selftest: every op on the device against the CPU f32 kernel (~10-20 s each, PTX JIT first)
+# bf16-fused: the same with the opt-in fused CUDA kernels (WUERSTCHEN_FUSED_CUDA=1), which
+# become the default once this line passes
 shapes="$SHAPES" limit=90
-for dt in bf16 f16 f32; do
+for variant in bf16 bf16-fused f16 f32; do
+  dt="${variant%-fused}" fused=$([[ $variant == *-fused ]] && echo 1 || echo 0)
   STEP_NOTE="$([[ $shapes == "$SHAPES" ]] || echo "shapes $shapes: an earlier selftest timed out")" \
-    step "2-selftest-$dt" "wuerstchen selftest --dtype $dt" "$limit" 10 -- \
-    "$BIN" -q selftest --device "$DEVICE" --dtype "$dt" --shapes "$shapes" --json
+    step "2-selftest-$variant" "wuerstchen selftest --dtype $dt$([[ $fused == 1 ]] && echo ", fused CUDA kernels")" "$limit" 10 -- \
+    env WUERSTCHEN_FUSED_CUDA=$fused "$BIN" -q selftest --device "$DEVICE" --dtype "$dt" --shapes "$shapes" --json
   rc=$?
   # a hang or a very slow device: keep the rest short
   [[ $rc -ne 124 && $rc -ne 137 ]] || { shapes=small limit=45; }
@@ -644,6 +647,7 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # 3. wuerstchen bench (~15-30 s each with loading at ~2 s per image; fewer runs when slower)
+# FUSED=1 before the call: with the opt-in fused CUDA kernels
 bench() { # bench ID LABEL DTYPE WIDTH HEIGHT NUM_IMAGES LIMIT RUNS...
   local id="$1" label="$2" dt="$3" w="$4" h="$5" n="$6" limit="$7"
   shift 7
@@ -652,7 +656,7 @@ bench() { # bench ID LABEL DTYPE WIDTH HEIGHT NUM_IMAGES LIMIT RUNS...
     return
   fi
   step "$id" "wuerstchen bench $label" "$limit" 20 -- \
-    "$BIN" -q bench --prior "$M/prior" --decoder "$M/decoder" --device "$DEVICE" --dtype "$dt" \
+    env WUERSTCHEN_FUSED_CUDA="${FUSED:-0}" "$BIN" -q bench --prior "$M/prior" --decoder "$M/decoder" --device "$DEVICE" --dtype "$dt" \
     --width "$w" --height "$h" --num-images "$n" ${STEPS[@]+"${STEPS[@]}"} "$@"
 }
 # Run counts for the later lines from the first one's seconds per image (e) and load time (l):
@@ -681,9 +685,13 @@ c = json.loads(sys.argv[1]); c.append(dict(id=sys.argv[2], label=sys.argv[3], dt
 # shellcheck disable=SC2086
 bench 3-bench-bf16-b1 "${W}x${H} bf16 batch 1" bf16 "$W" "$H" 1 120 $RUNS_B1
 add_config 3-bench-bf16-b1 "${W}x${H} bf16 batch 1" bf16 1 4-diffusers 1
-for spec in "f16 1 1" "bf16 4 4" "f16 4 4" "bf16 1 tall"; do
+for spec in "bf16 1 fused" "f16 1 1" "bf16 4 4" "f16 4 4" "bf16 1 tall"; do
   read -r dt n kind <<<"$spec"
-  if [[ $kind == tall ]]; then
+  FUSED=0
+  if [[ $kind == fused ]]; then
+    id="3-bench-bf16-b1-fused" label="${W}x${H} bf16 batch 1, fused CUDA kernels" h=$H scale=1 maxr=3
+    dstep=4-diffusers FUSED=1
+  elif [[ $kind == tall ]]; then
     id="3-bench-bf16-tall" label="${W}x${H_TALL} bf16 batch 1" h=$H_TALL n=1 scale=1.6 maxr=2 dstep=4-diffusers-tall
   else
     id="3-bench-$dt-b$n" label="${W}x${H} $dt batch $n" h=$H scale=$(( n == 1 ? 1 : 4 )) maxr=$(( n == 1 ? 3 : 2 ))

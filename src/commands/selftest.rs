@@ -41,8 +41,14 @@ pub fn run(args: &SelftestPlan) -> Result<()> {
         inject_fault: args.inject_fault.clone(),
     };
     let device = format!("{:?}", rt.device);
+    // which kernels the device side runs (on the CPU: the device-generic forms)
+    let fused = rt.device.is_cuda() && crate::ops::fused_cuda_kernels();
     if !args.json {
-        println!("selftest on {device} in {}: device vs CPU f32", dtype_name(rt.dtype));
+        let kernels = if fused { ", fused CUDA kernels" } else { "" };
+        println!(
+            "selftest on {device} in {}{kernels}: device vs CPU f32",
+            dtype_name(rt.dtype)
+        );
         println!(
             "{:<26} {:<5} {:<22} {:>10} {:>8} {:>10}  result",
             "check", "dtype", "shape", "rel err", "tol", "ms"
@@ -59,6 +65,7 @@ pub fn run(args: &SelftestPlan) -> Result<()> {
         let report = serde_json::json!({
             "device": device,
             "dtype": dtype_name(rt.dtype),
+            "fused_cuda_kernels": fused,
             "passed": failed.is_empty(),
             "results": checks,
         });

@@ -59,9 +59,9 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: Pad
             x.dims()
         );
     }
-    if super::cpu_kernel(x) {
+    if super::own_kernel(x) {
         x.contiguous()?
-            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &DepthwiseCpu { padding })
+            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &DepthwiseKernel { padding })
     } else {
         depthwise_conv2d_generic(x, weight, bias, padding)
     }
@@ -91,7 +91,7 @@ pub fn depthwise_conv2d_generic(x: &Tensor, weight: &Tensor, bias: &Tensor, padd
     acc.to_dtype(dtype)
 }
 
-struct DepthwiseCpu {
+struct DepthwiseKernel {
     padding: Padding,
 }
 
@@ -160,7 +160,7 @@ impl FloatKernel3 for DepthwiseShape {
     }
 }
 
-impl CustomOp3 for DepthwiseCpu {
+impl CustomOp3 for DepthwiseKernel {
     fn name(&self) -> &'static str {
         "depthwise-conv2d-nhwc"
     }
@@ -180,6 +180,26 @@ impl CustomOp3 for DepthwiseCpu {
             padding: self.padding,
         };
         let out = run_float3(self.name(), &shape, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = super::cuda::depthwise(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            l2.shape().dims()[0],
+            self.padding == Padding::Replicate,
+        )?;
         Ok((out, l1.shape().clone()))
     }
 }

@@ -12,12 +12,12 @@ use super::{run_float3, Float32, FloatKernel3};
 /// channel, `n = |x|_2 over H, W` divided by the mean of `n` over the channels (+1e-6), then
 /// `gamma * (x * n) + beta + x`.
 pub fn global_response_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
-    if super::cpu_kernel(x) {
+    if super::own_kernel(x) {
         let (n, _, _, c) = x.dims4()?;
         x.contiguous()?.apply_op3_no_bwd(
             &gamma.flatten_all()?.contiguous()?,
             &beta.flatten_all()?.contiguous()?,
-            &GrnCpu { n, c },
+            &GrnKernel { n, c },
         )
     } else {
         global_response_norm_generic(x, gamma, beta)
@@ -37,7 +37,7 @@ pub fn global_response_norm_generic(x: &Tensor, gamma: &Tensor, beta: &Tensor) -
     x.broadcast_mul(&stand)?.broadcast_mul(&gamma)?.broadcast_add(&beta)? + x
 }
 
-struct GrnCpu {
+struct GrnKernel {
     /// images and channels of the (N, H, W, C) input
     n: usize,
     c: usize,
@@ -88,7 +88,7 @@ fn grn<T: Float32>(x: &[T], gamma: &[T], beta: &[T], c: usize, n: usize) -> Vec<
     out
 }
 
-impl FloatKernel3 for GrnCpu {
+impl FloatKernel3 for GrnKernel {
     fn run<T: Float32>(&self, x: &[T], gamma: &[T], beta: &[T]) -> Result<Vec<T>> {
         if gamma.len() != self.c || beta.len() != self.c {
             candle_core::bail!("global_response_norm: gamma/beta do not match {} channels", self.c);
@@ -97,7 +97,7 @@ impl FloatKernel3 for GrnCpu {
     }
 }
 
-impl CustomOp3 for GrnCpu {
+impl CustomOp3 for GrnKernel {
     fn name(&self) -> &'static str {
         "global-response-norm"
     }
@@ -112,6 +112,20 @@ impl CustomOp3 for GrnCpu {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = run_float3(self.name(), self, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = super::cuda::global_response_norm((s1, l1), (s2, l2), (s3, l3))?;
         Ok((out, l1.shape().clone()))
     }
 }

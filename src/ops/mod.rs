@@ -10,6 +10,7 @@
 
 mod attention;
 mod conv_transpose;
+mod cuda;
 mod depthwise;
 mod gelu;
 mod grn;
@@ -22,6 +23,7 @@ pub use attention::{
     attention, attention_budget, attention_with_budget, bytes_per_score, chunk_plan, set_attention_budget, ChunkPlan,
 };
 pub use conv_transpose::ConvTranspose2d;
+pub use cuda::enabled as fused_cuda_kernels;
 pub use depthwise::depthwise_conv2d_generic;
 pub use depthwise::{depthwise_conv2d, DepthwiseConv, Padding};
 pub use gelu::gelu_erf;
@@ -57,6 +59,12 @@ pub fn with_generic_forms<R>(f: impl FnOnce() -> R) -> R {
 /// Whether an op on `x` takes its CPU kernel (on the CPU, unless generic forms are forced).
 pub(crate) fn cpu_kernel(x: &Tensor) -> bool {
     x.device().is_cpu() && !GENERIC_FORMS.with(|g| g.get())
+}
+
+/// Whether an op with a CUDA kernel beside its CPU one (`cuda`) takes its own kernels on `x`:
+/// on the CPU as [`cpu_kernel`], on CUDA when the fused kernels are switched on.
+pub(crate) fn own_kernel(x: &Tensor) -> bool {
+    cpu_kernel(x) || (x.device().is_cuda() && cuda::enabled() && !GENERIC_FORMS.with(|g| g.get()))
 }
 
 /// The float dtypes our CPU kernels take, all computed in f32.

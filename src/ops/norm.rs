@@ -10,11 +10,11 @@ use super::{run_float1, run_float3, Float32, FloatKernel1, FloatKernel3};
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension; `affine` is
 /// `(weight, bias)` or `None` (torch's `elementwise_affine=False`).
 pub fn layer_norm(x: &Tensor, eps: f64, affine: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
-    if !super::cpu_kernel(x) {
+    if !super::own_kernel(x) {
         return layer_norm_generic(x, eps, affine);
     }
     let x = x.contiguous()?;
-    let op = LayerNormCpu { eps: eps as f32 };
+    let op = LayerNormKernel { eps: eps as f32 };
     match affine {
         None => x.apply_op1_no_bwd(&op),
         Some((w, b)) => x.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &op),
@@ -36,7 +36,7 @@ pub fn layer_norm_generic(x: &Tensor, eps: f64, affine: Option<(&Tensor, &Tensor
     y.to_dtype(dtype)
 }
 
-struct LayerNormCpu {
+struct LayerNormKernel {
     eps: f32,
 }
 
@@ -88,13 +88,13 @@ fn layer_norm_rows<T: Float32>(x: &[T], dim: usize, eps: f32, affine: Option<(&[
     out
 }
 
-impl FloatKernel1 for LayerNormCpu {
+impl FloatKernel1 for LayerNormKernel {
     fn run<T: Float32>(&self, x: &[T], l: &Layout) -> Result<Vec<T>> {
         Ok(layer_norm_rows(x, last_dim(l), self.eps, None))
     }
 }
 
-impl FloatKernel3 for LayerNormCpu {
+impl FloatKernel3 for LayerNormKernel {
     /// `w` and `b` are as long as the last dimension (checked by `cpu_fwd`).
     fn run<T: Float32>(&self, x: &[T], w: &[T], b: &[T]) -> Result<Vec<T>> {
         Ok(layer_norm_rows(x, w.len(), self.eps, Some((w, b))))
@@ -105,7 +105,7 @@ fn last_dim(l: &Layout) -> usize {
     l.shape().dims().last().copied().unwrap_or(1).max(1)
 }
 
-impl CustomOp1 for LayerNormCpu {
+impl CustomOp1 for LayerNormKernel {
     fn name(&self) -> &'static str {
         "layer-norm-f32-stats"
     }
@@ -113,9 +113,14 @@ impl CustomOp1 for LayerNormCpu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         Ok((run_float1(CustomOp1::name(self), self, s, l)?, l.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((super::cuda::layer_norm((s, l), None, self.eps)?, l.shape().clone()))
+    }
 }
 
-impl CustomOp3 for LayerNormCpu {
+impl CustomOp3 for LayerNormKernel {
     fn name(&self) -> &'static str {
         "layer-norm-affine-f32-stats"
     }
@@ -134,6 +139,24 @@ impl CustomOp3 for LayerNormCpu {
             candle_core::bail!("layer_norm: weight/bias do not match the last dimension {dim}");
         }
         let out = run_float3(CustomOp3::name(self), self, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dim = last_dim(l1);
+        if l2.shape().elem_count() != dim || l3.shape().elem_count() != dim {
+            candle_core::bail!("layer_norm: weight/bias do not match the last dimension {dim}");
+        }
+        let out = super::cuda::layer_norm((s1, l1), Some(((s2, l2), (s3, l3))), self.eps)?;
         Ok((out, l1.shape().clone()))
     }
 }
