@@ -43,8 +43,14 @@ pub fn run(args: &SelftestPlan) -> Result<()> {
     let device = format!("{:?}", rt.device);
     // which kernels the device side runs (on the CPU: the device-generic forms)
     let fused = rt.device.is_cuda() && crate::ops::fused_cuda_kernels();
+    let fused_attention = rt.device.is_cuda() && crate::ops::fused_cuda_attention();
     if !args.json {
-        let kernels = if fused { ", fused CUDA kernels" } else { "" };
+        let kernels = match (fused, fused_attention) {
+            (true, true) => ", fused CUDA kernels and attention",
+            (true, false) => ", fused CUDA kernels",
+            (false, true) => ", fused CUDA attention",
+            (false, false) => "",
+        };
         println!(
             "selftest on {device} in {}{kernels}: device vs CPU f32",
             dtype_name(rt.dtype)
@@ -66,6 +72,7 @@ pub fn run(args: &SelftestPlan) -> Result<()> {
             "device": device,
             "dtype": dtype_name(rt.dtype),
             "fused_cuda_kernels": fused,
+            "fused_cuda_attention": fused_attention,
             "passed": failed.is_empty(),
             "results": checks,
         });

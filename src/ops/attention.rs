@@ -84,6 +84,18 @@ pub fn attention_with_budget(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bud
     let (b, h, lq, d) = q.dims4()?;
     let lk = k.dim(2)?;
     let bh = b * h;
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() && super::fused_attention() && d <= super::cuda::ATTENTION_MAX_HEAD_DIM {
+        // the fused CUDA kernel holds no scores: no blocks needed
+        let (q, k, v) = (
+            q.reshape((bh, lq, d))?.contiguous()?,
+            k.reshape((bh, lk, d))?.contiguous()?,
+            v.reshape((bh, lk, d))?.contiguous()?,
+        );
+        return q
+            .apply_op3_no_bwd(&k, &v, &FusedAttention { scale: scale as f32 })?
+            .reshape((b, h, lq, d));
+    }
     let plan = chunk_plan(bh, lq, lk, q.dtype(), budget);
     if plan.heads >= bh && plan.rows >= lq {
         return block(q, k, v, scale);
@@ -104,6 +116,44 @@ pub fn attention_with_budget(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bud
         per_heads.push(Tensor::cat(&rows, 1)?);
     }
     Tensor::cat(&per_heads, 0)?.reshape((b, h, lq, d))
+}
+
+/// Attention through the fused CUDA kernel (`ops::cuda`); the CPU has the blocked path.
+#[cfg(feature = "cuda")]
+struct FusedAttention {
+    scale: f32,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("fused-attention runs on CUDA only; the CPU takes the blocked path")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let out = super::cuda::attention((s1, l1), (s2, l2), (s3, l3), self.scale)?;
+        Ok((out, l1.shape().clone()))
+    }
 }
 
 /// One block, scores whole: `softmax(q k^T * scale)` in f32, then times `v`.

@@ -23,7 +23,7 @@ pub use attention::{
     attention, attention_budget, attention_with_budget, bytes_per_score, chunk_plan, set_attention_budget, ChunkPlan,
 };
 pub use conv_transpose::ConvTranspose2d;
-pub use cuda::enabled as fused_cuda_kernels;
+pub use cuda::{attention_enabled as fused_cuda_attention, enabled as fused_cuda_kernels};
 pub use depthwise::depthwise_conv2d_generic;
 pub use depthwise::{depthwise_conv2d, DepthwiseConv, Padding};
 pub use gelu::gelu_erf;
@@ -65,6 +65,12 @@ pub(crate) fn cpu_kernel(x: &Tensor) -> bool {
 /// on the CPU as [`cpu_kernel`], on CUDA when the fused kernels are switched on.
 pub(crate) fn own_kernel(x: &Tensor) -> bool {
     cpu_kernel(x) || (x.device().is_cuda() && cuda::enabled() && !GENERIC_FORMS.with(|g| g.get()))
+}
+
+/// Whether attention on CUDA takes the fused kernel (switched on, generic forms not forced).
+#[cfg(feature = "cuda")]
+pub(crate) fn fused_attention() -> bool {
+    cuda::attention_enabled() && !GENERIC_FORMS.with(|g| g.get())
 }
 
 /// The float dtypes our CPU kernels take, all computed in f32.

@@ -31,3 +31,9 @@ extern "C" __global__ void wu_layer_norm(int64_t rows, const void *x, int xt, co
     int64_t r = WU_INDEX;
     if (r < rows) wu_layer_norm_row(r, x, xt, w, wt, b, bt, out, d, eps);
 }
+
+extern "C" __global__ void wu_attention(int64_t rows, const void *q, int qt, const void *k, int kt, const void *v,
+                                        int vt, void *out, int64_t lq, int64_t lk, int d, float scale) {
+    int64_t r = WU_INDEX;
+    if (r < rows) wu_attention_row(r, q, qt, k, kt, v, vt, out, lq, lk, d, scale);
+}

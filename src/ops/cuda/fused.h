@@ -163,4 +163,48 @@ WU_FN void wu_layer_norm_row(int64_t r, const void *x, int xt, const void *w, in
     }
 }
 
+/* The largest head dimension `wu_attention_row` keeps a query and its output for; larger
+ * heads take the blocked candle-op path. */
+#define WU_ATTN_MAX_D 128
+/* Keys per online-softmax step: the running maximum and sum are rescaled once per block. */
+#define WU_ATTN_BLOCK 16
+
+/* Attention for query row `r` of (BH, Lq, D) `q` over (BH, Lk, D) `k` and `v`:
+ * softmax(q k^T * scale) v with an online softmax (a running maximum and sum, rescaled per
+ * block of keys), so the scores never exist; every product and sum in f32. The output takes
+ * `v`'s dtype. Threads of neighbouring rows of one head read the same key at the same time. */
+WU_FN void wu_attention_row(int64_t r, const void *q, int qt, const void *k, int kt, const void *v, int vt,
+                            void *out, int64_t lq, int64_t lk, int d, float scale) {
+    int64_t qo = r * d, ko = (r / lq) * lk * d;
+    float query[WU_ATTN_MAX_D], acc[WU_ATTN_MAX_D], s[WU_ATTN_BLOCK];
+    for (int i = 0; i < d; i++) {
+        query[i] = wu_load(q, qt, qo + i);
+        acc[i] = 0.0f;
+    }
+    float top = -INFINITY, sum = 0.0f;
+    for (int64_t j0 = 0; j0 < lk; j0 += WU_ATTN_BLOCK) {
+        int n = lk - j0 < WU_ATTN_BLOCK ? (int)(lk - j0) : WU_ATTN_BLOCK;
+        float block_top = top;
+        for (int t = 0; t < n; t++) {
+            int64_t key = ko + (j0 + t) * d;
+            float dot = 0.0f;
+            for (int i = 0; i < d; i++) dot += query[i] * wu_load(k, kt, key + i);
+            s[t] = dot * scale;
+            block_top = fmaxf(block_top, s[t]);
+        }
+        /* rescale what the earlier blocks added (the first block: exp(-inf) = 0 times nothing) */
+        float correction = expf(top - block_top);
+        sum *= correction;
+        for (int i = 0; i < d; i++) acc[i] *= correction;
+        for (int t = 0; t < n; t++) {
+            int64_t value = ko + (j0 + t) * d;
+            float p = expf(s[t] - block_top);
+            sum += p;
+            for (int i = 0; i < d; i++) acc[i] += p * wu_load(v, vt, value + i);
+        }
+        top = block_top;
+    }
+    for (int i = 0; i < d; i++) wu_store(out, vt, qo + i, acc[i] / sum);
+}
+
 #endif

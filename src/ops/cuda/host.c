@@ -23,3 +23,8 @@ void wu_host_layer_norm(int64_t rows, const void *x, int xt, const void *w, int 
                         int d, float eps) {
     for (int64_t r = 0; r < rows; r++) wu_layer_norm_row(r, x, xt, w, wt, b, bt, out, d, eps);
 }
+
+void wu_host_attention(int64_t rows, const void *q, int qt, const void *k, int kt, const void *v, int vt, void *out,
+                       int64_t lq, int64_t lk, int d, float scale) {
+    for (int64_t r = 0; r < rows; r++) wu_attention_row(r, q, qt, k, kt, v, vt, out, lq, lk, d, scale);
+}

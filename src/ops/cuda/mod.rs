@@ -1,16 +1,28 @@
-//! The fused CUDA kernels of `fused.cu` for the depthwise convolution, GlobalResponseNorm and
-//! layer norm (their bodies, and why they are written in C, are described in `fused.h`).
+//! The fused CUDA kernels of `fused.cu` for the depthwise convolution, GlobalResponseNorm,
+//! layer norm and attention (their bodies, and why they are written in C, are described in `fused.h`).
 //!
-//! They are opt-in: with `WUERSTCHEN_FUSED_CUDA=1` a CUDA build runs them in place of the
-//! candle-op forms. They become the default once `wuerstchen selftest` has passed with them
+//! They are opt-in: with `WUERSTCHEN_FUSED_CUDA=1` a CUDA build runs the first three in place
+//! of the candle-op forms, with `WUERSTCHEN_FUSED_ATTENTION=1` the attention kernel. They become the default once `wuerstchen selftest` has passed with them
 //! on a GPU; until then the tests check their bodies on the CPU through the host harness.
 
 use std::sync::OnceLock;
 
-/// Whether the fused kernels replace the candle-op forms on CUDA devices.
+/// Whether the fused kernels for the depthwise convolution, GRN and layer norm replace the
+/// candle-op forms on CUDA devices (`WUERSTCHEN_FUSED_CUDA=1`).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("WUERSTCHEN_FUSED_CUDA").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| switched_on("WUERSTCHEN_FUSED_CUDA"))
+}
+
+/// Whether attention on CUDA devices takes the fused kernel (`WUERSTCHEN_FUSED_ATTENTION=1`),
+/// a switch of its own: its speed against cuBLAS and the blocked softmax is the open question.
+pub fn attention_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| switched_on("WUERSTCHEN_FUSED_ATTENTION"))
+}
+
+fn switched_on(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "1")
 }
 
 /// The dtype code of `fused.h` (`WU_F32`, `WU_BF16`, `WU_F16`).
@@ -26,7 +38,11 @@ fn dtype_code(dtype: candle_core::DType) -> candle_core::Result<i32> {
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) use launch::{depthwise, global_response_norm, layer_norm};
+pub(crate) use launch::{attention, depthwise, global_response_norm, layer_norm};
+
+/// `fused.h`'s `WU_ATTN_MAX_D`: the largest head dimension the attention kernel takes.
+#[cfg(any(feature = "cuda", test))]
+pub(crate) const ATTENTION_MAX_HEAD_DIM: usize = 128;
 
 #[cfg(feature = "cuda")]
 mod launch {
@@ -244,6 +260,39 @@ mod launch {
             device: dev.clone(),
         })
     }
+
+    /// Attention of (BH, Lq, D) `q` over (BH, Lk, D) `k` and `v` without materialised
+    /// scores; D at most `ATTENTION_MAX_HEAD_DIM`.
+    pub(crate) fn attention(
+        (qs, ql): Operand,
+        (ks, kl): Operand,
+        (vs, vl): Operand,
+        scale: f32,
+    ) -> Result<CudaStorage> {
+        let (bh, lq, d) = ql.shape().dims3()?;
+        let lk = kl.shape().dims3()?.1;
+        let (q, k, v) = (input(qs, ql)?, input(ks, kl)?, input(vs, vl)?);
+        let dev = qs.device();
+        let rows = bh * lq;
+        let mut out = output(dev, v.1, rows * d)?;
+        let (rows64, lq64, lk64, d32) = (rows as i64, lq as i64, lk as i64, d as i32);
+        let kernel = Kernel::new(dev, "wu_attention")?;
+        let mut args = kernel.args();
+        args.arg(&rows64);
+        push_input(&mut args, &q.0);
+        args.arg(&q.1);
+        push_input(&mut args, &k.0);
+        args.arg(&k.1);
+        push_input(&mut args, &v.0);
+        args.arg(&v.1);
+        push_output(&mut args, &mut out);
+        args.arg(&lq64).arg(&lk64).arg(&d32).arg(&scale);
+        go(args, rows)?;
+        Ok(CudaStorage {
+            slice: out,
+            device: dev.clone(),
+        })
+    }
 }
 
 /// The host harness of `host.c`: the kernels' bodies run over their grids on the CPU,
@@ -290,6 +339,21 @@ mod harness {
             out: *mut c_void,
             pixels: i64,
             c: i32,
+        );
+        #[allow(clippy::too_many_arguments)]
+        fn wu_host_attention(
+            rows: i64,
+            q: *const c_void,
+            qt: i32,
+            k: *const c_void,
+            kt: i32,
+            v: *const c_void,
+            vt: i32,
+            out: *mut c_void,
+            lq: i64,
+            lk: i64,
+            d: i32,
+            scale: f32,
         );
         #[allow(clippy::too_many_arguments)]
         fn wu_host_layer_norm(
@@ -524,6 +588,49 @@ mod harness {
                 };
                 let err = rel_err(&out.tensor(&x)?.to_dtype(DType::F32)?, &want.to_dtype(DType::F32)?);
                 assert!(err < tolerance(dtype), "{dtype:?} affine={affine}: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn attention_body_matches_the_blocked_softmax() -> Result<()> {
+        let dev = Device::Cpu;
+        // key counts below, at and above the online softmax's block of 16; a head dimension
+        // at the kernel's limit
+        for (lk, d) in [(5, 8), (16, 3), (45, 8), (37, super::ATTENTION_MAX_HEAD_DIM)] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let (bh, lq) = (3, 7);
+                // large logits: the running maximum must keep exp() in range
+                let q = (Tensor::randn(0f32, 4., (1, bh, lq, d), &dev)?).to_dtype(dtype)?;
+                let k = Tensor::randn(0f32, 4., (1, bh, lk, d), &dev)?.to_dtype(dtype)?;
+                let v = Tensor::randn(0f32, 1., (1, bh, lk, d), &dev)?.to_dtype(dtype)?;
+                let scale = (d as f64).powf(-0.5);
+                let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+                // the reference in f32 throughout, as the kernel computes
+                let want = ops::attention(&f32s(&q)?, &f32s(&k)?, &f32s(&v)?, scale)?;
+                let (qr, kr, vr) = (Raw::of(&q)?, Raw::of(&k)?, Raw::of(&v)?);
+                let mut out = out_like(&q)?;
+                // SAFETY: the buffers hold the elements the grid reads and writes.
+                unsafe {
+                    wu_host_attention(
+                        (bh * lq) as i64,
+                        qr.ptr(),
+                        qr.code,
+                        kr.ptr(),
+                        kr.code,
+                        vr.ptr(),
+                        vr.code,
+                        out.ptr_mut(),
+                        lq as i64,
+                        lk as i64,
+                        d as i32,
+                        scale as f32,
+                    )
+                };
+                let got = out.tensor(&q)?.to_dtype(DType::F32)?;
+                let err = rel_err(&got, &want);
+                assert!(err < tolerance(dtype), "lk={lk} d={d} {dtype:?}: {err}");
             }
         }
         Ok(())
