@@ -797,6 +797,44 @@ pub fn compute_capability(device: &Device) -> Option<(u32, u32)> {
     None
 }
 
+/// Lets the device's default memory pool keep freed memory for reuse instead of handing it
+/// back to the driver at every synchronisation (its release threshold is 0 by default): the
+/// tensors of one step are freed and allocated again in the next, as torch's caching
+/// allocator assumes. Nothing happens where allocations do not come from the pool (a driver
+/// without stream-ordered allocation) or off CUDA.
+pub fn keep_freed_device_memory(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Ok(dev) = device.as_cuda_device() {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let context = dev.cuda_stream().context().clone();
+        if !context.has_async_alloc() {
+            return Ok(());
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold = u64::MAX;
+        // SAFETY: `pool` receives the device's default pool, a handle the driver owns; the
+        // attribute takes a pointer to a u64.
+        let status = unsafe {
+            context.bind_to_thread().map_err(candle_core::Error::wrap)?;
+            let got = sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device());
+            if got != sys::CUresult::CUDA_SUCCESS {
+                got
+            } else {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast(),
+                )
+            }
+        };
+        if status != sys::CUresult::CUDA_SUCCESS {
+            anyhow::bail!("cannot set the device memory pool's release threshold: {status:?}");
+        }
+    }
+    let _ = device;
+    Ok(())
+}
+
 /// Roughly the bytes a component's weights take in `dtype`: the file sizes, assuming f32
 /// storage as in the published repos.
 pub fn weight_bytes(src: &dyn FileSource, folder: &str, stem: &str, dtype: DType) -> Option<u64> {

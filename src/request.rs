@@ -324,6 +324,8 @@ pub struct RuntimeSpec {
     pub attention_budget: usize,
     /// hold one stage's weights at a time (also chosen automatically when memory is short)
     pub low_memory: bool,
+    /// f32 matrix products on a GPU in TF32
+    pub tf32: bool,
 }
 
 /// Where the models come from, as given: Hub repo ids or local folders.
@@ -1050,6 +1052,7 @@ mod tests {
             dtype: None,
             attention_budget: 1 << 30,
             low_memory: false,
+            tf32: false,
         };
         plan_generate(&prompts, &input(), &output, BoxMuller::default(), models, runtime)
     }
@@ -1169,6 +1172,7 @@ mod tests {
                 dtype: None,
                 attention_budget: 1 << 30,
                 low_memory: false,
+                tf32: false,
             },
         }
     }

@@ -41,6 +41,11 @@ impl RuntimeSpec {
             None => Device::Cpu,
         };
         crate::ops::set_attention_budget(self.attention_budget);
+        if let Err(e) = crate::pipeline::keep_freed_device_memory(&device) {
+            tracing::warn!("{e}; freed device memory goes back to the driver");
+        }
+        // candle's switch for cuBLAS' f32 products (off, as in torch); process-wide
+        candle_core::cuda::set_gemm_reduced_precision_f32(self.tf32);
         let capability = crate::pipeline::compute_capability(&device);
         let dtype = match self.dtype {
             Some(DType::BF16) if !has_bf16(capability) => {
@@ -61,6 +66,9 @@ impl RuntimeSpec {
                 dtype_name(dtype)
             ),
             None => tracing::info!("running on {:?} in {}", device, dtype_name(dtype)),
+        }
+        if self.tf32 && device.is_cuda() && dtype == DType::F32 {
+            tracing::info!("f32 matrix products in TF32");
         }
         Ok(Runtime { device, dtype })
     }

@@ -26,6 +26,8 @@ pub fn run(args: &SelftestPlan) -> Result<()> {
         dtype: args.dtype,
         attention_budget: crate::ops::attention_budget(),
         low_memory: false,
+        // the f32 checks hold f32's tolerance
+        tf32: false,
     };
     let rt = spec.open()?;
     let shapes = match args.shapes {
