@@ -1,7 +1,8 @@
-//! `ConvTranspose2d(c_in, c_out, k, stride, padding)` on channels-last input. On the CPU it is
-//! one matrix product (every input pixel times the (c_in, k*k*c_out) weight) followed by an
-//! overlap-add of the k x k patches into the output; candle's CPU kernel loops over every
-//! output element and tap. Elsewhere candle's own kernel runs (NCHW, permuted around).
+//! `ConvTranspose2d(c_in, c_out, k, stride, padding)` on channels-last input. On the CPU (and
+//! on CUDA with the fused kernels switched on) it is one matrix product (every input pixel
+//! times the (c_in, k*k*c_out) weight) followed by an overlap-add of the k x k patches into
+//! the output; candle's CPU kernel loops over every output element and tap. Elsewhere
+//! candle's own kernel runs (NCHW, permuted around).
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -40,24 +41,35 @@ impl ConvTranspose2d {
 
     /// (N, H, W, c_in) -> (N, (H-1)*stride + k - 2*padding, ..., c_out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !super::cpu_kernel(x) {
+        if !super::own_kernel(x) {
             let y = nhwc_to_nchw(x)?.conv_transpose2d(&self.weight, self.padding, 0, self.stride, 1)?;
             return nchw_to_nhwc(&y)?.broadcast_add(&self.bias);
         }
         let (n, h, w, c_in) = x.dims4()?;
         let c_out = self.bias.dim(0)?;
         let patches = x.reshape((n * h * w, c_in))?.matmul(&self.matrix)?;
-        let op = OverlapAdd {
-            n,
-            h,
-            w,
-            k: self.k,
-            c: c_out,
-            stride: self.stride,
-            padding: self.padding,
-        };
-        patches.apply_op1_no_bwd(&op)?.broadcast_add(&self.bias)
+        overlap_add(&patches, (n, h, w, c_out), self.k, self.stride, self.padding)?.broadcast_add(&self.bias)
     }
+}
+
+/// Sums (N*H*W, k*k*C) `patches` into the (N, OH, OW, C) output of a transposed convolution
+/// over an (N, H, W, _) input (`nhwc` = (N, H, W, C)).
+pub(crate) fn overlap_add(
+    patches: &Tensor,
+    (n, h, w, c): (usize, usize, usize, usize),
+    k: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    patches.contiguous()?.apply_op1_no_bwd(&OverlapAdd {
+        n,
+        h,
+        w,
+        k,
+        c,
+        stride,
+        padding,
+    })
 }
 
 /// Sums (N*H*W, k*k*C) patches into the (N, OH, OW, C) output of a transposed convolution.
@@ -126,6 +138,13 @@ impl CustomOp1 for OverlapAdd {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from((self.n, self.out_size(self.h), self.out_size(self.w), self.c));
         Ok((run_float1(self.name(), self, s, l)?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = (self.n, self.out_size(self.h), self.out_size(self.w), self.c);
+        let geometry = (self.h, self.w, self.k, self.stride, self.padding);
+        Ok((super::cuda::overlap_add((s, l), dims, geometry)?, Shape::from(dims)))
     }
 }
 

@@ -37,3 +37,9 @@ extern "C" __global__ void wu_attention(int64_t rows, const void *q, int qt, con
     int64_t r = WU_INDEX;
     if (r < rows) wu_attention_row(r, q, qt, k, kt, v, vt, out, lq, lk, d, scale);
 }
+
+extern "C" __global__ void wu_overlap_add(int64_t total, const void *patches, int pt, void *out, int h, int w, int k,
+                                          int c, int stride, int padding, int oh, int ow) {
+    int64_t i = WU_INDEX;
+    if (i < total) wu_overlap_add_at(i, patches, pt, out, h, w, k, c, stride, padding, oh, ow);
+}

@@ -1,6 +1,7 @@
 /* Fused CUDA kernels for channels-last (N, H, W, C) activations: the depthwise convolution,
  * GlobalResponseNorm and layer norm, each one to three launches instead of the ~10-40 small
- * kernels of their candle-op forms. Every value is computed in f32 whatever the storage dtype.
+ * kernels of their candle-op forms; the transposed convolution's overlap-add; attention
+ * without stored scores. Every value is computed in f32 whatever the storage dtype.
  *
  * The body of each kernel is a function of one output element (or one row, or one
  * (image, channel) pair) written in plain C: nvcc compiles it into the kernels of fused.cu,
@@ -161,6 +162,28 @@ WU_FN void wu_layer_norm_row(int64_t r, const void *x, int xt, const void *w, in
         if (w) v = v * wu_load(w, wt, i) + wu_load(b, bt, i);
         wu_store(out, xt, start + i, v);
     }
+}
+
+/* Transposed convolution, second half: output element `i` of (N, OH, OW, C) as the sum of the
+ * (N*H*W, k*k*C) patches (each input pixel times the weight matrix) that land on it. Summed in
+ * the CPU kernel's order: kernel rows ascending, then input columns ascending (kernel columns
+ * descending). */
+WU_FN void wu_overlap_add_at(int64_t i, const void *patches, int pt, void *out, int h, int w, int k, int c,
+                             int stride, int padding, int oh, int ow) {
+    int ch = (int)(i % c), ox = (int)((i / c) % ow), oy = (int)((i / c / ow) % oh);
+    int64_t image = i / c / ow / oh;
+    float acc = 0.0f;
+    for (int ky = 0; ky < k; ky++) {
+        int t = oy + padding - ky;
+        if (t < 0 || t % stride != 0 || t / stride >= h) continue;
+        for (int kx = k - 1; kx >= 0; kx--) {
+            int u = ox + padding - kx;
+            if (u < 0 || u % stride != 0 || u / stride >= w) continue;
+            int64_t pixel = (image * h + t / stride) * w + u / stride;
+            acc += wu_load(patches, pt, (pixel * k * k + ky * k + kx) * c + ch);
+        }
+    }
+    wu_store(out, pt, i, acc);
 }
 
 /* The largest head dimension `wu_attention_row` keeps a query and its output for; larger

@@ -28,3 +28,8 @@ void wu_host_attention(int64_t rows, const void *q, int qt, const void *k, int k
                        int64_t lq, int64_t lk, int d, float scale) {
     for (int64_t r = 0; r < rows; r++) wu_attention_row(r, q, qt, k, kt, v, vt, out, lq, lk, d, scale);
 }
+
+void wu_host_overlap_add(int64_t total, const void *patches, int pt, void *out, int h, int w, int k, int c, int stride,
+                         int padding, int oh, int ow) {
+    for (int64_t i = 0; i < total; i++) wu_overlap_add_at(i, patches, pt, out, h, w, k, c, stride, padding, oh, ow);
+}

@@ -1,7 +1,7 @@
 //! The fused CUDA kernels of `fused.cu` for the depthwise convolution, GlobalResponseNorm,
-//! layer norm and attention (their bodies, and why they are written in C, are described in `fused.h`).
+//! layer norm, the transposed convolution's overlap-add and attention (their bodies, and why they are written in C, are described in `fused.h`).
 //!
-//! They are opt-in: with `WUERSTCHEN_FUSED_CUDA=1` a CUDA build runs the first three in place
+//! They are opt-in: with `WUERSTCHEN_FUSED_CUDA=1` a CUDA build runs the first four in place
 //! of the candle-op forms, with `WUERSTCHEN_FUSED_ATTENTION=1` the attention kernel. They become the default once `wuerstchen selftest` has passed with them
 //! on a GPU; until then the tests check their bodies on the CPU through the host harness.
 
@@ -38,7 +38,7 @@ fn dtype_code(dtype: candle_core::DType) -> candle_core::Result<i32> {
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) use launch::{attention, depthwise, global_response_norm, layer_norm};
+pub(crate) use launch::{attention, depthwise, global_response_norm, layer_norm, overlap_add};
 
 /// `fused.h`'s `WU_ATTN_MAX_D`: the largest head dimension the attention kernel takes.
 #[cfg(any(feature = "cuda", test))]
@@ -261,6 +261,36 @@ mod launch {
         })
     }
 
+    /// The overlap-add of a transposed convolution: (N*H*W, k*k*C) `patches` into
+    /// `out_dims` = (N, OH, OW, C); `geometry` = (H, W, k, stride, padding).
+    pub(crate) fn overlap_add(
+        (ps, pl): Operand,
+        out_dims: (usize, usize, usize, usize),
+        (h, w, k, stride, padding): (usize, usize, usize, usize, usize),
+    ) -> Result<CudaStorage> {
+        let (n, oh, ow, c) = out_dims;
+        let patches = input(ps, pl)?;
+        let dev = ps.device();
+        let total = n * oh * ow * c;
+        let mut out = output(dev, patches.1, total)?;
+        let total64 = total as i64;
+        let dims = [h, w, k, c, stride, padding, oh, ow].map(|v| v as i32);
+        let kernel = Kernel::new(dev, "wu_overlap_add")?;
+        let mut args = kernel.args();
+        args.arg(&total64);
+        push_input(&mut args, &patches.0);
+        args.arg(&patches.1);
+        push_output(&mut args, &mut out);
+        for d in &dims {
+            args.arg(d);
+        }
+        go(args, total)?;
+        Ok(CudaStorage {
+            slice: out,
+            device: dev.clone(),
+        })
+    }
+
     /// Attention of (BH, Lq, D) `q` over (BH, Lk, D) `k` and `v` without materialised
     /// scores; D at most `ATTENTION_MAX_HEAD_DIM`.
     pub(crate) fn attention(
@@ -339,6 +369,21 @@ mod harness {
             out: *mut c_void,
             pixels: i64,
             c: i32,
+        );
+        #[allow(clippy::too_many_arguments)]
+        fn wu_host_overlap_add(
+            total: i64,
+            patches: *const c_void,
+            pt: i32,
+            out: *mut c_void,
+            h: i32,
+            w: i32,
+            k: i32,
+            c: i32,
+            stride: i32,
+            padding: i32,
+            oh: i32,
+            ow: i32,
         );
         #[allow(clippy::too_many_arguments)]
         fn wu_host_attention(
@@ -631,6 +676,44 @@ mod harness {
                 let got = out.tensor(&q)?.to_dtype(DType::F32)?;
                 let err = rel_err(&got, &want);
                 assert!(err < tolerance(dtype), "lk={lk} d={d} {dtype:?}: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn overlap_add_body_matches_the_cpu_kernel() -> Result<()> {
+        let dev = Device::Cpu;
+        for (k, stride, padding, h, w) in [(4, 2, 1, 5, 7), (3, 2, 1, 4, 4), (2, 2, 0, 3, 5), (5, 3, 2, 4, 3)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let (n, c) = (2, 5);
+                let patches = Tensor::randn(0f32, 1., (n * h * w, k * k * c), &dev)?.to_dtype(dtype)?;
+                let (oh, ow) = ((h - 1) * stride + k - 2 * padding, (w - 1) * stride + k - 2 * padding);
+                let want = ops::conv_transpose::overlap_add(&patches, (n, h, w, c), k, stride, padding)?;
+                assert_eq!(want.dims(), &[n, oh, ow, c]);
+                let pr = Raw::of(&patches)?;
+                let mut out = out_like(&want)?;
+                // SAFETY: the buffers hold the elements the grid reads and writes.
+                unsafe {
+                    wu_host_overlap_add(
+                        want.elem_count() as i64,
+                        pr.ptr(),
+                        pr.code,
+                        out.ptr_mut(),
+                        h as i32,
+                        w as i32,
+                        k as i32,
+                        c as i32,
+                        stride as i32,
+                        padding as i32,
+                        oh as i32,
+                        ow as i32,
+                    )
+                };
+                let got = out.tensor(&want)?;
+                // the CPU kernel's summation order: equal in f32 too
+                let err = rel_err(&got.to_dtype(DType::F32)?, &want.to_dtype(DType::F32)?);
+                assert_eq!(err, 0.0, "k{k} s{stride} p{padding} {dtype:?}");
             }
         }
         Ok(())
