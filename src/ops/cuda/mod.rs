@@ -1,9 +1,11 @@
 //! The fused CUDA kernels of `fused.cu` for the depthwise convolution, GlobalResponseNorm,
-//! layer norm, the transposed convolution's overlap-add and attention (their bodies, and why they are written in C, are described in `fused.h`).
+//! layer norm, the transposed convolution's overlap-add and attention (their bodies, and why
+//! they are written in C, are described in `fused.h`).
 //!
 //! They are opt-in: with `WUERSTCHEN_FUSED_CUDA=1` a CUDA build runs the first four in place
-//! of the candle-op forms, with `WUERSTCHEN_FUSED_ATTENTION=1` the attention kernel. They become the default once `wuerstchen selftest` has passed with them
-//! on a GPU; until then the tests check their bodies on the CPU through the host harness.
+//! of the candle-op forms, with `WUERSTCHEN_FUSED_ATTENTION=1` the attention kernel. They
+//! become the default once `wuerstchen selftest` has passed with them on a GPU; until then
+//! the tests check their bodies on the CPU through the host harness.
 
 use std::sync::OnceLock;
 
