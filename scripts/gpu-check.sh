@@ -18,7 +18,7 @@
 #                  run each; diffusers' tiny config on the CPU stands in for the GPU baseline;
 #                  the numbers only show that every step works
 #
-# Steps (estimates for an H200 host, ~7.5 minutes in all, about the whole budget; each runs
+# Steps (estimates for an H200 host, ~9 minutes in all, more than the budget; each runs
 # under `timeout`, a failure is recorded and the next step still runs; every step appends one
 # line to steps.jsonl; what does not fit is dropped from the end, the 1024x1536 diffusers
 # line first):
@@ -26,13 +26,14 @@
 #      (~60-90 s on one core, in the background while steps 2 and 4 run)
 #   2. wuerstchen selftest --dtype bf16, f16, f32 --shapes all --json (~20-30 s each, most of
 #      it the CPU f32 reference at the real shapes), and bf16 again with the opt-in fused CUDA
-#      kernels and attention
+#      kernels, attention and CUDA graphs
 #   2b. once step 1's weights exist: wuerstchen prior, "a photo of a cat", seed 1, 1024x1024,
 #      the default schedule (29 steps, guidance 4), in f32, bf16 and f16; the relative error
 #      ||x - f32|| / ||f32|| of the bf16 and f16 image embeddings, target <= 2e-2 (~3 x (29
 #      steps at ~40 ms + ~15 s to load the prior and start CUDA) = ~50 s; 60 s limit each)
 #   3. wuerstchen bench at 1024x1024 bf16 and f16, batch 1 and 4, and 1024x1536 bf16 batch 1;
-#      bf16 batch 1 also with the fused kernels, then with the fused kernels and attention
+#      bf16 batch 1 also with the fused kernels, then also the fused attention, then also CUDA
+#      graphs
 #      (~15-30 s each at ~2 s per image; the run counts shrink when the first line is slower)
 #   4. diffusers' GPU baseline (gpu-bundle/diffusers-bench): the same 1024x1024 workload, bf16
 #      and fp16, batch 1 and 4, on its own random weights of the same architecture (~100 s;
@@ -544,14 +545,16 @@ pid_py=$!
 
 # ---------------------------------------------------------------------------------------------
 # 2. selftest: every op on the device against the CPU f32 kernel (~10-20 s each, PTX JIT first)
-# bf16-fused: the same with every opt-in fused CUDA kernel (WUERSTCHEN_FUSED_CUDA=1 and
-# WUERSTCHEN_FUSED_ATTENTION=1); passing here is what lets them become the default
+# bf16-fused: the same with every opt-in GPU path (WUERSTCHEN_FUSED_CUDA=1,
+# WUERSTCHEN_FUSED_ATTENTION=1, WUERSTCHEN_CUDA_GRAPHS=1: its pipeline check captures and
+# replays the sampling loop); passing here is what lets them become the default
 shapes="$SHAPES" limit=90
 for variant in bf16 bf16-fused f16 f32; do
   dt="${variant%-fused}" fused=$([[ $variant == *-fused ]] && echo 1 || echo 0)
   STEP_NOTE="$([[ $shapes == "$SHAPES" ]] || echo "shapes $shapes: an earlier selftest timed out")" \
     step "2-selftest-$variant" "wuerstchen selftest --dtype $dt$([[ $fused == 1 ]] && echo ", fused CUDA kernels")" "$limit" 10 -- \
-    env WUERSTCHEN_FUSED_CUDA=$fused WUERSTCHEN_FUSED_ATTENTION=$fused "$BIN" -q selftest --device "$DEVICE" --dtype "$dt" --shapes "$shapes" --json
+    env WUERSTCHEN_FUSED_CUDA=$fused WUERSTCHEN_FUSED_ATTENTION=$fused WUERSTCHEN_CUDA_GRAPHS=$fused \
+    "$BIN" -q selftest --device "$DEVICE" --dtype "$dt" --shapes "$shapes" --json
   rc=$?
   # a hang or a very slow device: keep the rest short
   [[ $rc -ne 124 && $rc -ne 137 ]] || { shapes=small limit=45; }
@@ -649,8 +652,8 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # 3. wuerstchen bench (~15-30 s each with loading at ~2 s per image; fewer runs when slower)
-# FUSED=1 before the call: with the opt-in fused CUDA kernels for the depthwise conv, GRN and
-# layer norm; FUSED=2: also the fused attention
+# FUSED=1 before the call: with the opt-in fused CUDA kernels for the depthwise conv, GRN,
+# layer norm and transposed conv; FUSED=2: also the fused attention; FUSED=3: also CUDA graphs
 bench() { # bench ID LABEL DTYPE WIDTH HEIGHT NUM_IMAGES LIMIT RUNS...
   local id="$1" label="$2" dt="$3" w="$4" h="$5" n="$6" limit="$7"
   shift 7
@@ -659,7 +662,8 @@ bench() { # bench ID LABEL DTYPE WIDTH HEIGHT NUM_IMAGES LIMIT RUNS...
     return
   fi
   step "$id" "wuerstchen bench $label" "$limit" 20 -- \
-    env WUERSTCHEN_FUSED_CUDA=$(( ${FUSED:-0} > 0 )) WUERSTCHEN_FUSED_ATTENTION=$(( ${FUSED:-0} > 1 )) "$BIN" -q bench --prior "$M/prior" --decoder "$M/decoder" --device "$DEVICE" --dtype "$dt" \
+    env WUERSTCHEN_FUSED_CUDA=$(( ${FUSED:-0} > 0 )) WUERSTCHEN_FUSED_ATTENTION=$(( ${FUSED:-0} > 1 )) \
+    WUERSTCHEN_CUDA_GRAPHS=$(( ${FUSED:-0} > 2 )) "$BIN" -q bench --prior "$M/prior" --decoder "$M/decoder" --device "$DEVICE" --dtype "$dt" \
     --width "$w" --height "$h" --num-images "$n" ${STEPS[@]+"${STEPS[@]}"} "$@"
 }
 # Run counts for the later lines from the first one's seconds per image (e) and load time (l):
@@ -688,7 +692,7 @@ c = json.loads(sys.argv[1]); c.append(dict(id=sys.argv[2], label=sys.argv[3], dt
 # shellcheck disable=SC2086
 bench 3-bench-bf16-b1 "${W}x${H} bf16 batch 1" bf16 "$W" "$H" 1 120 $RUNS_B1
 add_config 3-bench-bf16-b1 "${W}x${H} bf16 batch 1" bf16 1 4-diffusers 1
-for spec in "bf16 1 fused" "bf16 1 fused-attention" "f16 1 1" "bf16 4 4" "f16 4 4" "bf16 1 tall"; do
+for spec in "bf16 1 fused" "bf16 1 fused-attention" "bf16 1 graphs" "f16 1 1" "bf16 4 4" "f16 4 4" "bf16 1 tall"; do
   read -r dt n kind <<<"$spec"
   FUSED=0
   if [[ $kind == fused ]]; then
@@ -697,6 +701,9 @@ for spec in "bf16 1 fused" "bf16 1 fused-attention" "f16 1 1" "bf16 4 4" "f16 4 
   elif [[ $kind == fused-attention ]]; then
     id="3-bench-bf16-b1-fused-attn" label="${W}x${H} bf16 batch 1, fused CUDA kernels and attention" h=$H scale=1
     maxr=3 dstep=4-diffusers FUSED=2
+  elif [[ $kind == graphs ]]; then
+    id="3-bench-bf16-b1-graphs" label="${W}x${H} bf16 batch 1, fused kernels, attention and CUDA graphs" h=$H
+    scale=1 maxr=3 dstep=4-diffusers FUSED=3
   elif [[ $kind == tall ]]; then
     id="3-bench-bf16-tall" label="${W}x${H_TALL} bf16 batch 1" h=$H_TALL n=1 scale=1.6 maxr=2 dstep=4-diffusers-tall
   else

@@ -4,6 +4,7 @@
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod graph;
 pub mod hub;
 pub mod mapping;
 pub mod memory;

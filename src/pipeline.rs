@@ -267,6 +267,7 @@ fn sample(
 ) -> Result<Tensor> {
     let mut latents = noise.draw(item, &rt.device)?;
     let n = latents.dim(0)?;
+    let mut net = crate::graph::StepReplay::new(&rt.device, model);
     progress.start(stage, timesteps.len().saturating_sub(1));
     for pair in timesteps.windows(2) {
         let (t, t_prev) = (pair[0], pair[1]);
@@ -274,11 +275,12 @@ fn sample(
         let x = latents.to_dtype(rt.dtype)?;
         let pred = match guidance {
             Some(w) => {
-                let both =
-                    model(&Tensor::cat(&[&x, &x], 0)?, &Tensor::cat(&[&ratio, &ratio], 0)?)?.to_dtype(DType::F32)?;
+                let both = net
+                    .call(&Tensor::cat(&[&x, &x], 0)?, &Tensor::cat(&[&ratio, &ratio], 0)?)?
+                    .to_dtype(DType::F32)?;
                 lerp(&both.narrow(0, n, n)?, &both.narrow(0, 0, n)?, w)?
             }
-            None => model(&x, &ratio)?.to_dtype(DType::F32)?,
+            None => net.call(&x, &ratio)?.to_dtype(DType::F32)?,
         };
         let eps = noise.draw(item, &rt.device)?;
         latents = scheduler.step(&pred, t, t_prev, &latents, &eps)?;

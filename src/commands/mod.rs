@@ -41,6 +41,14 @@ impl RuntimeSpec {
             None => Device::Cpu,
         };
         crate::ops::set_attention_budget(self.attention_budget);
+        #[cfg(feature = "cuda")]
+        if let (Ok(dev), true) = (device.as_cuda_device(), crate::graph::enabled()) {
+            // SAFETY: candle runs everything of a device on its one stream, so cudarc's events
+            // ordering slices between streams have nothing to order; without them a capture
+            // records no event that a later launch outside the graph would wait on (and every
+            // launch saves its event calls).
+            unsafe { dev.disable_event_tracking() };
+        }
         if let Err(e) = crate::pipeline::keep_freed_device_memory(&device) {
             tracing::warn!("{e}; freed device memory goes back to the driver");
         }

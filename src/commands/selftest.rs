@@ -46,6 +46,7 @@ pub fn run(args: &SelftestPlan) -> Result<()> {
     // which kernels the device side runs (on the CPU: the device-generic forms)
     let fused = rt.device.is_cuda() && crate::ops::fused_cuda_kernels();
     let fused_attention = rt.device.is_cuda() && crate::ops::fused_cuda_attention();
+    let graphs = rt.device.is_cuda() && crate::graph::enabled();
     if !args.json {
         let kernels = match (fused, fused_attention) {
             (true, true) => ", fused CUDA kernels and attention",
@@ -53,6 +54,7 @@ pub fn run(args: &SelftestPlan) -> Result<()> {
             (false, true) => ", fused CUDA attention",
             (false, false) => "",
         };
+        let kernels = format!("{kernels}{}", if graphs { ", CUDA graphs" } else { "" });
         println!(
             "selftest on {device} in {}{kernels}: device vs CPU f32",
             dtype_name(rt.dtype)
@@ -75,6 +77,7 @@ pub fn run(args: &SelftestPlan) -> Result<()> {
             "dtype": dtype_name(rt.dtype),
             "fused_cuda_kernels": fused,
             "fused_cuda_attention": fused_attention,
+            "cuda_graphs": graphs,
             "passed": failed.is_empty(),
             "results": checks,
         });

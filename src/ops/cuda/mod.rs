@@ -677,7 +677,10 @@ mod harness {
                 };
                 let got = out.tensor(&q)?.to_dtype(DType::F32)?;
                 let err = rel_err(&got, &want);
-                assert!(err < tolerance(dtype), "lk={lk} d={d} {dtype:?}: {err}");
+                // logits up to ~15 here: exp() turns their last-bit differences (another
+                // summation order than the matrix product's) into ~1e-6 relative in f32
+                let tol = if dtype == DType::F32 { 1e-5 } else { tolerance(dtype) };
+                assert!(err < tol, "lk={lk} d={d} {dtype:?}: {err}");
             }
         }
         Ok(())
