@@ -54,19 +54,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let c_in = *dims.last().unwrap_or(&1);
-        let rows = x.elem_count() / c_in.max(1);
-        let y = x.reshape((rows, c_in))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = self.out_features();
-        }
-        y.reshape(out_dims)
+        ops::linear(x, &self.weight, self.bias.as_ref())
     }
 }
 
@@ -106,7 +94,7 @@ impl PatchConvTranspose {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, h, w, c) = x.dims4()?;
         let k = self.k;
-        let y = x.reshape((n * h * w, c))?.matmul(&self.weight)?;
+        let y = ops::matmul(&x.reshape((n * h * w, c))?, &self.weight)?;
         y.reshape((n, h, w, k, k, self.c_out))?
             .permute((0, 1, 3, 2, 4, 5))?
             .reshape((n, h * k, w * k, self.c_out))?

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, D};
 
 use super::scaled_softmax_last_dim;
 
@@ -156,10 +156,18 @@ impl candle_core::CustomOp3 for FusedAttention {
     }
 }
 
-/// One block, scores whole: `softmax(q k^T * scale)` in f32, then times `v`.
+/// One block, scores whole: `softmax(q k^T * scale)` in f32, then times `v`; any leading
+/// dimensions (heads, batch) are one batch of products.
 fn block(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let scores = q.contiguous()?.matmul(&k.t()?)?;
-    scaled_softmax_last_dim(&scores, scale)?.to_dtype(v.dtype())?.matmul(v)
+    let dims = q.dims().to_vec();
+    let batched = |t: &Tensor| -> Result<Tensor> {
+        let (rows, cols) = (t.dim(D::Minus2)?, t.dim(D::Minus1)?);
+        t.reshape((t.elem_count() / (rows * cols).max(1), rows, cols))
+    };
+    let (q, k, v) = (batched(&q.contiguous()?)?, batched(k)?, batched(v)?);
+    let scores = super::matmul(&q, &k.t()?)?;
+    let out = super::matmul(&scaled_softmax_last_dim(&scores, scale)?.to_dtype(v.dtype())?, &v)?;
+    out.reshape(dims)
 }
 
 #[cfg(test)]

@@ -1,0 +1,329 @@
+//! f32 matrix products on the CPU, `a @ b (+ bias)`, split into one tile per thread, each a
+//! single-threaded call of the `gemm` crate (the kernel candle's matmul calls too).
+//!
+//! Why not candle's matmul: it hands the whole product to gemm's own threading, which for
+//! the prior's shapes (288 rows at 512x512 with guidance, 384 -> 1536 columns) ran no faster
+//! on two threads than on one (91 against 94 GFLOP/s here); it also zeroes the output before
+//! gemm overwrites it, and a bias is one more pass. Here the larger of the two output
+//! dimensions is split across the threads, each tile is written only by its thread (the bias
+//! first, then gemm adds the product to it), and the output is never zeroed.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `x (.., k) @ w^T + bias` for a linear layer's `w` (n, k) and optional `bias` (n): the
+/// tiled CPU kernel for f32 on the CPU, candle's matmul elsewhere.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let k = dims.last().copied().unwrap_or(1);
+    let rows = x.elem_count() / k.max(1);
+    let n = w.dim(0)?;
+    let x2 = x.reshape((rows, k))?;
+    let y = if super::cpu_kernel(x) && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        let wt = w.t()?;
+        match bias {
+            Some(b) => x2.apply_op3_no_bwd(&wt, b, &Product)?,
+            None => x2.apply_op2_no_bwd(&wt, &Product)?,
+        }
+    } else {
+        let y = x2.matmul(&w.t()?)?;
+        match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        }
+    };
+    let mut out = dims.to_vec();
+    if let Some(last) = out.last_mut() {
+        *last = n;
+    }
+    y.reshape(out)
+}
+
+/// `a (m, k) @ b (k, n)`, or batched `a (B, m, k) @ b (B, k, n)`: the tiled CPU kernel for
+/// f32 on the CPU (a batch: one product per thread at a time), candle's matmul elsewhere.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let tiled = super::cpu_kernel(a) && a.dtype() == DType::F32 && b.dtype() == DType::F32;
+    match (a.rank(), b.rank()) {
+        (2, 2) if tiled => a.apply_op2_no_bwd(b, &Product),
+        (3, 3) if tiled && a.dim(0)? == b.dim(0)? => a.apply_op2_no_bwd(b, &Batched),
+        _ => a.matmul(b),
+    }
+}
+
+/// The product as a custom op: (a, b) or (a, b, bias), 2-D operands with any strides.
+struct Product;
+
+/// A 2-D operand: its elements from the storage offset on, and its row and column strides.
+struct Operand<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Operand<'a> {
+    fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(Self, usize, usize)> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("matmul: {what} is {:?}, the tiled kernel takes f32", s.dtype());
+        };
+        let (r, c) = l.shape().dims2()?;
+        let stride = l.stride();
+        let op = Operand {
+            data: &data[l.start_offset()..],
+            rs: stride[0],
+            cs: stride[1],
+        };
+        Ok((op, r, c))
+    }
+}
+
+/// A pointer that tiles of one output share; each tile writes only its own elements.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: the tiles are disjoint (see `product`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer, through a method so that a closure captures the whole (`Send`) struct.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `a @ b (+ bias)` into a new (m, n) row-major buffer.
+fn product(a: &Operand, b: &Operand, (m, k, n): (usize, usize, usize), bias: Option<&[f32]>) -> Vec<f32> {
+    let mut dst: Vec<f32> = Vec::with_capacity(m * n);
+    let out = Out(dst.as_mut_ptr());
+    let threads = rayon::current_num_threads().max(1);
+    // tiles along the larger output dimension, at least 16 rows or columns each
+    let (along_rows, len) = if m >= n { (true, m) } else { (false, n) };
+    let tiles = threads.min(len.div_ceil(16)).max(1);
+    let per_tile = len.div_ceil(tiles);
+    (0..tiles).into_par_iter().for_each(|t| {
+        let start = t * per_tile;
+        let end = len.min(start + per_tile);
+        if start >= end {
+            return;
+        }
+        let (rows, cols) = if along_rows {
+            (start..end, 0..n)
+        } else {
+            (0..m, start..end)
+        };
+        // SAFETY: `dst` has room for m * n elements; this tile covers rows x cols of it,
+        // which no other tile touches, and writes every element before `set_len` below.
+        unsafe {
+            let tile = out.ptr().add(rows.start * n + cols.start);
+            if let Some(bias) = bias {
+                for r in 0..rows.len() {
+                    let row = std::slice::from_raw_parts_mut(tile.add(r * n), cols.len());
+                    row.copy_from_slice(&bias[cols.clone()]);
+                }
+            }
+            let a = Operand {
+                data: &a.data[rows.start * a.rs..],
+                ..*a
+            };
+            let b = Operand {
+                data: &b.data[cols.start * b.cs..],
+                ..*b
+            };
+            gemm_tile(tile, n, bias.is_some(), &a, &b, (rows.len(), k, cols.len()));
+        }
+    });
+    // SAFETY: every element was written by its tile.
+    unsafe { dst.set_len(m * n) };
+    dst
+}
+
+/// One single-threaded gemm call: `dst (m, n, row stride dst_rs) (+)= a @ b`.
+///
+/// # Safety
+/// `dst` must have room for the (m, n) tile at row stride `dst_rs`, initialised if
+/// `read_dst`; `a` and `b` must cover their (m, k) and (k, n) elements at their strides.
+unsafe fn gemm_tile(
+    dst: *mut f32,
+    dst_rs: usize,
+    read_dst: bool,
+    a: &Operand,
+    b: &Operand,
+    (m, k, n): (usize, usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        read_dst,
+        a.data.as_ptr(),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr(),
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// Batched products: each (m, k) @ (k, n) pair on one thread.
+struct Batched;
+
+impl CustomOp2 for Batched {
+    fn name(&self) -> &'static str {
+        "batched-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+            candle_core::bail!(
+                "batched matmul: {:?} @ {:?}, the tiled kernel takes f32",
+                s1.dtype(),
+                s2.dtype()
+            );
+        };
+        let ((batch, m, k), (_, k2, n)) = (l1.shape().dims3()?, l2.shape().dims3()?);
+        if k != k2 {
+            candle_core::bail!("batched matmul: (.., {m}, {k}) @ (.., {k2}, {n})");
+        }
+        let (sa, sb) = (l1.stride(), l2.stride());
+        let (a, b) = (&a[l1.start_offset()..], &b[l2.start_offset()..]);
+        let mut dst: Vec<f32> = Vec::with_capacity(batch * m * n);
+        let out = Out(dst.as_mut_ptr());
+        (0..batch).into_par_iter().for_each(|i| {
+            let lhs = Operand {
+                data: &a[i * sa[0]..],
+                rs: sa[1],
+                cs: sa[2],
+            };
+            let rhs = Operand {
+                data: &b[i * sb[0]..],
+                rs: sb[1],
+                cs: sb[2],
+            };
+            // SAFETY: product `i` writes only its own (m, n) block of `dst`, every element
+            // of it; the operands cover their elements at their layouts' strides.
+            unsafe { gemm_tile(out.ptr().add(i * m * n), n, false, &lhs, &rhs, (m, k, n)) };
+        });
+        // SAFETY: every block was written.
+        unsafe { dst.set_len(batch * m * n) };
+        Ok((CpuStorage::F32(dst), Shape::from((batch, m, n))))
+    }
+}
+
+impl Product {
+    fn run(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, m, k) = Operand::of(s1, l1, "the left operand")?;
+        let (b, k2, n) = Operand::of(s2, l2, "the right operand")?;
+        if k != k2 {
+            candle_core::bail!("matmul: ({m}, {k}) @ ({k2}, {n})");
+        }
+        let bias = match bias {
+            Some((CpuStorage::F32(data), l)) if l.shape().elem_count() == n => Some(super::slice_of(data, l)?),
+            Some((s, l)) => candle_core::bail!("matmul: bias {:?} {:?} for {n} columns", s.dtype(), l.dims()),
+            None => None,
+        };
+        let out = product(&a, &b, (m, k, n), bias);
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+impl CustomOp2 for Product {
+    fn name(&self) -> &'static str {
+        "tiled-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+}
+
+impl CustomOp3 for Product {
+    fn name(&self) -> &'static str {
+        "tiled-matmul-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::rel_err;
+    use candle_core::Device;
+
+    #[test]
+    fn tiles_give_candles_product() -> Result<()> {
+        let dev = Device::Cpu;
+        // tall, wide, tiny and strided operands; with and without bias
+        for (m, k, n) in [(288, 40, 96), (5, 7, 300), (1, 3, 1), (37, 64, 37)] {
+            let x = Tensor::randn(0f32, 1., (m, k), &dev)?;
+            let w = Tensor::randn(0f32, 1., (n, k), &dev)?;
+            let b = Tensor::randn(0f32, 1., n, &dev)?;
+            let want = x.matmul(&w.t()?)?.broadcast_add(&b)?;
+            assert!(rel_err(&linear(&x, &w, Some(&b))?, &want) < 1e-6, "{m}x{k}x{n}");
+            assert!(rel_err(&linear(&x, &w, None)?, &x.matmul(&w.t()?)?) < 1e-6);
+            assert!(rel_err(&matmul(&x, &w.t()?)?, &x.matmul(&w.t()?)?) < 1e-6);
+            // a column block of a wider weight, as the ResBlocks keep theirs
+            let wide = Tensor::randn(0f32, 1., (n, k + 9), &dev)?;
+            let block = wide.narrow(1, 4, k)?;
+            let want = x.matmul(&block.contiguous()?.t()?)?;
+            assert!(rel_err(&linear(&x, &block, None)?, &want) < 1e-6);
+            // leading dimensions pass through
+            let x3 = x.reshape((1, m, k))?;
+            assert_eq!(linear(&x3, &w, None)?.dims(), &[1, m, n]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn batched_products_give_candles() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1., (6, 37, 16), &dev)?;
+        let b = Tensor::randn(0f32, 1., (6, 45, 16), &dev)?;
+        // b transposed (a strided view), as attention multiplies q by k^T
+        let want = a.matmul(&b.transpose(1, 2)?)?;
+        assert!(rel_err(&matmul(&a, &b.transpose(1, 2)?)?, &want) < 1e-6);
+        let scores = want.contiguous()?;
+        assert!(rel_err(&matmul(&scores, &b)?, &scores.matmul(&b)?) < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn the_same_numbers_from_run_to_run_and_across_thread_counts() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (300, 640), &dev)?;
+        let w = Tensor::randn(0f32, 1., (200, 640), &dev)?;
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let a = three.install(|| linear(&x, &w, None))?;
+        let b = three.install(|| linear(&x, &w, None))?;
+        assert_eq!(rel_err(&a, &b), 0.0);
+        // other tiles may block k differently: the same up to summation order
+        let c = one.install(|| linear(&x, &w, None))?;
+        assert!(rel_err(&a, &c) < 1e-6);
+        Ok(())
+    }
+}
