@@ -52,6 +52,13 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `then(self(x))`: a term added and a GELU applied in the product's pass.
+    pub fn forward_then(&self, x: &Tensor, then: ops::Then) -> Result<Tensor> {
+        ops::linear_then(x, &self.weight, self.bias.as_ref(), then)
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.weight, self.bias.as_ref())
@@ -193,13 +200,23 @@ impl ResBlock {
 
     /// `skip_terms`: the sum of the skip parts' `skip_term`s, if the block has any.
     pub fn forward(&self, x: &Tensor, skip_terms: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.lin1.forward(&channel_norm(&self.depthwise.forward(x)?)?)?;
-        if let Some(t) = skip_terms {
-            h = (h + t)?;
-        }
-        let h = ops::gelu_erf(&h)?;
-        let h = self.lin2.forward(&self.grn.forward(&h)?)?;
-        h + x
+        let h = channel_norm(&self.depthwise.forward(x)?)?;
+        // gelu(lin1(h) + skip terms), then lin2(grn(.)) + x: the adds and the GELU ride in
+        // the products' passes
+        let h = self.lin1.forward_then(
+            &h,
+            ops::Then {
+                add: skip_terms,
+                gelu: true,
+            },
+        )?;
+        self.lin2.forward_then(
+            &self.grn.forward(&h)?,
+            ops::Then {
+                add: Some(x),
+                gelu: false,
+            },
+        )
     }
 }
 

@@ -35,6 +35,13 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf)
 }
 
+/// GELU over a slice in place (the matrix product's epilogue).
+pub(super) fn gelu_in_place(xs: &mut [f32]) {
+    for x in xs {
+        *x = gelu(*x);
+    }
+}
+
 struct GeluCpu;
 
 fn gelu_slice<T: Float32>(x: &[T]) -> Vec<T> {

@@ -15,29 +15,60 @@ use rayon::prelude::*;
 /// `x (.., k) @ w^T + bias` for a linear layer's `w` (n, k) and optional `bias` (n): the
 /// tiled CPU kernel for f32 on the CPU, candle's matmul elsewhere.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_then(x, w, bias, Then::default())
+}
+
+/// What [`linear_then`] applies to the product in the same pass (on the CPU, while each
+/// tile is in cache; elsewhere as separate ops, in this order).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Then<'a> {
+    /// a term of the output's shape added to the product
+    pub add: Option<&'a Tensor>,
+    /// then the erf GELU
+    pub gelu: bool,
+}
+
+/// `then(x @ w^T + bias)`: [`linear`] with a residual or skip term and a GELU fused in.
+/// The CPU sums `(bias + add) + x w^T`, the other devices `(x w^T + bias) + add`: the same
+/// up to f32 rounding.
+pub fn linear_then(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, then: Then) -> Result<Tensor> {
     let dims = x.dims();
     let k = dims.last().copied().unwrap_or(1);
     let rows = x.elem_count() / k.max(1);
     let n = w.dim(0)?;
-    let x2 = x.reshape((rows, k))?;
-    let y = if super::cpu_kernel(x) && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
-        let wt = w.t()?;
-        match bias {
-            Some(b) => x2.apply_op3_no_bwd(&wt, b, &Product)?,
-            None => x2.apply_op2_no_bwd(&wt, &Product)?,
-        }
-    } else {
-        let y = x2.matmul(&w.t()?)?;
-        match bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        }
-    };
-    let mut out = dims.to_vec();
-    if let Some(last) = out.last_mut() {
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
         *last = n;
     }
-    y.reshape(out)
+    let x2 = x.reshape((rows, k))?;
+    let f32s = [Some(x), Some(w), bias, then.add]
+        .into_iter()
+        .flatten()
+        .all(|t| t.dtype() == DType::F32);
+    if super::cpu_kernel(x) && f32s {
+        let op = Product {
+            bias: bias.cloned(),
+            gelu: then.gelu,
+        };
+        let wt = w.t()?;
+        let y = match then.add {
+            Some(add) => x2.apply_op3_no_bwd(&wt, &add.reshape((rows, n))?, &op)?,
+            None => x2.apply_op2_no_bwd(&wt, &op)?,
+        };
+        return y.reshape(out_dims);
+    }
+    let mut y = x2.matmul(&w.t()?)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    let mut y = y.reshape(out_dims)?;
+    if let Some(add) = then.add {
+        y = (y + add)?;
+    }
+    if then.gelu {
+        y = super::gelu_erf(&y)?;
+    }
+    Ok(y)
 }
 
 /// `a (m, k) @ b (k, n)`, or batched `a (B, m, k) @ b (B, k, n)`: the tiled CPU kernel for
@@ -45,14 +76,19 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let tiled = super::cpu_kernel(a) && a.dtype() == DType::F32 && b.dtype() == DType::F32;
     match (a.rank(), b.rank()) {
-        (2, 2) if tiled => a.apply_op2_no_bwd(b, &Product),
+        (2, 2) if tiled => a.apply_op2_no_bwd(b, &Product::default()),
         (3, 3) if tiled && a.dim(0)? == b.dim(0)? => a.apply_op2_no_bwd(b, &Batched),
         _ => a.matmul(b),
     }
 }
 
-/// The product as a custom op: (a, b) or (a, b, bias), 2-D operands with any strides.
-struct Product;
+/// The product as a custom op: (a, b) or (a, b, add), 2-D operands with any strides, plus
+/// the bias and the GELU of [`Then`].
+#[derive(Default)]
+struct Product {
+    bias: Option<Tensor>,
+    gelu: bool,
+}
 
 /// A 2-D operand: its elements from the storage offset on, and its row and column strides.
 struct Operand<'a> {
@@ -91,8 +127,16 @@ impl Out {
     }
 }
 
-/// `a @ b (+ bias)` into a new (m, n) row-major buffer.
-fn product(a: &Operand, b: &Operand, (m, k, n): (usize, usize, usize), bias: Option<&[f32]>) -> Vec<f32> {
+/// How each output tile starts and ends: `bias` (n) and `add` (m, n, contiguous) summed into
+/// it before the product is added, then the GELU.
+struct Epilogue<'a> {
+    bias: Option<&'a [f32]>,
+    add: Option<&'a [f32]>,
+    gelu: bool,
+}
+
+/// `gelu((bias + add) + a @ b)` into a new (m, n) row-major buffer.
+fn product(a: &Operand, b: &Operand, (m, k, n): (usize, usize, usize), epi: &Epilogue) -> Vec<f32> {
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
     let out = Out(dst.as_mut_ptr());
     let threads = rayon::current_num_threads().max(1);
@@ -115,10 +159,17 @@ fn product(a: &Operand, b: &Operand, (m, k, n): (usize, usize, usize), bias: Opt
         // which no other tile touches, and writes every element before `set_len` below.
         unsafe {
             let tile = out.ptr().add(rows.start * n + cols.start);
-            if let Some(bias) = bias {
-                for r in 0..rows.len() {
-                    let row = std::slice::from_raw_parts_mut(tile.add(r * n), cols.len());
-                    row.copy_from_slice(&bias[cols.clone()]);
+            let row = |r: usize| std::slice::from_raw_parts_mut(tile.add(r * n), cols.len());
+            let added = |r: usize| epi.add.map(|add| &add[(rows.start + r) * n..][cols.clone()]);
+            for r in 0..rows.len() {
+                match (epi.bias.map(|b| &b[cols.clone()]), added(r)) {
+                    (Some(b), Some(t)) => row(r)
+                        .iter_mut()
+                        .zip(b.iter().zip(t))
+                        .for_each(|(o, (b, t))| *o = b + t),
+                    (Some(b), None) => row(r).copy_from_slice(b),
+                    (None, Some(t)) => row(r).copy_from_slice(t),
+                    (None, None) => break,
                 }
             }
             let a = Operand {
@@ -129,7 +180,17 @@ fn product(a: &Operand, b: &Operand, (m, k, n): (usize, usize, usize), bias: Opt
                 data: &b.data[cols.start * b.cs..],
                 ..*b
             };
-            gemm_tile(tile, n, bias.is_some(), &a, &b, (rows.len(), k, cols.len()));
+            gemm_tile(
+                tile,
+                n,
+                epi.bias.is_some() || epi.add.is_some(),
+                &a,
+                &b,
+                (rows.len(), k, cols.len()),
+            );
+            if epi.gelu {
+                (0..rows.len()).for_each(|r| super::gelu::gelu_in_place(row(r)));
+            }
         }
     });
     // SAFETY: every element was written by its tile.
@@ -223,19 +284,38 @@ impl Product {
         &self,
         (s1, l1): (&CpuStorage, &Layout),
         (s2, l2): (&CpuStorage, &Layout),
-        bias: Option<(&CpuStorage, &Layout)>,
+        add: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let (a, m, k) = Operand::of(s1, l1, "the left operand")?;
         let (b, k2, n) = Operand::of(s2, l2, "the right operand")?;
         if k != k2 {
             candle_core::bail!("matmul: ({m}, {k}) @ ({k2}, {n})");
         }
-        let bias = match bias {
-            Some((CpuStorage::F32(data), l)) if l.shape().elem_count() == n => Some(super::slice_of(data, l)?),
-            Some((s, l)) => candle_core::bail!("matmul: bias {:?} {:?} for {n} columns", s.dtype(), l.dims()),
+        let add = match add {
+            Some((CpuStorage::F32(data), l)) if l.shape().elem_count() == m * n => Some(super::slice_of(data, l)?),
+            Some((s, l)) => candle_core::bail!("matmul: added term {:?} {:?} for ({m}, {n})", s.dtype(), l.dims()),
             None => None,
         };
-        let out = product(&a, &b, (m, k, n), bias);
+        let bias = match &self.bias {
+            Some(b) => Some(b.contiguous()?),
+            None => None,
+        };
+        let guard = bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &guard {
+            Some((guard, l)) => match &**guard {
+                candle_core::Storage::Cpu(CpuStorage::F32(data)) if l.shape().elem_count() == n => {
+                    Some(super::slice_of(data, l)?)
+                }
+                _ => candle_core::bail!("matmul: the bias is not {n} f32 values on the CPU"),
+            },
+            None => None,
+        };
+        let epi = Epilogue {
+            bias,
+            add,
+            gelu: self.gelu,
+        };
+        let out = product(&a, &b, (m, k, n), &epi);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
@@ -294,6 +374,44 @@ mod tests {
             // leading dimensions pass through
             let x3 = x.reshape((1, m, k))?;
             assert_eq!(linear(&x3, &w, None)?.dims(), &[1, m, n]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_epilogue_adds_then_applies_gelu() -> Result<()> {
+        let dev = Device::Cpu;
+        for (m, k, n) in [(40, 24, 300), (300, 24, 40)] {
+            let x = Tensor::randn(0f32, 1., (2, m / 2, k), &dev)?;
+            let w = Tensor::randn(0f32, 1., (n, k), &dev)?;
+            let b = Tensor::randn(0f32, 1., n, &dev)?;
+            let add = Tensor::randn(0f32, 1., (2, m / 2, n), &dev)?;
+            let plain = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
+            for (bias, add, gelu) in [
+                (Some(&b), Some(&add), true),
+                (None, Some(&add), false),
+                (Some(&b), None, true),
+            ] {
+                let mut want = match bias {
+                    Some(_) => plain.clone(),
+                    None => x.broadcast_matmul(&w.t()?)?,
+                };
+                if let Some(add) = add {
+                    want = (want + add)?;
+                }
+                if gelu {
+                    want = want.gelu_erf()?;
+                }
+                let got = linear_then(&x, &w, bias, Then { add, gelu })?;
+                assert_eq!(got.dims(), want.dims());
+                let err = rel_err(&got, &want);
+                assert!(
+                    err < 1e-6,
+                    "{m}x{k}x{n} bias {} add {} gelu {gelu}: {err}",
+                    bias.is_some(),
+                    add.is_some()
+                );
+            }
         }
         Ok(())
     }

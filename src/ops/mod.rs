@@ -29,7 +29,7 @@ pub use depthwise::depthwise_conv2d_generic;
 pub use depthwise::{depthwise_conv2d, DepthwiseConv, Padding};
 pub use gelu::gelu_erf;
 pub use grn::{global_response_norm, global_response_norm_generic};
-pub use matmul::{linear, matmul};
+pub use matmul::{linear, linear_then, matmul, Then};
 pub use softmax::scaled_softmax_last_dim;
 
 pub(crate) use math::exp_nonpositive;
