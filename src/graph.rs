@@ -11,7 +11,9 @@
 //! host read inside the network) ends the capture and leaves the rest of the loop eager.
 //!
 //! Opt-in with `WUERSTCHEN_CUDA_GRAPHS=1` until `wuerstchen selftest` has passed with it on a
-//! GPU (its pipeline check runs the sampling loop); off CUDA it does nothing.
+//! GPU (its pipeline check runs the sampling loop); off CUDA it does nothing. The same switch
+//! turns off cudarc's event tracking and keeps freed memory in the device's pool
+//! (`RuntimeSpec::open`).
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};

@@ -803,7 +803,8 @@ pub fn compute_capability(device: &Device) -> Option<(u32, u32)> {
 /// back to the driver at every synchronisation (its release threshold is 0 by default): the
 /// tensors of one step are freed and allocated again in the next, as torch's caching
 /// allocator assumes. Nothing happens where allocations do not come from the pool (a driver
-/// without stream-ordered allocation) or off CUDA.
+/// without stream-ordered allocation) or off CUDA. Called with `WUERSTCHEN_CUDA_GRAPHS=1`
+/// until a GPU run has shown it.
 pub fn keep_freed_device_memory(device: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Ok(dev) = device.as_cuda_device() {

@@ -41,6 +41,7 @@ impl RuntimeSpec {
             None => Device::Cpu,
         };
         crate::ops::set_attention_budget(self.attention_budget);
+        // the host-overhead switches that come with CUDA graphs (opt-in until proven on a GPU)
         #[cfg(feature = "cuda")]
         if let (Ok(dev), true) = (device.as_cuda_device(), crate::graph::enabled()) {
             // SAFETY: candle runs everything of a device on its one stream, so cudarc's events
@@ -48,9 +49,9 @@ impl RuntimeSpec {
             // records no event that a later launch outside the graph would wait on (and every
             // launch saves its event calls).
             unsafe { dev.disable_event_tracking() };
-        }
-        if let Err(e) = crate::pipeline::keep_freed_device_memory(&device) {
-            tracing::warn!("{e}; freed device memory goes back to the driver");
+            if let Err(e) = crate::pipeline::keep_freed_device_memory(&device) {
+                tracing::warn!("{e}; freed device memory goes back to the driver");
+            }
         }
         // candle's switch for cuBLAS' f32 products (off, as in torch); process-wide
         candle_core::cuda::set_gemm_reduced_precision_f32(self.tf32);

@@ -1,11 +1,12 @@
 //! Tensor operations the models need beyond candle's: a depthwise convolution that is one
 //! pass (candle runs grouped convolutions as one convolution per group), a layer norm with
-//! two-pass float32 statistics, a vectorised multi-threaded GELU, and torch's antialiased
-//! bicubic resize.
+//! two-pass float32 statistics, a vectorised multi-threaded GELU, f32 matrix products tiled
+//! one per thread with fused epilogues, and torch's antialiased bicubic resize.
 //!
 //! Each op has a fast CPU kernel (candle custom op) and a device-generic form built from
 //! candle tensor ops, used on other devices; tests and `wuerstchen selftest` check that the
-//! two agree ([`with_generic_forms`] makes the CPU run the generic forms).
+//! two agree ([`with_generic_forms`] makes the CPU run the generic forms). `cuda` holds the
+//! opt-in fused CUDA kernels that replace some generic forms on a GPU.
 //! Activations are channels-last (N, H, W, C) throughout the models.
 
 mod attention;
