@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Result};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokenizers::decoders::byte_level::ByteLevel;
 use tokenizers::models::bpe::{Merges, Vocab, BPE};
 use tokenizers::normalizers::{replace::ReplacePattern, Lowercase, Replace, Sequence, NFC};
@@ -289,21 +290,24 @@ fn split_merge(merge: &str, rank: usize) -> Parsed<(String, String)> {
 }
 
 /// What transformers 5's `convert_to_native_format` keeps of a `tokenizer.json` for a class with
-/// its own `__init__`: vocab, merges (`M`: `["a", "b"]` pairs, or the `"a b"` strings of
-/// `tokenizers` < 0.20) and added tokens.
+/// its own `__init__`: vocab, merges and added tokens. The two tables stay raw JSON here, to be
+/// parsed side by side (most of a load is building them).
 #[derive(Deserialize)]
-struct TokenizerJson<M> {
-    model: BpeJson<M>,
+struct TokenizerJson<'a> {
+    #[serde(borrow)]
+    model: BpeJson<'a>,
     #[serde(default)]
     added_tokens: Vec<AddedTokenJson>,
 }
 
 #[derive(Deserialize)]
-struct BpeJson<M> {
+struct BpeJson<'a> {
     #[serde(rename = "type")]
     kind: Option<String>,
-    vocab: Vocab,
-    merges: Vec<M>,
+    #[serde(borrow)]
+    vocab: &'a RawValue,
+    #[serde(borrow)]
+    merges: &'a RawValue,
 }
 
 #[derive(Deserialize)]
@@ -317,30 +321,33 @@ struct AddedTokenJson {
 type Tables = (Vocab, Merges, Vec<(u32, AddedToken)>);
 
 fn parse_tokenizer_json(text: &str) -> Parsed<Tables> {
-    let (model, added_tokens) = match serde_json::from_str::<TokenizerJson<(String, String)>>(text) {
-        Ok(file) => (file.model, file.added_tokens),
-        Err(e) => {
-            let old: TokenizerJson<String> =
-                serde_json::from_str(text).map_err(|_| format!("not a BPE tokenizer.json: {e}"))?;
-            let merges = old
-                .model
-                .merges
-                .iter()
-                .enumerate()
-                .map(|(rank, m)| split_merge(m, rank));
-            let (kind, vocab, merges) = (old.model.kind, old.model.vocab, merges.collect::<Parsed<_>>()?);
-            (BpeJson { kind, vocab, merges }, old.added_tokens)
-        }
-    };
-    if let Some(kind) = model.kind.filter(|k| k != "BPE") {
+    let file: TokenizerJson = serde_json::from_str(text).map_err(|e| format!("not a BPE tokenizer.json: {e}"))?;
+    if let Some(kind) = file.model.kind.filter(|k| k != "BPE") {
         return Err(format!("model type is {kind:?}, CLIP needs \"BPE\""));
     }
+    let (vocab, merges) = std::thread::scope(|s| {
+        let vocab = s.spawn(|| serde_json::from_str::<Vocab>(file.model.vocab.get()));
+        let merges = parse_json_merges(file.model.merges.get());
+        (vocab.join(), merges)
+    });
+    let vocab = match vocab {
+        Ok(parsed) => parsed.map_err(|e| format!("model.vocab: expected {{token: id}}: {e}"))?,
+        Err(_) => return Err("model.vocab: the parser panicked".into()),
+    };
     // A missing `normalized` is `tokenizers`' default, true.
-    let added = added_tokens.iter().map(|t| {
+    let added = file.added_tokens.iter().map(|t| {
         let normalized = t.token.normalized.unwrap_or(true);
         (t.id, t.token.token(false).normalized(normalized))
     });
-    Ok((model.vocab, model.merges, added.collect()))
+    Ok((vocab, merges?, added.collect()))
+}
+
+/// `model.merges`: `["a", "b"]` pairs, or the `"a b"` strings of `tokenizers` < 0.20.
+fn parse_json_merges(json: &str) -> Parsed<Merges> {
+    serde_json::from_str::<Merges>(json).or_else(|e| {
+        let old: Vec<String> = serde_json::from_str(json).map_err(|_| format!("model.merges: {e}"))?;
+        old.iter().enumerate().map(|(rank, m)| split_merge(m, rank)).collect()
+    })
 }
 
 // ------------------------------------------------------------------------------------------
