@@ -48,13 +48,16 @@ pub fn run(args: &SelftestPlan) -> Result<()> {
     let fused_attention = rt.device.is_cuda() && crate::ops::fused_cuda_attention();
     let graphs = rt.device.is_cuda() && crate::graph::enabled();
     if !args.json {
-        let kernels = match (fused, fused_attention) {
-            (true, true) => ", fused CUDA kernels and attention",
-            (true, false) => ", fused CUDA kernels",
-            (false, true) => ", fused CUDA attention",
-            (false, false) => "",
-        };
-        let kernels = format!("{kernels}{}", if graphs { ", CUDA graphs" } else { "" });
+        let switches = [
+            (fused, "fused CUDA kernels"),
+            (fused_attention, "fused CUDA attention"),
+            (graphs, "CUDA graphs"),
+        ];
+        let kernels: String = switches
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, name)| format!(", {name}"))
+            .collect();
         println!(
             "selftest on {device} in {}{kernels}: device vs CPU f32",
             dtype_name(rt.dtype)

@@ -66,33 +66,50 @@ mod launch {
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 
     /// A contiguous input as the kernels take it: a typed view (so that cudarc orders the
-    /// launch after the writes to it) and its dtype code.
-    enum Input<'a> {
+    /// launch after the writes to it) and its dtype code, the two arguments `fused.cu` takes
+    /// for each tensor.
+    struct Input<'a> {
+        view: View<'a>,
+        code: i32,
+    }
+
+    enum View<'a> {
         F32(CudaView<'a, f32>),
         Bf16(CudaView<'a, bf16>),
         F16(CudaView<'a, f16>),
     }
 
-    fn input<'a>(s: &'a CudaStorage, l: &Layout) -> Result<(Input<'a>, i32)> {
+    fn input<'a>(s: &'a CudaStorage, l: &Layout) -> Result<Input<'a>> {
         let (start, end) = match l.contiguous_offsets() {
             Some(range) => range,
             None => candle_core::bail!("the fused CUDA kernels take contiguous tensors"),
         };
+        let code = dtype_code(s.dtype())?;
         let view = match &s.slice {
-            CudaStorageSlice::F32(v) => Input::F32(v.slice(start..end)),
-            CudaStorageSlice::BF16(v) => Input::Bf16(v.slice(start..end)),
-            CudaStorageSlice::F16(v) => Input::F16(v.slice(start..end)),
-            _ => return Err(dtype_code(s.dtype()).unwrap_err()),
+            CudaStorageSlice::F32(v) => View::F32(v.slice(start..end)),
+            CudaStorageSlice::BF16(v) => View::Bf16(v.slice(start..end)),
+            CudaStorageSlice::F16(v) => View::F16(v.slice(start..end)),
+            _ => unreachable!("dtype_code takes only f32, bf16 and f16"),
         };
-        Ok((view, dtype_code(s.dtype())?))
+        Ok(Input { view, code })
     }
 
+    /// The input's pointer, then its dtype code.
     fn push_input<'a>(args: &mut LaunchArgs<'a>, input: &'a Input<'_>) {
-        match input {
-            Input::F32(v) => args.arg(v),
-            Input::Bf16(v) => args.arg(v),
-            Input::F16(v) => args.arg(v),
+        match &input.view {
+            View::F32(v) => args.arg(v),
+            View::Bf16(v) => args.arg(v),
+            View::F16(v) => args.arg(v),
         };
+        args.arg(&input.code);
+    }
+
+    /// A kernel's output as candle's storage.
+    fn storage(slice: CudaStorageSlice, dev: &CudaDevice) -> CudaStorage {
+        CudaStorage {
+            slice,
+            device: dev.clone(),
+        }
     }
 
     /// An uninitialised output of `len` elements in dtype `code`.
@@ -162,27 +179,21 @@ mod launch {
         let (x, w, b) = (input(xs, xl)?, input(ws, wl)?, input(bs, bl)?);
         let dev = xs.device();
         let total = xl.shape().elem_count();
-        let mut out = output(dev, x.1, total)?;
+        let mut out = output(dev, x.code, total)?;
         let dims = [h as i32, wd as i32, c as i32, k as i32, replicate as i32];
         let total64 = total as i64;
         let kernel = Kernel::new(dev, "wu_depthwise")?;
         let mut args = kernel.args();
         args.arg(&total64);
-        push_input(&mut args, &x.0);
-        args.arg(&x.1);
-        push_input(&mut args, &w.0);
-        args.arg(&w.1);
-        push_input(&mut args, &b.0);
-        args.arg(&b.1);
+        push_input(&mut args, &x);
+        push_input(&mut args, &w);
+        push_input(&mut args, &b);
         push_output(&mut args, &mut out);
         for d in &dims {
             args.arg(d);
         }
         go(args, total)?;
-        Ok(CudaStorage {
-            slice: out,
-            device: dev.clone(),
-        })
+        Ok(storage(out, dev))
     }
 
     /// GlobalResponseNorm over (N, H, W, C) `x` in three launches: the per-(image, channel)
@@ -194,13 +205,13 @@ mod launch {
         let (pairs, total) = (n * c, xl.shape().elem_count());
         // SAFETY: written in full by the first and second launches before anything reads them.
         let (mut norm, mut scale): (CudaSlice<f32>, CudaSlice<f32>) = unsafe { (dev.alloc(pairs)?, dev.alloc(pairs)?) };
-        let mut out = output(dev, x.1, total)?;
+        let mut out = output(dev, x.code, total)?;
         let (pairs64, total64, pixels, c32) = (pairs as i64, total as i64, (h * w) as i64, c as i32);
         let kernel = Kernel::new(dev, "wu_grn_norm")?;
         let mut args = kernel.args();
         args.arg(&pairs64);
-        push_input(&mut args, &x.0);
-        args.arg(&x.1).arg(&mut norm).arg(&pixels).arg(&c32);
+        push_input(&mut args, &x);
+        args.arg(&mut norm).arg(&pixels).arg(&c32);
         go(args, pairs)?;
         let kernel = Kernel::new(dev, "wu_grn_scale")?;
         let mut args = kernel.args();
@@ -209,19 +220,14 @@ mod launch {
         let kernel = Kernel::new(dev, "wu_grn_apply")?;
         let mut args = kernel.args();
         args.arg(&total64);
-        push_input(&mut args, &x.0);
-        args.arg(&x.1).arg(&scale);
-        push_input(&mut args, &g.0);
-        args.arg(&g.1);
-        push_input(&mut args, &b.0);
-        args.arg(&b.1);
+        push_input(&mut args, &x);
+        args.arg(&scale);
+        push_input(&mut args, &g);
+        push_input(&mut args, &b);
         push_output(&mut args, &mut out);
         args.arg(&pixels).arg(&c32);
         go(args, total)?;
-        Ok(CudaStorage {
-            slice: out,
-            device: dev.clone(),
-        })
+        Ok(storage(out, dev))
     }
 
     /// Layer norm over the last dimension of `x`, with `affine` = (weight, bias) or none.
@@ -235,32 +241,26 @@ mod launch {
         let dev = xs.device();
         let total = xl.shape().elem_count();
         let rows = total / d;
-        let mut out = output(dev, x.1, total)?;
+        let mut out = output(dev, x.code, total)?;
         let (rows64, d32, null) = (rows as i64, d as i32, 0u64);
         let kernel = Kernel::new(dev, "wu_layer_norm")?;
         let mut args = kernel.args();
         args.arg(&rows64);
-        push_input(&mut args, &x.0);
-        args.arg(&x.1);
+        push_input(&mut args, &x);
         match &affine {
             Some((w, b)) => {
-                push_input(&mut args, &w.0);
-                args.arg(&w.1);
-                push_input(&mut args, &b.0);
-                args.arg(&b.1);
+                push_input(&mut args, w);
+                push_input(&mut args, b);
             }
             // null pointers: no affine transform
             None => {
-                args.arg(&null).arg(&x.1).arg(&null).arg(&x.1);
+                args.arg(&null).arg(&x.code).arg(&null).arg(&x.code);
             }
         }
         push_output(&mut args, &mut out);
         args.arg(&d32).arg(&eps);
         go(args, rows)?;
-        Ok(CudaStorage {
-            slice: out,
-            device: dev.clone(),
-        })
+        Ok(storage(out, dev))
     }
 
     /// The overlap-add of a transposed convolution: (N*H*W, k*k*C) `patches` into
@@ -274,23 +274,19 @@ mod launch {
         let patches = input(ps, pl)?;
         let dev = ps.device();
         let total = n * oh * ow * c;
-        let mut out = output(dev, patches.1, total)?;
+        let mut out = output(dev, patches.code, total)?;
         let total64 = total as i64;
         let dims = [h, w, k, c, stride, padding, oh, ow].map(|v| v as i32);
         let kernel = Kernel::new(dev, "wu_overlap_add")?;
         let mut args = kernel.args();
         args.arg(&total64);
-        push_input(&mut args, &patches.0);
-        args.arg(&patches.1);
+        push_input(&mut args, &patches);
         push_output(&mut args, &mut out);
         for d in &dims {
             args.arg(d);
         }
         go(args, total)?;
-        Ok(CudaStorage {
-            slice: out,
-            device: dev.clone(),
-        })
+        Ok(storage(out, dev))
     }
 
     /// Attention of (BH, Lq, D) `q` over (BH, Lk, D) `k` and `v` without materialised
@@ -306,24 +302,18 @@ mod launch {
         let (q, k, v) = (input(qs, ql)?, input(ks, kl)?, input(vs, vl)?);
         let dev = qs.device();
         let rows = bh * lq;
-        let mut out = output(dev, v.1, rows * d)?;
+        let mut out = output(dev, v.code, rows * d)?;
         let (rows64, lq64, lk64, d32) = (rows as i64, lq as i64, lk as i64, d as i32);
         let kernel = Kernel::new(dev, "wu_attention")?;
         let mut args = kernel.args();
         args.arg(&rows64);
-        push_input(&mut args, &q.0);
-        args.arg(&q.1);
-        push_input(&mut args, &k.0);
-        args.arg(&k.1);
-        push_input(&mut args, &v.0);
-        args.arg(&v.1);
+        push_input(&mut args, &q);
+        push_input(&mut args, &k);
+        push_input(&mut args, &v);
         push_output(&mut args, &mut out);
         args.arg(&lq64).arg(&lk64).arg(&d32).arg(&scale);
         go(args, rows)?;
-        Ok(CudaStorage {
-            slice: out,
-            device: dev.clone(),
-        })
+        Ok(storage(out, dev))
     }
 }
 
