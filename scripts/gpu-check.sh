@@ -547,13 +547,15 @@ pid_py=$!
 # 2. selftest: every op on the device against the CPU f32 kernel (~10-20 s each, PTX JIT first)
 # bf16-fused: the same with every opt-in GPU path (WUERSTCHEN_FUSED_CUDA=1,
 # WUERSTCHEN_FUSED_ATTENTION=1, WUERSTCHEN_CUDA_GRAPHS=1: its pipeline check captures and
-# replays the sampling loop); passing here is what lets them become the default
+# replays the sampling loop; WUERSTCHEN_PINNED_UPLOAD=1: its weights_file check spans several
+# staging buffers); passing here is what lets them become the default
 shapes="$SHAPES" limit=90
 for variant in bf16 bf16-fused f16 f32; do
   dt="${variant%-fused}" fused=$([[ $variant == *-fused ]] && echo 1 || echo 0)
   STEP_NOTE="$([[ $shapes == "$SHAPES" ]] || echo "shapes $shapes: an earlier selftest timed out")" \
     step "2-selftest-$variant" "wuerstchen selftest --dtype $dt$([[ $fused == 1 ]] && echo ", fused CUDA kernels")" "$limit" 10 -- \
     env WUERSTCHEN_FUSED_CUDA=$fused WUERSTCHEN_FUSED_ATTENTION=$fused WUERSTCHEN_CUDA_GRAPHS=$fused \
+    WUERSTCHEN_PINNED_UPLOAD=$fused \
     "$BIN" -q selftest --device "$DEVICE" --dtype "$dt" --shapes "$shapes" --json
   rc=$?
   # a hang or a very slow device: keep the rest short
@@ -653,7 +655,8 @@ fi
 # ---------------------------------------------------------------------------------------------
 # 3. wuerstchen bench (~15-30 s each with loading at ~2 s per image; fewer runs when slower)
 # FUSED=1 before the call: with the opt-in fused CUDA kernels for the depthwise conv, GRN,
-# layer norm and transposed conv; FUSED=2: also the fused attention; FUSED=3: also CUDA graphs
+# layer norm and transposed conv, and weights uploaded through pinned staging buffers (its
+# load_s against the first line's); FUSED=2: also the fused attention; FUSED=3: also CUDA graphs
 bench() { # bench ID LABEL DTYPE WIDTH HEIGHT NUM_IMAGES LIMIT RUNS...
   local id="$1" label="$2" dt="$3" w="$4" h="$5" n="$6" limit="$7"
   shift 7
@@ -662,7 +665,8 @@ bench() { # bench ID LABEL DTYPE WIDTH HEIGHT NUM_IMAGES LIMIT RUNS...
     return
   fi
   step "$id" "wuerstchen bench $label" "$limit" 20 -- \
-    env WUERSTCHEN_FUSED_CUDA=$(( ${FUSED:-0} > 0 )) WUERSTCHEN_FUSED_ATTENTION=$(( ${FUSED:-0} > 1 )) \
+    env WUERSTCHEN_FUSED_CUDA=$(( ${FUSED:-0} > 0 )) WUERSTCHEN_PINNED_UPLOAD=$(( ${FUSED:-0} > 0 )) \
+    WUERSTCHEN_FUSED_ATTENTION=$(( ${FUSED:-0} > 1 )) \
     WUERSTCHEN_CUDA_GRAPHS=$(( ${FUSED:-0} > 2 )) "$BIN" -q bench --prior "$M/prior" --decoder "$M/decoder" --device "$DEVICE" --dtype "$dt" \
     --width "$w" --height "$h" --num-images "$n" ${STEPS[@]+"${STEPS[@]}"} "$@"
 }
@@ -696,7 +700,7 @@ for spec in "bf16 1 fused" "bf16 1 fused-attention" "bf16 1 graphs" "f16 1 1" "b
   read -r dt n kind <<<"$spec"
   FUSED=0
   if [[ $kind == fused ]]; then
-    id="3-bench-bf16-b1-fused" label="${W}x${H} bf16 batch 1, fused CUDA kernels" h=$H scale=1 maxr=3
+    id="3-bench-bf16-b1-fused" label="${W}x${H} bf16 batch 1, fused CUDA kernels, pinned upload" h=$H scale=1 maxr=3
     dstep=4-diffusers FUSED=1
   elif [[ $kind == fused-attention ]]; then
     id="3-bench-bf16-b1-fused-attn" label="${W}x${H} bf16 batch 1, fused CUDA kernels and attention" h=$H scale=1
@@ -749,8 +753,10 @@ for i in 1 2; do
     skip "5-cold-diffusers-$i" "cold start: diffusers" "no model folders (step 1 failed)"
     continue
   fi
-  step "5-cold-ours-$i" "cold start: wuerstchen generate ${COLD_SIZE}x${COLD_SIZE} $COLD_DTYPE_OURS" 90 15 -- \
-    "$BIN" -q generate --prior "$M/prior" --decoder "$M/decoder" --prompt "a photo of a cat" \
+  # the second run uploads through the pinned staging buffers
+  pinned=$(( i == 2 ))
+  step "5-cold-ours-$i" "cold start: wuerstchen generate ${COLD_SIZE}x${COLD_SIZE} $COLD_DTYPE_OURS$([[ $pinned == 1 ]] && echo ", pinned upload")" 90 15 -- \
+    env WUERSTCHEN_PINNED_UPLOAD=$pinned "$BIN" -q generate --prior "$M/prior" --decoder "$M/decoder" --prompt "a photo of a cat" \
     --width "$COLD_SIZE" --height "$COLD_SIZE" --seed 1 --device "$DEVICE" --dtype "$COLD_DTYPE_OURS" \
     -o "$WORK/cold-ours.png" --overwrite
   if [[ $diffusers_ok -eq 0 ]]; then

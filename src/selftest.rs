@@ -126,6 +126,7 @@ pub fn run(opts: &Options, report: &mut dyn FnMut(&Check)) -> Result<Vec<Check>>
         // the image embeddings (16 channels, 24x36 at 1024x1536) resized for a decoder level
         t.resize([2, 16, 24, 36])?;
     }
+    t.weights_file()?;
     t.pipeline()?;
     Ok(t.checks)
 }
@@ -357,6 +358,25 @@ impl Tester<'_> {
         let to = (dims[2] * 4, dims[3] * 9 / 2);
         self.compare("resize_bicubic_antialias", &dims, |s| {
             Ok(ops::resize_bicubic_antialias(&s.put(&x)?, to)?)
+        })
+    }
+
+    /// A tensor read from a safetensors file onto the device in the dtype under test (on a GPU
+    /// with `WUERSTCHEN_PINNED_UPLOAD=1`, through the pinned staging buffers: then the tensor
+    /// spans several buffers, so that each is refilled) against the file's values.
+    fn weights_file(&mut self) -> Result<()> {
+        let len = if self.opts.device.is_cpu() {
+            4099
+        } else {
+            (80 << 20) / 4 + 3
+        };
+        let values = self.randn(&[len], 1.0)?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("w.safetensors");
+        values.save_safetensors("w", &path)?;
+        self.compare("weights_file", &[len], |side| {
+            let weights = crate::weights::Weights::open("selftest", std::slice::from_ref(&path))?;
+            Ok(weights.var_builder(side.dtype, &side.device).get(len, "w")?)
         })
     }
 

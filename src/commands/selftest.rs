@@ -47,11 +47,13 @@ pub fn run(args: &SelftestPlan) -> Result<()> {
     let fused = rt.device.is_cuda() && crate::ops::fused_cuda_kernels();
     let fused_attention = rt.device.is_cuda() && crate::ops::fused_cuda_attention();
     let graphs = rt.device.is_cuda() && crate::graph::enabled();
+    let pinned = rt.device.is_cuda() && crate::weights::pinned_upload();
     if !args.json {
         let switches = [
             (fused, "fused CUDA kernels"),
             (fused_attention, "fused CUDA attention"),
             (graphs, "CUDA graphs"),
+            (pinned, "pinned upload"),
         ];
         let kernels: String = switches
             .iter()
@@ -81,6 +83,7 @@ pub fn run(args: &SelftestPlan) -> Result<()> {
             "fused_cuda_kernels": fused,
             "fused_cuda_attention": fused_attention,
             "cuda_graphs": graphs,
+            "pinned_upload": pinned,
             "passed": failed.is_empty(),
             "results": checks,
         });

@@ -18,6 +18,17 @@ use safetensors::SafeTensors;
 use crate::error::ModelError;
 use crate::mapping::Mapping;
 
+#[cfg(feature = "cuda")]
+pub mod pinned;
+
+/// Whether a CUDA build uploads weights through pinned staging buffers
+/// (`WUERSTCHEN_PINNED_UPLOAD=1`; see `pinned.rs`). Opt-in until `selftest` has passed with it
+/// on a GPU.
+pub fn pinned_upload() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("WUERSTCHEN_PINNED_UPLOAD").is_ok_and(|v| v == "1"))
+}
+
 /// Told the stored bytes of each tensor loaded.
 type Meter = Box<dyn Fn(u64)>;
 
@@ -56,6 +67,9 @@ pub struct Weights {
     files: Vec<MappedFile>,
     /// tensor name -> index into `files`
     index: HashMap<String, usize>,
+    /// Made on the first upload through pinned buffers ([`pinned_upload`]).
+    #[cfg(feature = "cuda")]
+    staging: std::sync::Mutex<Option<pinned::Staging>>,
 }
 
 impl Weights {
@@ -93,6 +107,8 @@ impl Weights {
             component: component.to_string(),
             files,
             index,
+            #[cfg(feature = "cuda")]
+            staging: Default::default(),
         })
     }
 
@@ -157,11 +173,42 @@ impl Weights {
         }
         let t = if dev.is_cpu() && stored == DType::F32 {
             from_f32_bytes(bytes, dtype, &info.shape)?
+        } else if let Some(t) = self.staged(bytes, stored, &info.shape, dev)? {
+            t.to_dtype(dtype)?
         } else {
             Tensor::from_raw_buffer(bytes, stored, &info.shape, dev)?.to_dtype(dtype)?
         };
         file.mmap.release(&range);
         Ok(t)
+    }
+}
+
+impl Weights {
+    /// `bytes` uploaded through pinned buffers, where that is switched on and `dev` is a GPU.
+    #[cfg(feature = "cuda")]
+    fn staged(
+        &self,
+        bytes: &[u8],
+        stored: DType,
+        shape: &[usize],
+        dev: &Device,
+    ) -> candle_core::Result<Option<Tensor>> {
+        use candle_core::backend::BackendDevice;
+        let Device::Cuda(cuda) = dev else { return Ok(None) };
+        if !pinned_upload() {
+            return Ok(None);
+        }
+        let mut guard = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        let staging = match &mut *guard {
+            Some(staging) if staging.device().same_device(cuda) => staging,
+            slot => slot.insert(pinned::Staging::new(cuda)?),
+        };
+        staging.upload(bytes, stored, shape).map(Some)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn staged(&self, _: &[u8], _: DType, _: &[usize], _: &Device) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
     }
 }
 
