@@ -305,6 +305,176 @@ impl DecoderConfig {
     }
 }
 
+/// A block type of `StableCascadeUNet`'s `block_types_per_layer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum CascadeBlock {
+    #[serde(rename = "SDCascadeResBlock")]
+    Res,
+    #[serde(rename = "SDCascadeTimestepBlock")]
+    Timestep,
+    #[serde(rename = "SDCascadeAttnBlock")]
+    Attn,
+}
+
+/// One value for every level, or a list with one per level (`dropout`, `self_attn`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum PerLevel<T> {
+    All(T),
+    Each(Vec<T>),
+}
+
+impl<T: Copy> PerLevel<T> {
+    /// The value of level `i`; `None` past the end of a list.
+    pub fn at(&self, i: usize) -> Option<T> {
+        match self {
+            Self::All(v) => Some(*v),
+            Self::Each(list) => list.get(i).copied(),
+        }
+    }
+}
+
+/// `config.json` of a `StableCascadeUNet`: Stable Cascade's stage C (the prior) and stage B
+/// (the decoder) are both this network with other options.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct CascadeUNetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub timestep_ratio_embedding_dim: usize,
+    pub patch_size: usize,
+    pub conditioning_dim: usize,
+    pub block_out_channels: Vec<usize>,
+    /// 0 (diffusers' docs say -1) on levels without attention
+    pub num_attention_heads: Vec<i64>,
+    pub down_num_layers_per_block: Vec<usize>,
+    /// in the up path's order, coarsest level first
+    pub up_num_layers_per_block: Vec<usize>,
+    pub down_blocks_repeat_mappers: Vec<usize>,
+    /// in the up path's order, coarsest level first
+    pub up_blocks_repeat_mappers: Vec<usize>,
+    pub block_types_per_layer: Vec<Vec<CascadeBlock>>,
+    pub clip_text_in_channels: Option<usize>,
+    pub clip_text_pooled_in_channels: usize,
+    pub clip_image_in_channels: Option<usize>,
+    pub clip_seq: usize,
+    pub effnet_in_channels: Option<usize>,
+    pub pixel_mapper_in_channels: Option<usize>,
+    pub kernel_size: usize,
+    pub self_attn: PerLevel<bool>,
+    /// the extra timestep-like inputs (`sca`, `crp`), each with its own embedding part
+    pub timestep_conditioning_type: Vec<String>,
+    /// per level transition: a 1x1 conv with (true) or without (false) a bilinear resize by 2;
+    /// `None`: a strided conv down and a transposed conv up
+    pub switch_level: Option<Vec<bool>>,
+}
+
+impl Default for CascadeUNetConfig {
+    // StableCascadeUNet.__init__ defaults (unet_stable_cascade.py)
+    fn default() -> Self {
+        use CascadeBlock::*;
+        Self {
+            in_channels: 16,
+            out_channels: 16,
+            timestep_ratio_embedding_dim: 64,
+            patch_size: 1,
+            conditioning_dim: 2048,
+            block_out_channels: vec![2048, 2048],
+            num_attention_heads: vec![32, 32],
+            down_num_layers_per_block: vec![8, 24],
+            up_num_layers_per_block: vec![24, 8],
+            down_blocks_repeat_mappers: vec![1, 1],
+            up_blocks_repeat_mappers: vec![1, 1],
+            block_types_per_layer: vec![vec![Res, Timestep, Attn]; 2],
+            clip_text_in_channels: None,
+            clip_text_pooled_in_channels: 1280,
+            clip_image_in_channels: None,
+            clip_seq: 4,
+            effnet_in_channels: None,
+            pixel_mapper_in_channels: None,
+            kernel_size: 3,
+            self_attn: PerLevel::All(true),
+            timestep_conditioning_type: vec!["sca".into(), "crp".into()],
+            switch_level: None,
+        }
+    }
+}
+
+impl CascadeUNetConfig {
+    pub fn levels(&self) -> usize {
+        self.block_out_channels.len()
+    }
+
+    /// Level `i`'s layers on the up path.
+    pub fn up_layers(&self, i: usize) -> usize {
+        self.up_num_layers_per_block[self.levels() - 1 - i]
+    }
+
+    /// Level `i`'s repeats on the up path.
+    pub fn up_repeats(&self, i: usize) -> usize {
+        self.up_blocks_repeat_mappers[self.levels() - 1 - i]
+    }
+
+    /// The validated config, for a component named `component` in errors.
+    pub fn validate(&self, component: &str) -> Result<(), ModelError> {
+        let b = |m: String| Err(bad(component, m));
+        let n = self.levels();
+        if n == 0 || n > MAX_LEVELS {
+            return b(format!("block_out_channels must list 1 to {MAX_LEVELS} levels"));
+        }
+        let lists = [
+            ("num_attention_heads", self.num_attention_heads.len()),
+            ("down_num_layers_per_block", self.down_num_layers_per_block.len()),
+            ("up_num_layers_per_block", self.up_num_layers_per_block.len()),
+            ("down_blocks_repeat_mappers", self.down_blocks_repeat_mappers.len()),
+            ("up_blocks_repeat_mappers", self.up_blocks_repeat_mappers.len()),
+            ("block_types_per_layer", self.block_types_per_layer.len()),
+        ];
+        if let Some((name, len)) = lists.iter().find(|(_, len)| *len != n) {
+            return b(format!("{name} has {len} entries, block_out_channels {n}"));
+        }
+        if let PerLevel::Each(list) = &self.self_attn {
+            if list.len() < n {
+                return b(format!("self_attn has {} entries, block_out_channels {n}", list.len()));
+            }
+        }
+        if self.switch_level.as_ref().is_some_and(|s| s.len() + 1 < n) {
+            return b(format!("switch_level needs an entry per level transition ({})", n - 1));
+        }
+        let sizes = [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("patch_size", self.patch_size),
+            ("conditioning_dim", self.conditioning_dim),
+            ("clip_seq", self.clip_seq),
+            ("clip_text_pooled_in_channels", self.clip_text_pooled_in_channels),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return b(format!("{name} must be > 0"));
+        }
+        if self.kernel_size % 2 == 0 {
+            return b("kernel_size must be odd".into());
+        }
+        if self.timestep_ratio_embedding_dim < 4 {
+            // the embedding divides by half its width minus one
+            return b("timestep_ratio_embedding_dim must be at least 4".into());
+        }
+        for i in 0..n {
+            let c = self.block_out_channels[i];
+            if c == 0 || self.down_blocks_repeat_mappers[i] == 0 || self.up_blocks_repeat_mappers[i] == 0 {
+                return b(format!("level {i}: channels and repeat mappers must be > 0"));
+            }
+            let h = self.num_attention_heads[i];
+            if self.block_types_per_layer[i].contains(&CascadeBlock::Attn) && (h <= 0 || c % h as usize != 0) {
+                return b(format!(
+                    "level {i} has attention but num_attention_heads[{i}] = {h} does not divide block_out_channels[{i}] = {c}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `vqgan/config.json` (PaellaVQModel).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]

@@ -220,23 +220,35 @@ impl ResBlock {
     }
 }
 
-/// TimestepBlock: `x * (1 + a) + b` with `a, b = mapper(r_embed).chunk(2)`.
+/// TimestepBlock: `x * (1 + a) + b` with `a, b = mapper(r_embed).chunk(2)`. With conditions
+/// (Stable Cascade's `SDCascadeTimestepBlock(conds=["sca", ...])`) the embedding is the
+/// concatenation of one `c_r`-wide part per mapper, and each `mapper_<cond>`'s `a, b` is added.
 #[derive(Debug, Clone)]
 pub struct TimestepBlock {
-    mapper: Linear,
+    /// `mapper`, then `mapper_<cond>` per condition, each on its part of the embedding
+    mappers: Vec<Linear>,
     c: usize,
+    c_r: usize,
 }
 
 impl TimestepBlock {
     pub fn load(c: usize, c_r: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            mapper: Linear::load(c_r, 2 * c, vb.pp("mapper"))?,
-            c,
-        })
+        Self::load_with_conds(c, c_r, &[], vb)
+    }
+
+    pub fn load_with_conds(c: usize, c_r: usize, conds: &[String], vb: VarBuilder) -> Result<Self> {
+        let names = std::iter::once("mapper".to_string()).chain(conds.iter().map(|c| format!("mapper_{c}")));
+        let mappers = names
+            .map(|name| Linear::load(c_r, 2 * c, vb.pp(name)))
+            .collect::<Result<_>>()?;
+        Ok(Self { mappers, c, c_r })
     }
 
     pub fn forward(&self, x: &Tensor, r_embed: &Tensor) -> Result<Tensor> {
-        let ab = self.mapper.forward(r_embed)?;
+        let mut ab = self.mappers[0].forward(&r_embed.narrow(1, 0, self.c_r)?)?;
+        for (i, mapper) in self.mappers.iter().enumerate().skip(1) {
+            ab = (ab + mapper.forward(&r_embed.narrow(1, i * self.c_r, self.c_r)?)?)?;
+        }
         let n = ab.dim(0)?;
         let a = ab.narrow(1, 0, self.c)?.reshape((n, 1, 1, self.c))?;
         let b = ab.narrow(1, self.c, self.c)?.reshape((n, 1, 1, self.c))?;
@@ -282,9 +294,10 @@ impl Attention {
         })
     }
 
-    /// `x`: (N, Lq, C) tokens attending to `[x, cond]` -> (N, Lq, C). Equal to diffusers'
-    /// `attention(x, encoder_hidden_states=cat([x, cond]))`.
-    pub fn forward(&self, x: &Tensor, cond: &CondKv) -> Result<Tensor> {
+    /// `x`: (N, Lq, C) tokens attending to `[x, cond]` (`self_attn`) or to `cond` alone ->
+    /// (N, Lq, C). Equal to diffusers' `attention(x, encoder_hidden_states=cat([x, cond]))`
+    /// and `attention(x, encoder_hidden_states=cond)`.
+    pub fn forward(&self, x: &Tensor, cond: &CondKv, self_attn: bool) -> Result<Tensor> {
         let (n, lq, c) = x.dims3()?;
         let d = c / self.heads;
         let heads = |t: Tensor| {
@@ -292,8 +305,13 @@ impl Attention {
             t.reshape((n, l, self.heads, d))?.transpose(1, 2)?.contiguous()
         };
         let q = heads(self.to_q.forward(x)?)?;
-        let k = heads(Tensor::cat(&[&self.to_k.forward(x)?, &cond.k], 1)?)?;
-        let v = heads(Tensor::cat(&[&self.to_v.forward(x)?, &cond.v], 1)?)?;
+        let (k, v) = if self_attn {
+            let k = Tensor::cat(&[&self.to_k.forward(x)?, &cond.k], 1)?;
+            (k, Tensor::cat(&[&self.to_v.forward(x)?, &cond.v], 1)?)
+        } else {
+            (cond.k.clone(), cond.v.clone())
+        };
+        let (k, v) = (heads(k)?, heads(v)?);
         let out = ops::attention(&q, &k, &v, (d as f64).powf(-0.5))?
             .transpose(1, 2)?
             .reshape((n, lq, c))?;
@@ -301,19 +319,26 @@ impl Attention {
     }
 }
 
-/// AttnBlock with `self_attn=True`: the normed image tokens attend to themselves and to the
-/// mapped conditioning (`kv_mapper = SiLU, Linear(c_cond, c)`).
+/// AttnBlock: the normed image tokens attend to the mapped conditioning
+/// (`kv_mapper = SiLU, Linear(c_cond, c)`), with `self_attn` (Würstchen's only form) also to
+/// themselves.
 #[derive(Debug, Clone)]
 pub struct AttnBlock {
     attention: Attention,
     kv_mapper: Linear,
+    self_attn: bool,
 }
 
 impl AttnBlock {
     pub fn load(c: usize, c_cond: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        Self::load_with(c, c_cond, heads, true, vb)
+    }
+
+    pub fn load_with(c: usize, c_cond: usize, heads: usize, self_attn: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             attention: Attention::load(c, heads, vb.pp("attention"))?,
             kv_mapper: Linear::load(c_cond, c, vb.pp("kv_mapper.1"))?,
+            self_attn,
         })
     }
 
@@ -327,7 +352,10 @@ impl AttnBlock {
     pub fn forward(&self, x: &Tensor, cond: &CondKv) -> Result<Tensor> {
         let (n, h, w, c) = x.dims4()?;
         let tokens = channel_norm(x)?.reshape((n, h * w, c))?;
-        x + self.attention.forward(&tokens, cond)?.reshape((n, h, w, c))?
+        x + self
+            .attention
+            .forward(&tokens, cond, self.self_attn)?
+            .reshape((n, h, w, c))?
     }
 }
 

@@ -1,6 +1,7 @@
 //! The networks, built from their config structs and a `VarBuilder` whose paths mirror the
 //! diffusers / transformers safetensors keys. No file access here.
 
+pub mod cascade;
 pub mod clip;
 pub mod common;
 pub mod decoder;

@@ -35,7 +35,7 @@ pub use softmax::scaled_softmax_last_dim;
 
 pub(crate) use math::exp_nonpositive;
 pub use norm::{layer_norm, layer_norm_generic};
-pub use resize::{resize_bicubic_antialias, resize_weights};
+pub use resize::{bilinear_weights, resize_bicubic_antialias, resize_bilinear_nhwc, resize_weights};
 
 use std::cell::Cell;
 

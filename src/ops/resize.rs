@@ -63,6 +63,44 @@ pub fn resize_bicubic_antialias(x: &Tensor, (h, w): (usize, usize)) -> Result<Te
     y.reshape((n, c, h, w))?.to_dtype(dtype)
 }
 
+/// The `(out_size, in_size)` matrix of `interpolate(mode="bilinear", align_corners=True)`
+/// along one axis: output `i` samples the input at `i * (in - 1) / (out - 1)` (torch's
+/// `area_pixel_compute_scale` and `linear_upsample` in f32).
+pub fn bilinear_weights(in_size: usize, out_size: usize) -> Vec<f32> {
+    let scale = if out_size > 1 {
+        (in_size as f32 - 1.0) / (out_size as f32 - 1.0)
+    } else {
+        0.0
+    };
+    let mut w = vec![0f32; out_size * in_size];
+    for i in 0..out_size {
+        let src = scale * i as f32;
+        let lo = (src as usize).min(in_size - 1);
+        let frac = src - lo as f32;
+        let hi = (lo + 1).min(in_size - 1);
+        w[i * in_size + lo] += 1.0 - frac;
+        w[i * in_size + hi] += frac;
+    }
+    w
+}
+
+/// `interpolate(x, size, mode="bilinear", align_corners=True)` on channels-last input:
+/// (N, H, W, C) -> (N, h, w, C), two matrix products in f32, returned in the input dtype.
+pub fn resize_bilinear_nhwc(x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
+    let (n, in_h, in_w, c) = x.dims4()?;
+    if (in_h, in_w) == (h, w) {
+        return Ok(x.clone());
+    }
+    let dtype = x.dtype();
+    let dev = x.device();
+    let x = x.to_dtype(DType::F32)?;
+    let ww = Tensor::from_vec(bilinear_weights(in_w, w), (w, in_w), dev)?;
+    let y = ww.broadcast_left(n * in_h)?.matmul(&x.reshape((n * in_h, in_w, c))?)?;
+    let wh = Tensor::from_vec(bilinear_weights(in_h, h), (h, in_h), dev)?;
+    let y = wh.broadcast_left(n)?.matmul(&y.reshape((n, in_h, w * c))?)?;
+    y.reshape((n, h, w, c))?.to_dtype(dtype)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
