@@ -585,6 +585,11 @@ pub struct ClipTextConfig {
     pub max_position_embeddings: usize,
     pub hidden_act: Activation,
     pub layer_norm_eps: f64,
+    /// `CLIPTextModelWithProjection`'s `text_projection` width
+    pub projection_dim: usize,
+    /// where `pooler_output` is taken: transformers' legacy value 2 means the highest token
+    /// id (`argmax`), any other the first occurrence of this id
+    pub eos_token_id: i64,
 }
 
 impl Default for ClipTextConfig {
@@ -599,6 +604,8 @@ impl Default for ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
+            projection_dim: 512,
+            eos_token_id: 49407,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Würstchen v2 text-to-image (arXiv 2306.00637) on candle, loading diffusers-format weights
 //! and computing what diffusers 0.42.1 computes.
 
+pub mod cascade;
 pub mod commands;
 pub mod config;
 pub mod error;

@@ -45,11 +45,11 @@ impl<'a> Component<'a> {
         }
     }
 
-    fn config<T: serde::de::DeserializeOwned>(&self, file: &str) -> Result<T> {
+    pub(crate) fn config<T: serde::de::DeserializeOwned>(&self, file: &str) -> Result<T> {
         read_json(self.src, self.name, &join(self.folder, file))
     }
 
-    fn weights(&self, stem: &str, rt: &Runtime) -> Result<candle_nn::VarBuilder<'static>> {
+    pub(crate) fn weights(&self, stem: &str, rt: &Runtime) -> Result<candle_nn::VarBuilder<'static>> {
         let files = component_weight_files(self.src, self.folder, self.name, stem)?;
         Ok(Weights::open(self.name, &files)?.var_builder(rt.dtype, &rt.device))
     }
@@ -68,7 +68,7 @@ fn required(src: &dyn FileSource, component: &str, rel: &str) -> Result<std::pat
 /// Every file a stage loads from `src`: `model_index.json`, the scheduler config, the
 /// tokenizer, and each `(folder, weights stem)` component's config and weights. Fetches them
 /// (for a Hub source) without loading anything; `stage_c` replaces the `prior` folder.
-fn locate(
+pub(crate) fn locate(
     src: &dyn FileSource,
     parts: &[(&str, &str)],
     stage_c: Option<&dyn FileSource>,
@@ -102,6 +102,9 @@ fn locate(
     Ok(files)
 }
 
+/// One row of token ids (or attention mask) per prompt.
+type TokenRows = Vec<Vec<u32>>;
+
 /// A CLIP tokenizer and text encoder pair.
 pub struct TextEncoder {
     pub tokenizer: ClipTokenizer,
@@ -109,7 +112,7 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
-    fn read_config(src: &dyn FileSource) -> Result<ClipTextConfig> {
+    pub(crate) fn read_config(src: &dyn FileSource) -> Result<ClipTextConfig> {
         let cfg: ClipTextConfig = Component::new(src, "text_encoder").config("config.json")?;
         cfg.validate("text_encoder")?;
         Ok(cfg)
@@ -124,6 +127,19 @@ impl TextEncoder {
     /// `last_hidden_state` for each prompt: (len, 77, hidden). Logs the words dropped when a
     /// prompt is longer than the tokenizer's 77 tokens, as diffusers does.
     pub fn encode(&self, prompts: &[&str]) -> Result<Tensor> {
+        let (ids, mask) = self.tokens(prompts)?;
+        Ok(self.model.forward(&ids, &mask)?)
+    }
+
+    /// `hidden_states[-1]` and the projected pooled state of each prompt (Stable Cascade's
+    /// `CLIPTextModelWithProjection`), logging truncation like [`TextEncoder::encode`].
+    pub fn encode_with_projection(&self, prompts: &[&str]) -> Result<crate::models::clip::ClipOutputs> {
+        let (ids, mask) = self.tokens(prompts)?;
+        Ok(self.model.encode(&ids, &mask)?)
+    }
+
+    /// Token ids and attention masks of each prompt, as diffusers' first tokenizer call.
+    fn tokens(&self, prompts: &[&str]) -> Result<(TokenRows, TokenRows)> {
         let mut ids = Vec::with_capacity(prompts.len());
         let mut mask = Vec::with_capacity(prompts.len());
         for prompt in prompts {
@@ -137,7 +153,7 @@ impl TextEncoder {
             ids.push(tokens.ids);
             mask.push(tokens.attention_mask);
         }
-        Ok(self.model.forward(&ids, &mask)?)
+        Ok((ids, mask))
     }
 
     /// The conditioning batch diffusers builds, for several requests sharing a pass: each
@@ -188,7 +204,7 @@ impl<'a> BatchNoise<'a> {
         Self::new(streams.zip(images).collect())
     }
 
-    fn counts(&self) -> Vec<usize> {
+    pub(crate) fn counts(&self) -> Vec<usize> {
         self.streams.iter().map(|(_, n)| *n).collect()
     }
 
@@ -223,7 +239,7 @@ fn not_finite(stage: &str) -> anyhow::Error {
 /// A batch's result split back into its requests' rows (`counts` images each); a request
 /// whose rows are not all finite gets the error instead (the others are unaffected: no op
 /// mixes the images of a batch).
-fn split_finite(t: &Tensor, counts: &[usize], stage: &str) -> Result<Vec<Result<Tensor>>> {
+pub(crate) fn split_finite(t: &Tensor, counts: &[usize], stage: &str) -> Result<Vec<Result<Tensor>>> {
     let mut start = 0;
     let mut parts = Vec::with_capacity(counts.len());
     for &n in counts {
@@ -239,7 +255,7 @@ fn split_finite(t: &Tensor, counts: &[usize], stage: &str) -> Result<Vec<Result<
 }
 
 /// The one result of a batch of one request.
-fn single(results: Vec<Result<Tensor>>) -> Result<Tensor> {
+pub(crate) fn single<T>(results: Vec<Result<T>>) -> Result<T> {
     results
         .into_iter()
         .next()
@@ -254,7 +270,7 @@ fn single(results: Vec<Result<Tensor>>) -> Result<Tensor> {
 /// scheduler update run in f32, and the timestep reaches the embedding unrounded; only the
 /// network runs in `rt.dtype`.
 #[allow(clippy::too_many_arguments)]
-fn sample(
+pub(crate) fn sample(
     item: &[usize],
     timesteps: &[f32],
     guidance: Option<f64>,
@@ -316,7 +332,7 @@ impl PriorParams {
 }
 
 /// The first request of a batch, after checking that the others can share its passes.
-fn leader<P>(batch: &[P], shares: impl Fn(&P, &P) -> bool) -> Result<&P> {
+pub(crate) fn leader<P>(batch: &[P], shares: impl Fn(&P, &P) -> bool) -> Result<&P> {
     let first = batch.first().ok_or_else(|| anyhow::anyhow!("an empty batch"))?;
     anyhow::ensure!(
         batch.iter().all(|p| shares(first, p)),
@@ -663,7 +679,7 @@ impl DecoderPipeline {
 }
 
 /// diffusers' decoder latent size for an embedding of (h, w): `int(size * latent_dim_scale)`.
-fn scale_latent((h, w): (usize, usize), latent_dim_scale: f64) -> (usize, usize) {
+pub(crate) fn scale_latent((h, w): (usize, usize), latent_dim_scale: f64) -> (usize, usize) {
     (
         (h as f64 * latent_dim_scale) as usize,
         (w as f64 * latent_dim_scale) as usize,

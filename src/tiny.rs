@@ -206,6 +206,9 @@ fn clip_text(hidden_size: usize, intermediate_size: usize, num_hidden_layers: us
         max_position_embeddings: 77,
         hidden_act: Activation::Gelu,
         layer_norm_eps: 1e-5,
+        // the legacy laion value the Hub's configs carry (only the pooled output uses it)
+        eos_token_id: 2,
+        ..ClipTextConfig::default()
     }
 }
 
@@ -290,6 +293,8 @@ fn tiny_a() -> TinyArch {
         max_position_embeddings: 77,
         hidden_act: Activation::Gelu,
         layer_norm_eps: 1e-5,
+        eos_token_id: 2,
+        ..ClipTextConfig::default()
     };
     TinyArch {
         prior_pipeline: PriorPipelineConfig {
@@ -508,7 +513,6 @@ fn text_encoder_files(cfg: &ClipTextConfig, arch: &TinyArch, seed: u64) -> Resul
         ("attention_dropout", json!(0.0)),
         // the legacy laion values the Hub's configs carry (only pooler_output uses them)
         ("bos_token_id", json!(0)),
-        ("eos_token_id", json!(2)),
         ("pad_token_id", json!(1)),
         (
             "dtype",
@@ -521,11 +525,19 @@ fn text_encoder_files(cfg: &ClipTextConfig, arch: &TinyArch, seed: u64) -> Resul
         ("initializer_factor", json!(1.0)),
         ("initializer_range", json!(0.02)),
         ("model_type", json!("clip_text_model")),
-        ("projection_dim", json!(arch.projection_dim)),
         ("transformers_version", json!(TRANSFORMERS_VERSION)),
     ];
     Ok(vec![
-        ("text_encoder/config.json".into(), config_json(cfg, extra)?),
+        (
+            "text_encoder/config.json".into(),
+            config_json(
+                &ClipTextConfig {
+                    projection_dim: arch.projection_dim,
+                    ..cfg.clone()
+                },
+                extra,
+            )?,
+        ),
         (
             "text_encoder/model.safetensors".into(),
             text_encoder_weights(cfg, arch.text_encoder_dtype, seed)?,

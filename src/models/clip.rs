@@ -1,6 +1,8 @@
 //! The CLIP text encoder with transformers' `CLIPTextModel` semantics, built from its
 //! config.json: pre-norm transformer, causal mask plus a mask on padding keys,
-//! `last_hidden_state` after the final layer norm for every position.
+//! `last_hidden_state` after the final layer norm for every position. Stable Cascade's
+//! `CLIPTextModelWithProjection` also gives the last layer's states before that norm
+//! (`hidden_states[-1]`) and the projected pooled state (`text_embeds`): [`ClipTextModel::encode`].
 //!
 //! candle-transformers' CLIP is not used: its sizes come from hard-coded presets (the
 //! config fields are private) and it masks every row after one shared position instead of
@@ -69,14 +71,34 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_norm: LayerNorm,
+    /// `CLIPTextModelWithProjection`'s `text_projection` (no bias), where the file has one
+    projection: Option<Linear>,
     heads: usize,
     activation: Activation,
+    eos_token_id: i64,
+}
+
+/// What `CLIPTextModelWithProjection(..., output_hidden_states=True)` returns and Stable
+/// Cascade uses.
+#[derive(Debug, Clone)]
+pub struct ClipOutputs {
+    /// `hidden_states[-1]`: the last layer's output before the final norm, (N, L, hidden)
+    pub hidden_states: Tensor,
+    /// `text_embeds`: the final-normed state at each prompt's EOS, projected, (N, projection_dim)
+    pub text_embeds: Tensor,
 }
 
 impl ClipTextModel {
     /// `vb` at the text encoder's root. Accepts both key layouts: transformers 4 (the Hub's
     /// files) prefixes every key with `text_model.`, transformers 5 does not.
     pub fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+        let projection = vb
+            .contains_tensor("text_projection.weight")
+            .then(|| -> Result<Linear> {
+                let weight = vb.get((cfg.projection_dim, cfg.hidden_size), "text_projection.weight")?;
+                Ok(Linear::new(weight, None))
+            })
+            .transpose()?;
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
         } else {
@@ -92,8 +114,10 @@ impl ClipTextModel {
             position_embedding: emb.get((cfg.max_position_embeddings, d), "position_embedding.weight")?,
             layers,
             final_norm: LayerNorm::load(d, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            projection,
             heads: cfg.num_attention_heads,
             activation: cfg.hidden_act,
+            eos_token_id: cfg.eos_token_id,
         })
     }
 
@@ -117,6 +141,42 @@ impl ClipTextModel {
     /// `ids`, `mask`: one row per prompt (equal lengths, at most max_position_embeddings)
     /// -> `last_hidden_state` (N, L, hidden).
     pub fn forward(&self, ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Result<Tensor> {
+        self.final_norm.forward(&self.layers_forward(ids, mask)?)
+    }
+
+    /// `hidden_states[-1]` and `text_embeds` (see [`ClipOutputs`]); needs the projection.
+    pub fn encode(&self, ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Result<ClipOutputs> {
+        let Some(projection) = &self.projection else {
+            candle_core::bail!("clip: the text encoder has no text_projection (not a CLIPTextModelWithProjection)");
+        };
+        let hidden_states = self.layers_forward(ids, mask)?;
+        let normed = self.final_norm.forward(&hidden_states)?;
+        let pooled = ids
+            .iter()
+            .enumerate()
+            .map(|(b, row)| normed.get(b)?.get(self.pooled_position(row)))
+            .collect::<Result<Vec<_>>>()?;
+        let text_embeds = projection.forward(&Tensor::stack(&pooled, 0)?)?;
+        Ok(ClipOutputs {
+            hidden_states,
+            text_embeds,
+        })
+    }
+
+    /// Where transformers takes `pooler_output`: with the legacy `eos_token_id` 2 the first
+    /// highest id (CLIP's EOS is its last token), else the first `eos_token_id`.
+    fn pooled_position(&self, row: &[u32]) -> usize {
+        let first = |found: Option<usize>| found.unwrap_or(0);
+        if self.eos_token_id == 2 {
+            let max = row.iter().copied().max().unwrap_or(0);
+            first(row.iter().position(|&id| id == max))
+        } else {
+            first(row.iter().position(|&id| i64::from(id) == self.eos_token_id))
+        }
+    }
+
+    /// The embeddings through every encoder layer, before the final norm.
+    fn layers_forward(&self, ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Result<Tensor> {
         let device = self.position_embedding.device();
         let n = ids.len();
         let l = ids.first().map_or(0, Vec::len);
@@ -149,6 +209,6 @@ impl ClipTextModel {
             };
             x = (x + layer.fc2.forward(&h)?)?;
         }
-        self.final_norm.forward(&x)
+        Ok(x)
     }
 }
