@@ -32,6 +32,43 @@ use crate::progress::Progress;
 use crate::rng::NoiseSource;
 use crate::scheduler::DdpmWuerstchen;
 
+/// `StableCascadeCombinedPipeline`'s default prior schedule: 60 equal steps (the separate
+/// prior pipeline's default is 20). Guidance and the decoder's defaults equal v2's.
+pub const DEFAULT_PRIOR_STEPS: usize = 60;
+
+/// The model families a pipeline folder may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `WuerstchenPriorPipeline` / `WuerstchenDecoderPipeline` (and folders without a class)
+    WuerstchenV2,
+    /// `StableCascadePriorPipeline` / `StableCascadeDecoderPipeline`
+    StableCascade,
+}
+
+impl Family {
+    /// The family of the pipeline in `src`, from `model_index.json`'s `_class_name`.
+    pub fn of(src: &dyn FileSource) -> Result<Self> {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            #[serde(rename = "_class_name", default)]
+            class_name: String,
+        }
+        let index: Index = read_json(src, "model_index.json", "model_index.json")?;
+        Ok(if index.class_name.starts_with("StableCascade") {
+            Self::StableCascade
+        } else {
+            Self::WuerstchenV2
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::WuerstchenV2 => "Würstchen v2",
+            Self::StableCascade => "Stable Cascade",
+        }
+    }
+}
+
 /// The pooled text states a request's images are conditioned on: (n, 1, projection_dim) for
 /// its `n` images, and the negative prompt's when it was computed (with guidance).
 #[derive(Debug, Clone)]
@@ -248,6 +285,18 @@ impl CascadeDecoderConfigs {
             scheduler,
             text_encoder,
         })
+    }
+}
+
+/// Which image sizes a Stable Cascade pair produces: v2's rule (`SizeRule`), where the
+/// decoder's latent need only divide by its patch size (its strided convs drop an odd row
+/// and its up path resizes to the skip's size).
+pub fn size_rule(prior: &CascadePriorConfigs, decoder: &CascadeDecoderConfigs) -> crate::pipeline::SizeRule {
+    crate::pipeline::SizeRule {
+        resolution_multiple: prior.pipeline.resolution_multiple,
+        latent_dim_scale: decoder.pipeline.latent_dim_scale,
+        decoder_downscale: decoder.decoder.patch_size,
+        vqgan_upscale: decoder.vqgan.upscale(),
     }
 }
 

@@ -355,6 +355,7 @@ impl PriorConfigs {
     /// Reads a `warp-ai/wuerstchen-prior`-layout source's configs; `stage_c` replaces only
     /// the Stage C network's (a folder or repo holding `config.json` + weights).
     pub fn read(src: &dyn FileSource, stage_c: Option<&dyn FileSource>) -> Result<Self> {
+        v2_only(src, "prior")?;
         let pipeline: PriorPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
         pipeline.validate()?;
         let prior: PriorConfig = prior_component(src, stage_c).config("config.json")?;
@@ -369,6 +370,19 @@ impl PriorConfigs {
             text_encoder,
         })
     }
+}
+
+/// An input error for a Stable Cascade pipeline where only Würstchen v2 runs: every command
+/// but `generate` so far.
+fn v2_only(src: &dyn FileSource, what: &str) -> Result<()> {
+    if crate::cascade::Family::of(src)? == crate::cascade::Family::StableCascade {
+        let message = format!(
+            "{} is a Stable Cascade {what}; Stable Cascade runs with `wuerstchen generate` only so far",
+            src.describe()
+        );
+        return Err(crate::error::InputError::new(message).into());
+    }
+    Ok(())
 }
 
 /// Where the Stage C network lives: the source's `prior` folder, or the root of `stage_c`.
@@ -503,6 +517,7 @@ pub struct DecoderConfigs {
 impl DecoderConfigs {
     /// Reads a `warp-ai/wuerstchen`-layout source's configs.
     pub fn read(src: &dyn FileSource) -> Result<Self> {
+        v2_only(src, "decoder")?;
         let pipeline: DecoderPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
         pipeline.validate()?;
         let decoder: DecoderConfig = Component::new(src, "decoder").config("config.json")?;

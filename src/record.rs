@@ -188,6 +188,7 @@ mod tests {
             width: 1024,
             height: 1536,
             prior_timesteps: vec![1.0, 0.5, 0.0],
+            prior_schedule_defaulted: false,
             prior_guidance: 4.0,
             decoder_timesteps: vec![1.0, 0.0],
             decoder_guidance: 0.0,

@@ -26,6 +26,10 @@ pub struct GenerateRequest {
     pub width: usize,
     pub height: usize,
     pub prior_timesteps: Vec<f32>,
+    /// Whether nothing chose the prior's schedule (no steps, no list, no recorded one), so
+    /// `prior_timesteps` is Würstchen v2's default: a model family with another default
+    /// replaces it (Stable Cascade: [`crate::cascade::DEFAULT_PRIOR_STEPS`]).
+    pub prior_schedule_defaulted: bool,
     pub prior_guidance: f64,
     pub decoder_timesteps: Vec<f32>,
     pub decoder_guidance: f64,
@@ -234,6 +238,7 @@ pub fn generate_request(prompt: &str, negative_prompt: &str, s: &SamplingInput, 
             s.prior_timesteps.as_deref(),
             scheduler::default_prior_timesteps,
         )?,
+        prior_schedule_defaulted: s.prior_steps.is_none() && s.prior_timesteps.is_none(),
         prior_guidance: check_guidance("--prior-guidance", s.prior_guidance)?,
         decoder_timesteps: timesteps("decoder", s.decoder_steps, s.decoder_timesteps.as_deref(), || {
             scheduler::linear_timesteps(DEFAULT_DECODER_STEPS)
@@ -737,6 +742,7 @@ pub fn decode_request(
         width,
         height,
         prior_timesteps: record.map(|r| r.prior_timesteps.clone()).unwrap_or_default(),
+        prior_schedule_defaulted: false,
         prior_guidance: record.map_or(0.0, |r| r.prior_guidance),
         decoder_timesteps: timesteps("decoder", decoder_steps, None, Vec::new)?,
         decoder_guidance: check_guidance("--decoder-guidance", plan.decoder_guidance)?,
@@ -1185,6 +1191,7 @@ mod tests {
             height: 384,
             // values an f32 -> f64 -> f32 trip must keep exactly
             prior_timesteps: vec![0.9, 0.333_333_34, 0.1, 0.0],
+            prior_schedule_defaulted: false,
             prior_guidance: 3.5,
             decoder_timesteps: vec![1.0, 0.7, 0.0],
             decoder_guidance: 1.5,

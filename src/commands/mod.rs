@@ -2,6 +2,7 @@
 //! device choice, model sources, Ctrl-C, writing results and a run's outcome.
 
 pub mod bench;
+pub mod cascade;
 pub mod download;
 pub mod generate;
 pub mod info;
@@ -196,7 +197,7 @@ pub fn load_decoder(
 }
 
 /// Runs `load` with a bar over the bytes of the weight files among `files`, then logs its time.
-fn with_bar<T>(
+pub(super) fn with_bar<T>(
     bars: &LoadBars,
     stage: &str,
     files: Result<Vec<std::path::PathBuf>>,

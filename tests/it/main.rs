@@ -9,6 +9,7 @@ mod common;
 mod hub_support;
 
 mod batch;
+mod cascade;
 mod cli;
 mod errors;
 mod hub;

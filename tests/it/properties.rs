@@ -475,6 +475,7 @@ fn expected_request(prompt: &str, negative_prompt: &str, s: &SamplingInput, seed
         width: s.width,
         height: s.height,
         prior_timesteps: schedule(s.prior_steps, &s.prior_timesteps, default_prior_timesteps),
+        prior_schedule_defaulted: s.prior_steps.is_none() && s.prior_timesteps.is_none(),
         prior_guidance: s.prior_guidance,
         decoder_timesteps: schedule(s.decoder_steps, &s.decoder_timesteps, || {
             linear_timesteps(DEFAULT_DECODER_STEPS)

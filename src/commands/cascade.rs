@@ -1,0 +1,172 @@
+//! `wuerstchen generate` for Stable Cascade pipelines (`Family::StableCascade`), as
+//! diffusers' `StableCascadeCombinedPipeline` runs them: the prior, then the decoder on the
+//! prior's image embeddings and pooled text states, one seeded generator per request for both.
+//! Batches, `--keep-going`, `--skip-existing`, the output names and the records are the same
+//! as for Würstchen v2; what v2's path has beyond that (`--stage-c`, staged loading with
+//! `--low-memory`, embeddings files) is refused here with an input error until it is built.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use super::{check_interrupt, log_peak_memory, with_bar, PriorSources, Summary, Writer};
+use crate::cascade::{CascadeDecoderPipeline, CascadeEmbeddings, CascadePriorPipeline, Family, DEFAULT_PRIOR_STEPS};
+use crate::error::InputError;
+use crate::hub::FileSource;
+use crate::output;
+use crate::pipeline::BatchNoise;
+use crate::progress::{LoadBars, TerminalProgress};
+use crate::record::GenerationRecord;
+use crate::request::GeneratePlan;
+use crate::rng::TorchCpuGenerator;
+
+pub fn run(
+    mut plan: GeneratePlan,
+    prior_src: PriorSources,
+    decoder_src: &dyn FileSource,
+    interrupt: Arc<AtomicBool>,
+    quiet: bool,
+) -> Result<()> {
+    let decoder_family = Family::of(decoder_src)?;
+    if decoder_family != Family::StableCascade {
+        return Err(InputError::new(format!(
+            "--prior {} is a Stable Cascade prior but --decoder {} is a {} decoder; pair it with a Stable Cascade \
+             decoder (e.g. stabilityai/stable-cascade)",
+            prior_src.prior.describe(),
+            decoder_src.describe(),
+            decoder_family.name()
+        ))
+        .into());
+    }
+    let unsupported = [
+        (prior_src.stage_c.is_some(), "--stage-c"),
+        (plan.runtime.low_memory, "--low-memory"),
+        (plan.jobs.jobs.iter().any(|j| j.embeddings.is_some()), "--embeddings"),
+    ];
+    if let Some((_, flag)) = unsupported.iter().find(|(used, _)| *used) {
+        return Err(InputError::new(format!("{flag} is not supported for Stable Cascade models yet")).into());
+    }
+    for p in &mut plan.jobs.jobs {
+        let req = &mut p.job.req;
+        if req.prior_schedule_defaulted {
+            req.prior_timesteps = crate::scheduler::linear_timesteps(DEFAULT_PRIOR_STEPS);
+        }
+    }
+    let prior_cfg = crate::cascade::CascadePriorConfigs::read(prior_src.prior.as_ref())?;
+    let decoder_cfg = crate::cascade::CascadeDecoderConfigs::read(decoder_src)?;
+    let rule = crate::cascade::size_rule(&prior_cfg, &decoder_cfg);
+    plan.jobs.check_sizes(|req| {
+        rule.check("--width", req.width)?;
+        rule.check("--height", req.height)
+    })?;
+    check_interrupt(&interrupt)?;
+
+    let rt = plan.runtime.open()?;
+    let info = prior_src.run_info(Some(decoder_src), rt.dtype, plan.rng);
+    let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
+    let bars = LoadBars::new(quiet);
+    let prior = prior_src.prior.as_ref();
+    let (prior, decoder) = std::thread::scope(|s| {
+        let decoder = s.spawn(|| {
+            let files = weight_files(decoder_src);
+            with_bar(&bars, "decoder", files, || {
+                CascadeDecoderPipeline::load_with(&decoder_cfg, decoder_src, &rt)
+            })
+        });
+        let prior = with_bar(&bars, "prior", weight_files(prior), || {
+            CascadePriorPipeline::load_with(&prior_cfg, prior, &rt)
+        });
+        let decoder = decoder
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the decoder panicked")));
+        (prior, decoder)
+    });
+    let (prior, decoder) = (prior?, decoder?);
+    rt.device.synchronize()?;
+
+    let jobs = &plan.jobs.jobs;
+    let writer = Writer::from(&plan.jobs);
+    let mut summary = Summary::default();
+    for batch in plan.jobs.batches(plan.jobs.batch_size.unwrap_or(1)) {
+        check_interrupt(&interrupt)?;
+        let batch_jobs = &jobs[batch.clone()];
+        let origins = || batch_jobs.iter().map(|p| p.job.origin.as_str());
+        for p in batch_jobs {
+            let req = &p.job.req;
+            tracing::info!("seed {} {}x{}: {:?}", req.seed, req.width, req.height, req.prompt);
+        }
+        let params: Vec<_> = batch_jobs.iter().map(|p| p.job.req.prior_params()).collect();
+        let mut noises: Vec<_> = batch_jobs
+            .iter()
+            .map(|p| TorchCpuGenerator::with_kernel(p.job.req.seed, plan.rng))
+            .collect();
+        let streams = BatchNoise::of(&mut noises, params.iter().map(|p| p.num_images));
+        let results = match prior.run_batch(&params, streams, &mut progress) {
+            Ok(results) => results,
+            Err(err) => {
+                summary.batch_failure(origins(), err, plan.jobs.keep_going)?;
+                continue;
+            }
+        };
+        // the jobs whose prior succeeded go on, each with its stream
+        let mut halfway: Vec<(usize, CascadeEmbeddings, TorchCpuGenerator)> = Vec::new();
+        for ((i, result), noise) in batch.clone().zip(results).zip(noises) {
+            if let Some(emb) = summary.failure(&jobs[i].job.origin, result, plan.jobs.keep_going)? {
+                halfway.push((i, emb, noise));
+            }
+        }
+        if halfway.is_empty() {
+            continue;
+        }
+        check_interrupt(&interrupt)?;
+        let ids: Vec<usize> = halfway.iter().map(|h| h.0).collect();
+        let params: Vec<_> = ids.iter().map(|&i| jobs[i].job.req.decoder_params()).collect();
+        let embeddings: Vec<_> = halfway.iter().map(|h| h.1.embeddings.clone()).collect();
+        let pooled: Vec<_> = halfway.iter().map(|h| h.1.pooled.clone()).collect();
+        let counts: Vec<usize> = embeddings
+            .iter()
+            .map(|e| e.dim(0))
+            .collect::<candle_core::Result<_>>()?;
+        let batch_images = counts.iter().sum();
+        let mut noises: Vec<_> = halfway.into_iter().map(|h| h.2).collect();
+        let streams = BatchNoise::of(&mut noises, counts);
+        let results = match decoder.run_batch(&embeddings, Some(&pooled), &params, streams, &mut progress) {
+            Ok(results) => results,
+            Err(err) => {
+                let origins = ids.iter().map(|&i| jobs[i].job.origin.as_str());
+                summary.batch_failure(origins, err, plan.jobs.keep_going)?;
+                continue;
+            }
+        };
+        let timings = progress.take_timings();
+        for (&i, result) in ids.iter().zip(results) {
+            let p = &jobs[i];
+            let written = result.and_then(|images| {
+                let writer = Writer {
+                    overwrite: p.overwrite,
+                    batch_images,
+                    ..writer
+                };
+                let record = GenerationRecord::new(&p.job.req, &info);
+                writer.images(&p.job, &output::to_rgb8(&images)?, &p.images, &record, &timings)
+            });
+            summary.record(&p.job.origin, written, plan.jobs.keep_going)?;
+        }
+    }
+    log_peak_memory();
+    summary.finish(&plan.jobs)
+}
+
+/// The weight files of a Stable Cascade pipeline folder (for the loading bar).
+fn weight_files(src: &dyn FileSource) -> Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    for folder in ["prior", "decoder", "vqgan", "text_encoder"] {
+        for stem in ["diffusion_pytorch_model", "model"] {
+            if let Ok(found) = crate::weights::component_weight_files(src, folder, folder, stem) {
+                files.extend(found);
+            }
+        }
+    }
+    Ok(files)
+}

@@ -1,0 +1,158 @@
+//! Stable Cascade through the binary: `generate` on the tiny random pair in
+//! tests/fixtures/cascade-tiny gives diffusers' `StableCascadeCombinedPipeline` images for the
+//! same seed, takes the combined pipeline's default schedule, and refuses mixed families.
+
+use std::path::Path;
+
+use crate::common::*;
+
+/// Runs `generate` on cascade-tiny with `args`, writing `{n}`-numbered PNGs under `dir`.
+fn generate(dir: &Path, args: &[&str]) -> std::process::Output {
+    wuerstchen(dir)
+        .arg("generate")
+        .args(model_args("cascade-tiny"))
+        .args(args)
+        .args(["--output"])
+        .arg(dir.join("out-{n}.png"))
+        .output()
+        .unwrap()
+}
+
+/// The reference images of run `name` as RGB8 pixels, rounded as diffusers' `numpy_to_pil`.
+fn reference_pixels(name: &str, image: usize) -> Vec<u8> {
+    let t = &reference("cascade-tiny")[&format!("{name}.images")];
+    let img = t.get(image).unwrap().permute((1, 2, 0)).unwrap();
+    let values: Vec<f32> = img.flatten_all().unwrap().to_vec1().unwrap();
+    values.iter().map(|v| (v * 255.0).round() as u8).collect()
+}
+
+#[test]
+fn generate_gives_the_combined_pipelines_images_for_the_same_seed() {
+    let meta = reference_json("cascade-tiny");
+    let t = reference("cascade-tiny");
+    for run in meta["combined"].as_array().unwrap() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = |k: &str| run[k].to_string();
+        let name = run["name"].as_str().unwrap();
+        // diffusers was asked for run["width"] x run["height"] and made this size (the same
+        // latents); asked for another size, `generate` names this one
+        let (_, _, height, width) = t[&format!("{name}.images")].dims4().unwrap();
+        let mut args = vec![
+            "--prompt".to_string(),
+            run["prompt"].as_str().unwrap().to_string(),
+            "--width".into(),
+            width.to_string(),
+            "--height".into(),
+            height.to_string(),
+            "--seed".into(),
+            s("seed"),
+            "--num-images".into(),
+            s("num_images"),
+            "--prior-steps".into(),
+            s("prior_steps"),
+            "--prior-guidance".into(),
+            s("prior_guidance"),
+            "--decoder-steps".into(),
+            s("decoder_steps"),
+            "--decoder-guidance".into(),
+            s("decoder_guidance"),
+        ];
+        if let Some(negative) = run["negative_prompt"].as_str() {
+            args.extend(["--negative-prompt".to_string(), negative.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = generate(dir.path(), &args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        for image in 0..run["num_images"].as_u64().unwrap() as usize {
+            let (w, h, pixels, _) = read_png(&dir.path().join(format!("out-{image}.png")));
+            assert_eq!((w as usize, h as usize), (width, height));
+            let want = reference_pixels(name, image);
+            let diff: Vec<u8> = pixels.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).collect();
+            let same = diff.iter().filter(|d| **d == 0).count() as f64 / diff.len() as f64;
+            assert!(
+                diff.iter().all(|d| *d <= 1) && same >= 0.999,
+                "{name} image {image}: max diff {:?}, {same} identical",
+                diff.iter().max()
+            );
+        }
+    }
+}
+
+#[test]
+fn the_default_prior_schedule_is_the_combined_pipelines_sixty_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--prompt",
+        "a cat",
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--seed",
+        "1",
+        "--decoder-steps",
+        "1",
+    ];
+    let out = generate(dir.path(), &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, _, _, text) = read_png(&dir.path().join("out-0.png"));
+    let params = &text
+        .iter()
+        .find(|(k, _)| k == "parameters")
+        .expect("A1111 parameters")
+        .1;
+    assert!(params.contains("Steps: 60"), "{params}");
+}
+
+#[test]
+fn a_size_the_pair_does_not_produce_is_an_input_error_naming_the_nearest() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = generate(
+        dir.path(),
+        &["--prompt", "a cat", "--width", "160", "--height", "128", "--seed", "1"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--width 160 would come out at 168 px"), "{stderr}");
+}
+
+#[test]
+fn a_stable_cascade_prior_with_a_wuerstchen_decoder_is_an_input_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cascade = model_args("cascade-tiny");
+    let v2 = model_args("tiny-a");
+    for (prior, decoder) in [(&cascade[1], &v2[3]), (&v2[1], &cascade[3])] {
+        let out = wuerstchen(dir.path())
+            .args([
+                "generate", "--prompt", "a cat", "--width", "128", "--height", "128", "--seed", "1",
+            ])
+            .args(["--prior", prior, "--decoder", decoder, "--output"])
+            .arg(dir.path().join("x.png"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("Stable Cascade") && stderr.contains("Würstchen v2"),
+            "{stderr}"
+        );
+        assert!(!dir.path().join("x.png").exists());
+    }
+}
+
+#[test]
+fn commands_other_than_generate_refuse_stable_cascade_with_an_input_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = model_args("cascade-tiny");
+    let out = wuerstchen(dir.path())
+        .args([
+            "prior", "--prompt", "a cat", "--width", "128", "--height", "128", "--seed", "1",
+        ])
+        .args(["--prior", &models[1], "--output"])
+        .arg(dir.path().join("e.safetensors"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("runs with `wuerstchen generate` only"), "{stderr}");
+}
