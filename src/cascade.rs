@@ -113,18 +113,22 @@ fn text_conditioning(text: &TextEncoder, requests: &[(&str, &str, usize)], guida
 #[derive(Debug, Clone)]
 pub struct CascadePriorConfigs {
     pub pipeline: PriorPipelineConfig,
+    /// the network's folder: `prior`, or `prior_lite` for the lite network
+    pub prior_folder: &'static str,
     pub prior: CascadeUNetConfig,
     pub scheduler: SchedulerConfig,
     pub text_encoder: ClipTextConfig,
 }
 
 impl CascadePriorConfigs {
-    /// Reads a `stabilityai/stable-cascade-prior`-layout source's configs.
-    pub fn read(src: &dyn FileSource) -> Result<Self> {
+    /// Reads a `stabilityai/stable-cascade-prior`-layout source's configs, with the lite
+    /// network (`prior_lite/`) where `lite`.
+    pub fn read(src: &dyn FileSource, lite: bool) -> Result<Self> {
         let pipeline: PriorPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
         pipeline.validate()?;
-        let prior: CascadeUNetConfig = Component::new(src, "prior").config("config.json")?;
-        prior.validate("prior")?;
+        let prior_folder = if lite { "prior_lite" } else { "prior" };
+        let prior: CascadeUNetConfig = Component::new(src, prior_folder).config("config.json")?;
+        prior.validate(prior_folder)?;
         anyhow::ensure!(
             prior.clip_text_in_channels.is_some() && prior.clip_image_in_channels.is_some(),
             crate::error::ModelError::BadConfig {
@@ -139,6 +143,7 @@ impl CascadePriorConfigs {
         let text_encoder = TextEncoder::read_config(src)?;
         Ok(Self {
             pipeline,
+            prior_folder,
             prior,
             scheduler,
             text_encoder,
@@ -165,12 +170,12 @@ pub struct CascadeEmbeddings {
 
 impl CascadePriorPipeline {
     pub fn load(src: &dyn FileSource, rt: &Runtime) -> Result<Self> {
-        Self::load_with(&CascadePriorConfigs::read(src)?, src, rt)
+        Self::load_with(&CascadePriorConfigs::read(src, false)?, src, rt)
     }
 
     pub fn load_with(configs: &CascadePriorConfigs, src: &dyn FileSource, rt: &Runtime) -> Result<Self> {
         let text_encoder = TextEncoder::load(src, &configs.text_encoder, rt)?;
-        let weights = Component::new(src, "prior").weights("diffusion_pytorch_model", rt)?;
+        let weights = Component::new(src, configs.prior_folder).weights("diffusion_pytorch_model", rt)?;
         Ok(Self {
             text_encoder,
             prior: StableCascadeUNet::new(&configs.prior, weights)?,
@@ -260,6 +265,8 @@ impl CascadePriorPipeline {
 #[derive(Debug, Clone)]
 pub struct CascadeDecoderConfigs {
     pub pipeline: DecoderPipelineConfig,
+    /// the network's folder: `decoder`, or `decoder_lite` for the lite network
+    pub decoder_folder: &'static str,
     pub decoder: CascadeUNetConfig,
     pub vqgan: VqganConfig,
     pub scheduler: SchedulerConfig,
@@ -267,12 +274,14 @@ pub struct CascadeDecoderConfigs {
 }
 
 impl CascadeDecoderConfigs {
-    /// Reads a `stabilityai/stable-cascade`-layout source's configs.
-    pub fn read(src: &dyn FileSource) -> Result<Self> {
+    /// Reads a `stabilityai/stable-cascade`-layout source's configs, with the lite network
+    /// (`decoder_lite/`) where `lite`.
+    pub fn read(src: &dyn FileSource, lite: bool) -> Result<Self> {
         let pipeline: DecoderPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
         pipeline.validate()?;
-        let decoder: CascadeUNetConfig = Component::new(src, "decoder").config("config.json")?;
-        decoder.validate("decoder")?;
+        let decoder_folder = if lite { "decoder_lite" } else { "decoder" };
+        let decoder: CascadeUNetConfig = Component::new(src, decoder_folder).config("config.json")?;
+        decoder.validate(decoder_folder)?;
         let vqgan: VqganConfig = Component::new(src, "vqgan").config("config.json")?;
         vqgan.validate()?;
         let scheduler: SchedulerConfig = Component::new(src, "scheduler").config("scheduler_config.json")?;
@@ -280,6 +289,7 @@ impl CascadeDecoderConfigs {
         let text_encoder = TextEncoder::read_config(src)?;
         Ok(Self {
             pipeline,
+            decoder_folder,
             decoder,
             vqgan,
             scheduler,
@@ -312,12 +322,12 @@ pub struct CascadeDecoderPipeline {
 
 impl CascadeDecoderPipeline {
     pub fn load(src: &dyn FileSource, rt: &Runtime) -> Result<Self> {
-        Self::load_with(&CascadeDecoderConfigs::read(src)?, src, rt)
+        Self::load_with(&CascadeDecoderConfigs::read(src, false)?, src, rt)
     }
 
     pub fn load_with(configs: &CascadeDecoderConfigs, src: &dyn FileSource, rt: &Runtime) -> Result<Self> {
         let text_encoder = TextEncoder::load(src, &configs.text_encoder, rt)?;
-        let decoder_weights = Component::new(src, "decoder").weights("diffusion_pytorch_model", rt)?;
+        let decoder_weights = Component::new(src, configs.decoder_folder).weights("diffusion_pytorch_model", rt)?;
         let vqgan_weights = Component::new(src, "vqgan").weights("diffusion_pytorch_model", rt)?;
         Ok(Self {
             text_encoder,

@@ -10,8 +10,8 @@ use candle_core::DType;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use wuerstchen::commands;
 use wuerstchen::request::{
-    self, DecodePlan, DeviceSpec, GenerateInputs, GeneratePlan, ModelSpec, OutputInput, PromptsInput, RuntimeSpec,
-    SamplingInput, DEFAULT_DECODER_GUIDANCE, DEFAULT_DECODER_STEPS,
+    self, DecodePlan, DeviceSpec, GenerateInputs, GeneratePlan, ModelPreset, ModelSpec, OutputInput, PromptsInput,
+    RuntimeSpec, SamplingInput, DEFAULT_DECODER_GUIDANCE, DEFAULT_DECODER_STEPS,
 };
 use wuerstchen::rng::BoxMuller;
 
@@ -374,9 +374,9 @@ impl PriorSamplingArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Models")]
 pub struct PriorModelArgs {
-    /// The prior pipeline: a Hub repo id or a local folder in its layout
-    #[arg(long, env = "WUERSTCHEN_PRIOR", default_value = "warp-ai/wuerstchen-prior")]
-    pub prior: String,
+    /// The prior pipeline: a Hub repo id or a local folder in its layout [default: --model's]
+    #[arg(long, env = "WUERSTCHEN_PRIOR")]
+    pub prior: Option<String>,
     /// Replace only the Stage C weights (e.g. warp-ai/wuerstchen-prior-model-interpolated)
     #[arg(long)]
     pub stage_c: Option<String>,
@@ -385,9 +385,9 @@ pub struct PriorModelArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Models")]
 pub struct DecoderModelArgs {
-    /// The decoder pipeline: a Hub repo id or a local folder in its layout
-    #[arg(long, env = "WUERSTCHEN_DECODER", default_value = "warp-ai/wuerstchen")]
-    pub decoder: String,
+    /// The decoder pipeline: a Hub repo id or a local folder in its layout [default: --model's]
+    #[arg(long, env = "WUERSTCHEN_DECODER")]
+    pub decoder: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -396,6 +396,31 @@ pub struct HubArgs {
     /// Hub revision (branch, tag or commit) for Hub repos
     #[arg(long, default_value = "main")]
     pub revision: String,
+    /// The model pair --prior and --decoder default to; the family of any pair is read from
+    /// its model_index.json
+    #[arg(long, value_enum, default_value_t = ModelChoice::WuerstchenV2)]
+    pub model: ModelChoice,
+}
+
+/// `--model`: the usual pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelChoice {
+    /// warp-ai/wuerstchen-prior + warp-ai/wuerstchen
+    WuerstchenV2,
+    /// stabilityai/stable-cascade-prior + stabilityai/stable-cascade (Würstchen v3)
+    StableCascade,
+    /// the same repos' lite networks (prior_lite/, decoder_lite/)
+    StableCascadeLite,
+}
+
+impl From<ModelChoice> for ModelPreset {
+    fn from(c: ModelChoice) -> Self {
+        match c {
+            ModelChoice::WuerstchenV2 => Self::WuerstchenV2,
+            ModelChoice::StableCascade => Self::StableCascade,
+            ModelChoice::StableCascadeLite => Self::StableCascadeLite,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -523,14 +548,22 @@ impl PromptArgs {
 }
 
 fn models(prior: &PriorModelArgs, decoder: Option<&DecoderModelArgs>, hub: &HubArgs) -> ModelSpec {
+    let preset = ModelPreset::from(hub.model);
     ModelSpec {
-        prior: prior.prior.clone(),
+        prior: prior.prior.clone().unwrap_or_else(|| preset.prior_repo().into()),
         stage_c: prior.stage_c.clone(),
         // `prior` loads no decoder
-        decoder: decoder.map(|d| d.decoder.clone()).unwrap_or_default(),
+        decoder: decoder.map(|d| decoder_source(d, hub)).unwrap_or_default(),
         revision: hub.revision.clone(),
         pinned: Default::default(),
+        lite: preset.lite(),
     }
+}
+
+/// `--decoder`, or `--model`'s decoder repo.
+fn decoder_source(d: &DecoderModelArgs, hub: &HubArgs) -> String {
+    let preset = ModelPreset::from(hub.model);
+    d.decoder.clone().unwrap_or_else(|| preset.decoder_repo().into())
 }
 
 impl GenerateArgs {
@@ -605,9 +638,10 @@ impl DecodeArgs {
             models: ModelSpec {
                 prior: String::new(), // recorded in the embeddings file
                 stage_c: None,
-                decoder: self.decoder_model.decoder.clone(),
+                decoder: decoder_source(&self.decoder_model, &self.hub),
                 revision: self.hub.revision.clone(),
                 pinned: Default::default(),
+                lite: ModelPreset::from(self.hub.model).lite(),
             },
             runtime: self.runtime.spec()?,
         })

@@ -49,8 +49,16 @@ impl<'a> Component<'a> {
         read_json(self.src, self.name, &join(self.folder, file))
     }
 
+    /// The component's weights as a `VarBuilder`, from the files of the variant matching the
+    /// compute dtype where the folder has them (`bf16`, `fp16`; the Stable Cascade repos
+    /// publish `bf16`), else the plain ones.
     pub(crate) fn weights(&self, stem: &str, rt: &Runtime) -> Result<candle_nn::VarBuilder<'static>> {
-        let files = component_weight_files(self.src, self.folder, self.name, stem)?;
+        let variant = match rt.dtype {
+            DType::BF16 => Some("bf16"),
+            DType::F16 => Some("fp16"),
+            _ => None,
+        };
+        let files = crate::weights::variant_weight_files(self.src, self.folder, self.name, stem, variant)?;
         Ok(Weights::open(self.name, &files)?.var_builder(rt.dtype, &rt.device))
     }
 }

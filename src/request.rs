@@ -345,6 +345,39 @@ pub struct ModelSpec {
     /// Hub commits for single sources by name (`prior`, `stage_c`, `decoder`), over `revision`:
     /// what `--from` replays, where each source may have been recorded at its own commit
     pub pinned: std::collections::BTreeMap<String, String>,
+    /// Stable Cascade's lite networks (the `prior_lite/` and `decoder_lite/` folders)
+    pub lite: bool,
+}
+
+/// The usual model pairs, by a short name (`--model`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelPreset {
+    /// `warp-ai/wuerstchen-prior` + `warp-ai/wuerstchen`
+    WuerstchenV2,
+    /// `stabilityai/stable-cascade-prior` + `stabilityai/stable-cascade`
+    StableCascade,
+    /// the same repos' lite networks (1B and 700M parameters instead of 3.6B and 1.5B)
+    StableCascadeLite,
+}
+
+impl ModelPreset {
+    pub fn prior_repo(self) -> &'static str {
+        match self {
+            Self::WuerstchenV2 => "warp-ai/wuerstchen-prior",
+            Self::StableCascade | Self::StableCascadeLite => "stabilityai/stable-cascade-prior",
+        }
+    }
+
+    pub fn decoder_repo(self) -> &'static str {
+        match self {
+            Self::WuerstchenV2 => "warp-ai/wuerstchen",
+            Self::StableCascade | Self::StableCascadeLite => "stabilityai/stable-cascade",
+        }
+    }
+
+    pub fn lite(self) -> bool {
+        self == Self::StableCascadeLite
+    }
 }
 
 impl ModelSpec {
@@ -1052,6 +1085,7 @@ mod tests {
             decoder: "d".into(),
             revision: "main".into(),
             pinned: Default::default(),
+            lite: false,
         };
         let runtime = RuntimeSpec {
             device: None,
@@ -1172,6 +1206,7 @@ mod tests {
                 decoder: "warp-ai/wuerstchen".into(),
                 revision: "main".into(),
                 pinned: Default::default(),
+                lite: false,
             },
             runtime: RuntimeSpec {
                 device: None,

@@ -53,8 +53,9 @@ pub fn run(
             req.prior_timesteps = crate::scheduler::linear_timesteps(DEFAULT_PRIOR_STEPS);
         }
     }
-    let prior_cfg = crate::cascade::CascadePriorConfigs::read(prior_src.prior.as_ref())?;
-    let decoder_cfg = crate::cascade::CascadeDecoderConfigs::read(decoder_src)?;
+    let lite = plan.models.lite;
+    let prior_cfg = crate::cascade::CascadePriorConfigs::read(prior_src.prior.as_ref(), lite)?;
+    let decoder_cfg = crate::cascade::CascadeDecoderConfigs::read(decoder_src, lite)?;
     let rule = crate::cascade::size_rule(&prior_cfg, &decoder_cfg);
     plan.jobs.check_sizes(|req| {
         rule.check("--width", req.width)?;
@@ -69,14 +70,17 @@ pub fn run(
     let prior = prior_src.prior.as_ref();
     let (prior, decoder) = std::thread::scope(|s| {
         let decoder = s.spawn(|| {
-            let files = weight_files(decoder_src);
+            let files = weight_files(decoder_src, &[decoder_cfg.decoder_folder, "vqgan", "text_encoder"]);
             with_bar(&bars, "decoder", files, || {
                 CascadeDecoderPipeline::load_with(&decoder_cfg, decoder_src, &rt)
             })
         });
-        let prior = with_bar(&bars, "prior", weight_files(prior), || {
-            CascadePriorPipeline::load_with(&prior_cfg, prior, &rt)
-        });
+        let prior = with_bar(
+            &bars,
+            "prior",
+            weight_files(prior, &[prior_cfg.prior_folder, "text_encoder"]),
+            || CascadePriorPipeline::load_with(&prior_cfg, prior, &rt),
+        );
         let decoder = decoder
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the decoder panicked")));
@@ -158,10 +162,11 @@ pub fn run(
     summary.finish(&plan.jobs)
 }
 
-/// The weight files of a Stable Cascade pipeline folder (for the loading bar).
-fn weight_files(src: &dyn FileSource) -> Result<Vec<std::path::PathBuf>> {
+/// The weight files of `folders` of a pipeline (for the loading bar's total; the bar counts
+/// what loads, so a variant's smaller files only make it end early).
+fn weight_files(src: &dyn FileSource, folders: &[&str]) -> Result<Vec<std::path::PathBuf>> {
     let mut files = Vec::new();
-    for folder in ["prior", "decoder", "vqgan", "text_encoder"] {
+    for folder in folders {
         for stem in ["diffusion_pytorch_model", "model"] {
             if let Ok(found) = crate::weights::component_weight_files(src, folder, folder, stem) {
                 files.extend(found);

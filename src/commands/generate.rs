@@ -165,6 +165,12 @@ pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     if crate::cascade::Family::of(prior_src.prior.as_ref())? == crate::cascade::Family::StableCascade {
         return super::cascade::run(plan, prior_src, decoder_src.as_ref(), interrupt, quiet);
     }
+    if plan.models.lite {
+        return Err(crate::error::InputError::new(
+            "the lite networks are Stable Cascade's; --prior and --decoder are Würstchen v2 pipelines",
+        )
+        .into());
+    }
     if crate::cascade::Family::of(decoder_src.as_ref())? == crate::cascade::Family::StableCascade {
         return Err(crate::error::InputError::new(format!(
             "--decoder {} is a Stable Cascade decoder but --prior {} is a Würstchen v2 prior; pair it with a Stable \

@@ -326,6 +326,28 @@ pub fn join(folder: &str, name: &str) -> String {
     }
 }
 
+/// The weight files of `variant` (diffusers' and transformers' `variant=`, e.g. `bf16`) in a
+/// component folder where it has them: `<stem>.<variant>.safetensors`, or the shards listed in
+/// `<stem>.safetensors.index.<variant>.json` (their `_add_variant` names); else the plain files
+/// ([`component_weight_files`]).
+pub fn variant_weight_files(
+    src: &dyn crate::hub::FileSource,
+    folder: &str,
+    component: &str,
+    stem: &str,
+    variant: Option<&str>,
+) -> Result<Vec<PathBuf>> {
+    if let Some(v) = variant {
+        if let Some(path) = src.get(&join(folder, &format!("{stem}.{v}.safetensors")))? {
+            return Ok(vec![path]);
+        }
+        if let Some(index) = src.get(&join(folder, &format!("{stem}.safetensors.index.{v}.json")))? {
+            return shard_files(src, folder, component, &index);
+        }
+    }
+    component_weight_files(src, folder, component, stem)
+}
+
 /// The weight files of a diffusers component folder: `<stem>.safetensors`, or the shards
 /// listed in `<stem>.safetensors.index.json`. `component` names it in errors.
 pub fn component_weight_files(
@@ -345,14 +367,28 @@ pub fn component_weight_files(
     let Some(index_path) = src.get(&format!("{single}.index.json"))? else {
         return Err(missing(&single).into());
     };
+    shard_files(src, folder, component, &index_path)
+}
+
+/// The shards a `*.safetensors.index*.json` at `index_path` lists, each fetched.
+fn shard_files(
+    src: &dyn crate::hub::FileSource,
+    folder: &str,
+    component: &str,
+    index_path: &Path,
+) -> Result<Vec<PathBuf>> {
+    let missing = |rel: &str| ModelError::MissingFile {
+        component: component.to_string(),
+        path: Path::new(&src.describe()).join(rel),
+    };
     #[derive(serde::Deserialize)]
     struct ShardIndex {
         weight_map: HashMap<String, String>,
     }
-    let text = std::fs::read_to_string(&index_path).with_context(|| format!("reading {}", index_path.display()))?;
+    let text = std::fs::read_to_string(index_path).with_context(|| format!("reading {}", index_path.display()))?;
     let index: ShardIndex = serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
         component: component.to_string(),
-        path: index_path.clone(),
+        path: index_path.to_path_buf(),
         message: e.to_string(),
     })?;
     let mut shards: Vec<&String> = index.weight_map.values().collect();
@@ -450,5 +486,40 @@ mod tests {
             let max = diff.abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
             assert_eq!(max, 0.0, "{dtype:?}");
         }
+    }
+
+    #[test]
+    fn a_variant_is_taken_where_the_folder_has_it_single_or_sharded() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = dir.path().join("net");
+        std::fs::create_dir_all(&net).unwrap();
+        let names = [
+            "diffusion_pytorch_model.safetensors",
+            "diffusion_pytorch_model.bf16.safetensors",
+            "diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+            "diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+        ];
+        for name in names {
+            std::fs::write(net.join(name), b"").unwrap();
+        }
+        let index = r#"{"weight_map": {"a": "diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+            "b": "diffusion_pytorch_model.fp16-00001-of-00002.safetensors"}}"#;
+        std::fs::write(net.join("diffusion_pytorch_model.safetensors.index.fp16.json"), index).unwrap();
+        let src = crate::hub::LocalDir::new(dir.path());
+        let files = |variant| {
+            let found = variant_weight_files(&src, "net", "net", "diffusion_pytorch_model", variant).unwrap();
+            found
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(files(None), [names[0]]);
+        assert_eq!(files(Some("bf16")), [names[1]]);
+        assert_eq!(files(Some("fp16")), [names[2], names[3]]);
+        assert_eq!(
+            files(Some("fp8")),
+            [names[0]],
+            "a variant the folder lacks: the plain files"
+        );
     }
 }

@@ -156,3 +156,59 @@ fn commands_other_than_generate_refuse_stable_cascade_with_an_input_error() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("runs with `wuerstchen generate` only"), "{stderr}");
 }
+
+/// `--model stable-cascade-lite` loads the networks from `prior_lite/` and `decoder_lite/`.
+#[cfg(unix)]
+#[test]
+fn the_lite_model_loads_the_lite_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("models");
+    let fixture = fixtures().join("cascade-tiny");
+    for (part, net) in [("prior", "prior"), ("decoder", "decoder")] {
+        let to = root.join(part);
+        std::fs::create_dir_all(&to).unwrap();
+        for entry in std::fs::read_dir(fixture.join(part)).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // the network only under its lite name
+            let target = if name == net { format!("{net}_lite") } else { name };
+            std::os::unix::fs::symlink(std::fs::canonicalize(entry.path()).unwrap(), to.join(target)).unwrap();
+        }
+    }
+    let args = |lite: bool| {
+        let mut a: Vec<String> = [
+            "generate",
+            "--prompt",
+            "a photo of a cat",
+            "--width",
+            "128",
+            "--height",
+            "128",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(["--seed", "7", "--prior-steps", "4", "--decoder-steps", "3"].map(String::from));
+        a.extend(["--prior".into(), root.join("prior").display().to_string()]);
+        a.extend(["--decoder".into(), root.join("decoder").display().to_string()]);
+        if lite {
+            a.extend(["--model".into(), "stable-cascade-lite".into()]);
+        }
+        a.extend(["--output".into(), dir.path().join("lite.png").display().to_string()]);
+        a
+    };
+    let out = wuerstchen(dir.path()).args(args(false)).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "no prior/ folder: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = wuerstchen(dir.path()).args(args(true)).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, _, pixels, _) = read_png(&dir.path().join("lite.png"));
+    assert_eq!(
+        pixels,
+        reference_pixels("c1", 0),
+        "the c1 reference run, from the lite folders"
+    );
+}
