@@ -37,9 +37,10 @@ use crate::scheduler::DdpmWuerstchen;
 pub const DEFAULT_PRIOR_STEPS: usize = 60;
 
 /// The model families a pipeline folder may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Family {
     /// `WuerstchenPriorPipeline` / `WuerstchenDecoderPipeline` (and folders without a class)
+    #[default]
     WuerstchenV2,
     /// `StableCascadePriorPipeline` / `StableCascadeDecoderPipeline`
     StableCascade,

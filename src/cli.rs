@@ -269,6 +269,18 @@ pub struct TinyModelArgs {
     /// Which architecture
     #[arg(long, value_enum, default_value_t = SizeArg::Tiny)]
     pub size: SizeArg,
+    /// Which model family (Stable Cascade: tiny only)
+    #[arg(long, value_enum, default_value_t = FamilyArg::WuerstchenV2)]
+    pub family: FamilyArg,
+}
+
+/// `tiny-model --family`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FamilyArg {
+    /// like warp-ai/wuerstchen-prior + warp-ai/wuerstchen
+    WuerstchenV2,
+    /// like stabilityai/stable-cascade-prior + stabilityai/stable-cascade
+    StableCascade,
 }
 
 #[derive(Debug, Args)]
@@ -699,7 +711,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 SizeArg::Mid => wuerstchen::tiny::ModelSize::Mid,
                 SizeArg::Real => wuerstchen::tiny::ModelSize::Real,
             };
+            let family = match args.family {
+                FamilyArg::WuerstchenV2 => wuerstchen::cascade::Family::WuerstchenV2,
+                FamilyArg::StableCascade => wuerstchen::cascade::Family::StableCascade,
+            };
             let opts = wuerstchen::tiny::TinyModelOptions {
+                family,
                 seed: args.seed,
                 overwrite: args.overwrite,
                 size,

@@ -30,11 +30,14 @@ use safetensors::Dtype;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::cascade::Family;
 use crate::config::{
     Activation, ClipTextConfig, DecoderConfig, DecoderPipelineConfig, PriorConfig, PriorPipelineConfig,
     SchedulerConfig, VqganConfig,
 };
+use crate::config::{CascadeBlock, CascadeUNetConfig, PerLevel};
 use crate::error::InputError;
+use crate::models::cascade::StableCascadeUNet;
 use crate::models::{ClipTextModel, PaellaVqDecoder, WuerstchenDiffNeXt, WuerstchenPrior};
 use crate::rng::TorchCpuGenerator;
 
@@ -87,6 +90,9 @@ impl std::str::FromStr for ModelSize {
 /// What to write.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TinyModelOptions {
+    /// Würstchen v2 (`DIR/prior` like warp-ai/wuerstchen-prior) or Stable Cascade (like
+    /// stabilityai/stable-cascade-prior and stabilityai/stable-cascade; tiny size only)
+    pub family: Family,
     /// Seeds the weights; the same seed gives byte-identical files.
     pub seed: u64,
     /// Replace existing `DIR/prior` and `DIR/decoder` folders (otherwise a non-empty one is an
@@ -117,7 +123,13 @@ pub fn write_tiny_model(out: &Path, opts: &TinyModelOptions) -> Result<TinyModel
     for target in [&paths.prior, &paths.decoder] {
         check_target(target, opts.overwrite)?;
     }
-    let (prior_files, decoder_files) = pipeline_files(opts.seed, opts.size)?;
+    let (prior_files, decoder_files) = match (opts.family, opts.size) {
+        (Family::WuerstchenV2, size) => pipeline_files(opts.seed, size)?,
+        (Family::StableCascade, ModelSize::Tiny) => cascade_pipeline_files(opts.seed)?,
+        (Family::StableCascade, _) => {
+            return Err(InputError::new("Stable Cascade models are written at --size tiny only so far").into())
+        }
+    };
 
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let staging = tempfile::Builder::new()
@@ -427,7 +439,7 @@ fn pipeline_files(seed: u64, size: ModelSize) -> Result<(Files, Files)> {
         ),
         (
             "vqgan/diffusion_pytorch_model.safetensors".into(),
-            vqgan_weights(&arch, module_seed(VQGAN_SEED))?,
+            vqgan_weights(&arch.vqgan, arch.num_vq_embeddings, module_seed(VQGAN_SEED))?,
         ),
         (
             "scheduler/scheduler_config.json".into(),
@@ -441,6 +453,162 @@ fn pipeline_files(seed: u64, size: ModelSize) -> Result<(Files, Files)> {
     )?);
     decoder.extend(tokenizer);
     Ok((prior, decoder))
+}
+
+/// The Stable Cascade pair (`tests/fixtures/make_cascade_fixtures.py`'s `cascade-tiny`
+/// shapes): a stage C with text, pooled text and image inputs and two timestep conditions, a
+/// stage B with effnet and pixel mappers, patch size 2 and a level without attention, the
+/// v2 tiny VQGAN, one CLIPTextModelWithProjection per pipeline (float16).
+fn cascade_pipeline_files(seed: u64) -> Result<(Files, Files)> {
+    use CascadeBlock::{Attn, Res, Timestep};
+    let v2 = tiny_a();
+    let text_encoder = ClipTextConfig {
+        projection_dim: 6,
+        ..v2.prior_text_encoder.clone()
+    };
+    let unet = |cond: usize, channels: Vec<usize>, heads: Vec<i64>| CascadeUNetConfig {
+        timestep_ratio_embedding_dim: 8,
+        conditioning_dim: cond,
+        down_num_layers_per_block: vec![1; channels.len()],
+        up_num_layers_per_block: vec![1; channels.len()],
+        down_blocks_repeat_mappers: vec![1; channels.len()],
+        up_blocks_repeat_mappers: vec![1; channels.len()],
+        block_out_channels: channels,
+        num_attention_heads: heads,
+        clip_text_pooled_in_channels: text_encoder.projection_dim,
+        clip_seq: 2,
+        self_attn: PerLevel::All(true),
+        ..CascadeUNetConfig::default()
+    };
+    let prior = CascadeUNetConfig {
+        in_channels: 8,
+        out_channels: 8,
+        block_types_per_layer: vec![vec![Res, Timestep, Attn]; 2],
+        clip_text_in_channels: Some(text_encoder.hidden_size),
+        clip_image_in_channels: Some(5),
+        switch_level: Some(vec![false]),
+        ..unet(16, vec![16, 16], vec![2, 2])
+    };
+    let decoder = CascadeUNetConfig {
+        in_channels: 4,
+        out_channels: 4,
+        patch_size: 2,
+        block_types_per_layer: vec![vec![Res, Timestep], vec![Res, Timestep, Attn]],
+        effnet_in_channels: Some(prior.out_channels),
+        pixel_mapper_in_channels: Some(3),
+        timestep_conditioning_type: vec!["sca".into()],
+        up_blocks_repeat_mappers: vec![2, 2],
+        ..unet(12, vec![8, 16], vec![0, 2])
+    };
+    prior.validate("prior")?;
+    decoder.validate("decoder")?;
+    let tokenizer = tokenizer_files(text_encoder.max_position_embeddings)?;
+    let module_seed = |offset: u64| seed.wrapping_add(offset);
+    let unet_files = |folder: &str, cfg: &CascadeUNetConfig, seed: u64| -> Result<Files> {
+        let dropout = vec![0.0; cfg.levels()];
+        let tensors = requested_tensors(|vb| StableCascadeUNet::new(cfg, vb).map(drop))?;
+        // a small output layer keeps the predicted noise, and so the latents, near unit scale
+        let values = randomize(&tensors, seed, |name, v| {
+            if name == "clf.1.weight" {
+                v.iter_mut().for_each(|x| *x *= 0.1);
+            }
+        });
+        Ok(vec![
+            (
+                format!("{folder}/config.json"),
+                config_json(
+                    cfg,
+                    diffusers_meta("StableCascadeUNet").chain([("dropout", json!(dropout))]),
+                )?,
+            ),
+            (
+                format!("{folder}/diffusion_pytorch_model.safetensors"),
+                safetensors_file(all_f32(values))?,
+            ),
+        ])
+    };
+    let scheduler = || -> Result<(String, Vec<u8>)> {
+        Ok((
+            "scheduler/scheduler_config.json".into(),
+            config_json(&SchedulerConfig::default(), diffusers_meta("DDPMWuerstchenScheduler"))?,
+        ))
+    };
+    let components = [
+        ("scheduler", json!(["diffusers", "DDPMWuerstchenScheduler"])),
+        ("text_encoder", json!(["transformers", "CLIPTextModelWithProjection"])),
+        ("tokenizer", json!(["transformers", "CLIPTokenizer"])),
+    ];
+    let readme = |part: &str, repo: &str| {
+        format!(
+            "---\nlibrary_name: diffusers\n---\n\nRandom-weight Stable Cascade {part} (seed {seed}) made by \
+             `wuerstchen tiny-model --family stable-cascade`, in the layout of the Hub's {repo} repository. \
+             Its images are noise: it is for smoke-testing scripts without downloading the real weights.\n"
+        )
+        .into_bytes()
+    };
+
+    let mut prior_files: Files = vec![
+        (
+            "model_index.json".into(),
+            config_json(
+                // StableCascadePriorPipeline registers only this of v2's three values
+                &json!({ "resolution_multiple": v2.prior_pipeline.resolution_multiple }),
+                diffusers_meta("StableCascadePriorPipeline")
+                    .chain(components.clone())
+                    .chain([
+                        ("prior", json!(["diffusers", "StableCascadeUNet"])),
+                        ("feature_extractor", json!([null, null])),
+                        ("image_encoder", json!([null, null])),
+                    ]),
+            )?,
+        ),
+        ("README.md".into(), readme("prior", "stabilityai/stable-cascade-prior")),
+        scheduler()?,
+    ];
+    prior_files.extend(unet_files("prior", &prior, module_seed(PRIOR_SEED))?);
+    prior_files.extend(clip_text_files(
+        &text_encoder,
+        Dtype::F16,
+        module_seed(PRIOR_TEXT_ENCODER_SEED),
+        true,
+    )?);
+    prior_files.extend(tokenizer.iter().cloned());
+
+    let mut decoder_files: Files = vec![
+        (
+            "model_index.json".into(),
+            config_json(
+                &v2.decoder_pipeline,
+                diffusers_meta("StableCascadeDecoderPipeline").chain(components).chain([
+                    ("decoder", json!(["diffusers", "StableCascadeUNet"])),
+                    // as on the Hub (diffusers resolves the `wuerstchen` module to its deprecated home)
+                    ("vqgan", json!(["wuerstchen", "PaellaVQModel"])),
+                ]),
+            )?,
+        ),
+        ("README.md".into(), readme("decoder", "stabilityai/stable-cascade")),
+        scheduler()?,
+        (
+            "vqgan/config.json".into(),
+            config_json(
+                &v2.vqgan,
+                diffusers_meta("PaellaVQModel").chain([("num_vq_embeddings", json!(v2.num_vq_embeddings))]),
+            )?,
+        ),
+        (
+            "vqgan/diffusion_pytorch_model.safetensors".into(),
+            vqgan_weights(&v2.vqgan, v2.num_vq_embeddings, module_seed(VQGAN_SEED))?,
+        ),
+    ];
+    decoder_files.extend(unet_files("decoder", &decoder, module_seed(DECODER_SEED))?);
+    decoder_files.extend(clip_text_files(
+        &text_encoder,
+        Dtype::F16,
+        module_seed(DECODER_TEXT_ENCODER_SEED),
+        true,
+    )?);
+    decoder_files.extend(tokenizer);
+    Ok((prior_files, decoder_files))
 }
 
 /// `_class_name` and `_diffusers_version`, which diffusers writes into every config it saves.
@@ -508,39 +676,38 @@ fn decoder_model_index(arch: &TinyArch) -> Result<Vec<u8>> {
 /// `text_encoder/config.json` (with the keys transformers' `CLIPTextConfig.save_pretrained`
 /// writes) and `text_encoder/model.safetensors`.
 fn text_encoder_files(cfg: &ClipTextConfig, arch: &TinyArch, seed: u64) -> Result<Files> {
+    let cfg = ClipTextConfig {
+        projection_dim: arch.projection_dim,
+        ..cfg.clone()
+    };
+    clip_text_files(&cfg, arch.text_encoder_dtype, seed, false)
+}
+
+/// [`text_encoder_files`] for a `CLIPTextModel` or (`projection`) a
+/// `CLIPTextModelWithProjection`, stored in `dtype`.
+fn clip_text_files(cfg: &ClipTextConfig, dtype: Dtype, seed: u64, projection: bool) -> Result<Files> {
+    let class = if projection {
+        "CLIPTextModelWithProjection"
+    } else {
+        "CLIPTextModel"
+    };
     let extra = [
-        ("architectures", json!(["CLIPTextModel"])),
+        ("architectures", json!([class])),
         ("attention_dropout", json!(0.0)),
         // the legacy laion values the Hub's configs carry (only pooler_output uses them)
         ("bos_token_id", json!(0)),
         ("pad_token_id", json!(1)),
-        (
-            "dtype",
-            json!(if arch.text_encoder_dtype == Dtype::F16 {
-                "float16"
-            } else {
-                "float32"
-            }),
-        ),
+        ("dtype", json!(if dtype == Dtype::F16 { "float16" } else { "float32" })),
         ("initializer_factor", json!(1.0)),
         ("initializer_range", json!(0.02)),
         ("model_type", json!("clip_text_model")),
         ("transformers_version", json!(TRANSFORMERS_VERSION)),
     ];
     Ok(vec![
-        (
-            "text_encoder/config.json".into(),
-            config_json(
-                &ClipTextConfig {
-                    projection_dim: arch.projection_dim,
-                    ..cfg.clone()
-                },
-                extra,
-            )?,
-        ),
+        ("text_encoder/config.json".into(), config_json(cfg, extra)?),
         (
             "text_encoder/model.safetensors".into(),
-            text_encoder_weights(cfg, arch.text_encoder_dtype, seed)?,
+            text_encoder_weights(cfg, dtype, seed, projection)?,
         ),
     ])
 }
@@ -769,9 +936,15 @@ fn decoder_weights(arch: &TinyArch, seed: u64) -> Result<Vec<u8>> {
     safetensors_file(all_f32(values))
 }
 
-/// Stored with the Hub's transformers-4 key names (`text_model.` prefix).
-fn text_encoder_weights(cfg: &ClipTextConfig, dtype: Dtype, seed: u64) -> Result<Vec<u8>> {
-    let tensors = requested_tensors(|vb| ClipTextModel::new(cfg, vb.pp("text_model")).map(drop))?;
+/// Stored with the Hub's transformers-4 key names (`text_model.` prefix); with
+/// `CLIPTextModelWithProjection`'s `text_projection.weight` where `projection`.
+fn text_encoder_weights(cfg: &ClipTextConfig, dtype: Dtype, seed: u64, projection: bool) -> Result<Vec<u8>> {
+    let tensors = requested_tensors(|vb| {
+        if projection {
+            vb.get((cfg.projection_dim, cfg.hidden_size), "text_projection.weight")?;
+        }
+        ClipTextModel::new(cfg, vb.pp("text_model")).map(drop)
+    })?;
     let values = randomize(&tensors, seed, |_, _| {});
     let stored = values
         .into_iter()
@@ -787,11 +960,10 @@ fn text_encoder_weights(cfg: &ClipTextConfig, dtype: Dtype, seed: u64) -> Result
     safetensors_file(stored)
 }
 
-fn vqgan_weights(arch: &TinyArch, seed: u64) -> Result<Vec<u8>> {
-    let cfg = &arch.vqgan;
+fn vqgan_weights(cfg: &VqganConfig, num_vq_embeddings: usize, seed: u64) -> Result<Vec<u8>> {
     let tensors = requested_tensors(|vb| {
         PaellaVqDecoder::new(cfg, vb.clone())?;
-        request_vqgan_encoder(cfg, arch.num_vq_embeddings, &vb)
+        request_vqgan_encoder(cfg, num_vq_embeddings, &vb)
     })?;
     let values = randomize(&tensors, seed, |name, v| {
         if name == "out_block.0.bias" {

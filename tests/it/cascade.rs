@@ -212,3 +212,48 @@ fn the_lite_model_loads_the_lite_folders() {
         "the c1 reference run, from the lite folders"
     );
 }
+
+/// `tiny-model --family stable-cascade` writes a pair that `generate` runs (and that
+/// diffusers loads: checked when the writer changes, with the fixtures' Python stack).
+#[test]
+fn tiny_model_writes_a_stable_cascade_pair_that_generate_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("sc");
+    let out = wuerstchen(dir.path())
+        .args(["tiny-model", "--family", "stable-cascade", "--out"])
+        .arg(&models)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (part, class) in [
+        ("prior", "StableCascadePriorPipeline"),
+        ("decoder", "StableCascadeDecoderPipeline"),
+    ] {
+        let index = std::fs::read_to_string(models.join(part).join("model_index.json")).unwrap();
+        let index: serde_json::Value = serde_json::from_str(&index).unwrap();
+        assert_eq!(index["_class_name"], class);
+    }
+    let png = |name: &str| {
+        let out = wuerstchen(dir.path())
+            .args([
+                "generate", "--prompt", "a cat", "--width", "128", "--height", "128", "--seed", "3",
+            ])
+            .args(["--prior-steps", "2", "--decoder-steps", "2", "--prior"])
+            .arg(models.join("prior"))
+            .arg("--decoder")
+            .arg(models.join("decoder"))
+            .arg("--output")
+            .arg(dir.path().join(name))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read(dir.path().join(name)).unwrap()
+    };
+    assert_eq!(png("a.png"), png("b.png"), "the same seed, the same bytes");
+    let out = wuerstchen(dir.path())
+        .args(["tiny-model", "--family", "stable-cascade", "--size", "mid", "--out"])
+        .arg(dir.path().join("mid"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+}
