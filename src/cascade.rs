@@ -32,9 +32,15 @@ use crate::progress::Progress;
 use crate::rng::NoiseSource;
 use crate::scheduler::DdpmWuerstchen;
 
-/// `StableCascadeCombinedPipeline`'s default prior schedule: 60 equal steps (the separate
-/// prior pipeline's default is 20). Guidance and the decoder's defaults equal v2's.
+/// `StableCascadeCombinedPipeline`'s default prior schedule (`generate`): 60 equal steps.
+/// Guidance and the decoder's defaults there equal v2's.
 pub const DEFAULT_PRIOR_STEPS: usize = 60;
+
+/// `StableCascadePriorPipeline`'s default (`prior`): 20 equal steps.
+pub const DEFAULT_SEPARATE_PRIOR_STEPS: usize = 20;
+
+/// `StableCascadeDecoderPipeline`'s default (`decode`): 10 equal steps.
+pub const DEFAULT_SEPARATE_DECODER_STEPS: usize = 10;
 
 /// The model families a pipeline folder may hold.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -296,6 +302,26 @@ impl CascadeDecoderConfigs {
             scheduler,
             text_encoder,
         })
+    }
+}
+
+impl CascadeDecoderConfigs {
+    /// For embeddings of (c, h, w): the (width, height) of the images they decode to, or an
+    /// input error when this decoder cannot take them.
+    pub fn image_size(&self, (c, h, w): (usize, usize, usize)) -> Result<(usize, usize)> {
+        let (lh, lw) = scale_latent((h, w), self.pipeline.latent_dim_scale);
+        let p = self.decoder.patch_size;
+        let takes = self.decoder.effnet_in_channels;
+        if takes != Some(c) || lh == 0 || lw == 0 || lh % p != 0 || lw % p != 0 {
+            return Err(crate::error::InputError::new(format!(
+                "embeddings of {c}x{h}x{w} give a decoder latent of {lh}x{lw}; this decoder takes {} channels \
+                 and sides that divide by {p} (were they made for another model?)",
+                takes.unwrap_or(0)
+            ))
+            .into());
+        }
+        let up = self.vqgan.upscale();
+        Ok((lw * up, lh * up))
     }
 }
 

@@ -359,9 +359,9 @@ pub struct PriorSamplingArgs {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Sampling")]
 pub struct DecoderSamplingArgs {
-    /// Decoder steps, evenly spaced
-    #[arg(long, default_value_t = DEFAULT_DECODER_STEPS)]
-    pub decoder_steps: usize,
+    /// Decoder steps, evenly spaced [default: 12; `decode` with a Stable Cascade decoder: 10]
+    #[arg(long)]
+    pub decoder_steps: Option<usize>,
     /// Classifier-free guidance of the decoder (on when > 1)
     #[arg(long, default_value_t = DEFAULT_DECODER_GUIDANCE, allow_negative_numbers = true)]
     pub decoder_guidance: f64,
@@ -375,7 +375,7 @@ impl PriorSamplingArgs {
             prior_steps: self.prior_steps,
             prior_timesteps: self.prior_timesteps.clone(),
             prior_guidance: self.prior_guidance,
-            decoder_steps: Some(decoder.map_or(DEFAULT_DECODER_STEPS, |d| d.decoder_steps)),
+            decoder_steps: Some(decoder.and_then(|d| d.decoder_steps).unwrap_or(DEFAULT_DECODER_STEPS)),
             decoder_timesteps: None,
             decoder_guidance: decoder.map_or(DEFAULT_DECODER_GUIDANCE, |d| d.decoder_guidance),
             num_images: self.num_images,

@@ -380,12 +380,11 @@ impl PriorConfigs {
     }
 }
 
-/// An input error for a Stable Cascade pipeline where only Würstchen v2 runs: every command
-/// but `generate` so far.
+/// An input error for a Stable Cascade pipeline where only Würstchen v2 runs (`bench` so far).
 fn v2_only(src: &dyn FileSource, what: &str) -> Result<()> {
     if crate::cascade::Family::of(src)? == crate::cascade::Family::StableCascade {
         let message = format!(
-            "{} is a Stable Cascade {what}; Stable Cascade runs with `wuerstchen generate` only so far",
+            "{} is a Stable Cascade {what}; Stable Cascade runs with `generate`, `prior` and `decode`, not `bench` yet",
             src.describe()
         );
         return Err(crate::error::InputError::new(message).into());

@@ -716,7 +716,8 @@ pub struct DecodePlan {
     pub embeddings: PathBuf,
     pub prompt: Option<String>,
     pub negative_prompt: Option<String>,
-    pub decoder_steps: usize,
+    /// `None`: the decoder's default (see [`decode_request`])
+    pub decoder_steps: Option<usize>,
     pub decoder_guidance: f64,
     /// fresh noise from this seed instead of continuing the recorded stream
     pub seed: Option<u64>,
@@ -742,6 +743,7 @@ pub fn decode_request(
     record: Option<&crate::record::GenerationRecord>,
     num_images: usize,
     (width, height): (usize, usize),
+    default_steps: usize,
 ) -> Result<(GenerateRequest, NoiseStart)> {
     let file = plan.embeddings.display();
     let prompt = plan
@@ -768,7 +770,7 @@ pub fn decode_request(
         },
         (None, None) => return Err(InputError::new(format!("{file} records no seed; pass --seed"))),
     };
-    let decoder_steps = Some(plan.decoder_steps);
+    let decoder_steps = Some(plan.decoder_steps.unwrap_or(default_steps));
     let req = GenerateRequest {
         prompt,
         negative_prompt,

@@ -164,7 +164,7 @@ pub fn run(
 
 /// The weight files of `folders` of a pipeline (for the loading bar's total; the bar counts
 /// what loads, so a variant's smaller files only make it end early).
-fn weight_files(src: &dyn FileSource, folders: &[&str]) -> Result<Vec<std::path::PathBuf>> {
+pub(super) fn weight_files(src: &dyn FileSource, folders: &[&str]) -> Result<Vec<std::path::PathBuf>> {
     let mut files = Vec::new();
     for folder in folders {
         for stem in ["diffusion_pytorch_model", "model"] {

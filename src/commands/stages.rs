@@ -1,5 +1,5 @@
-//! The two stages apart, like diffusers' two pipelines: `wuerstchen prior` writes image
-//! embeddings, `wuerstchen decode` turns them into images. By default `decode` continues the
+//! The two stages apart, like diffusers' two pipelines (of either family): `wuerstchen prior`
+//! writes image embeddings, `wuerstchen decode` turns them into images. By default `decode` continues the
 //! recorded seed's random stream where the prior left it, so `prior` then `decode` gives the
 //! same image as `generate`.
 
@@ -10,13 +10,50 @@ use candle_core::{Device, Tensor};
 
 use super::generate::embeddings_file;
 use super::{check_interrupt, install_interrupt, load_decoder, log_peak_memory, source, PriorSources, Summary, Writer};
+use crate::cascade::{
+    CascadeDecoderConfigs, CascadeDecoderPipeline, CascadePriorConfigs, CascadePriorPipeline, Family,
+    DEFAULT_SEPARATE_DECODER_STEPS, DEFAULT_SEPARATE_PRIOR_STEPS,
+};
 use crate::error::{InputError, ModelError};
 use crate::output;
-use crate::pipeline::DecoderConfigs;
+use crate::pipeline::{BatchNoise, DecoderConfigs, PriorPipeline};
 use crate::progress::TerminalProgress;
 use crate::record::{GenerationRecord, RunInfo};
-use crate::request::{self, DecodePlan, GeneratePlan};
-use crate::rng::{NoiseSource, TorchCpuGenerator};
+use crate::request::{self, DecodePlan, GeneratePlan, PlannedJob};
+use crate::rng::{BoxMuller, NoiseSource, TorchCpuGenerator};
+
+/// A loaded prior of either family.
+enum Prior {
+    V2(Box<PriorPipeline>),
+    Cascade(Box<CascadePriorPipeline>),
+}
+
+impl Prior {
+    /// Each job's embeddings (or its own error); the outer error failed the whole batch.
+    fn run(
+        &self,
+        jobs: &[PlannedJob],
+        kernel: BoxMuller,
+        progress: &mut TerminalProgress,
+    ) -> Result<Vec<Result<Tensor>>> {
+        match self {
+            Self::V2(prior) => {
+                let results = super::generate::prior_over(prior, jobs, kernel, progress)?;
+                Ok(results.into_iter().map(|(r, _)| r).collect())
+            }
+            Self::Cascade(prior) => {
+                let params: Vec<_> = jobs.iter().map(|p| p.job.req.prior_params()).collect();
+                let mut noises: Vec<_> = jobs
+                    .iter()
+                    .map(|p| TorchCpuGenerator::with_kernel(p.job.req.seed, kernel))
+                    .collect();
+                let streams = BatchNoise::of(&mut noises, params.iter().map(|p| p.num_images));
+                let results = prior.run_batch(&params, streams, progress)?;
+                Ok(results.into_iter().map(|r| r.map(|e| e.embeddings)).collect())
+            }
+        }
+    }
+}
 
 pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     if super::report_done(&plan.jobs) {
@@ -27,9 +64,27 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     // sizes are the prior's business only (its latent is ceil(size / resolution_multiple)),
     // and `generate_request` already refused 0
     plan.jobs.check_sizes(|_| Ok(()))?;
-    let configs = prior_src.configs()?;
+    let bars = crate::progress::LoadBars::new(quiet);
     let rt = plan.runtime.open()?;
-    let prior = prior_src.load(&configs, &rt, &crate::progress::LoadBars::new(quiet))?;
+    let prior = match Family::of(prior_src.prior.as_ref())? {
+        Family::WuerstchenV2 => Prior::V2(Box::new(prior_src.load(&prior_src.configs()?, &rt, &bars)?)),
+        Family::StableCascade => {
+            if prior_src.stage_c.is_some() {
+                return Err(InputError::new("--stage-c is not supported for Stable Cascade models yet").into());
+            }
+            for p in &mut plan.jobs.jobs {
+                let req = &mut p.job.req;
+                if req.prior_schedule_defaulted {
+                    req.prior_timesteps = crate::scheduler::linear_timesteps(DEFAULT_SEPARATE_PRIOR_STEPS);
+                }
+            }
+            let src = prior_src.prior.as_ref();
+            let configs = CascadePriorConfigs::read(src, plan.models.lite)?;
+            let files = super::cascade::weight_files(src, &[configs.prior_folder, "text_encoder"]);
+            let load = || CascadePriorPipeline::load_with(&configs, src, &rt);
+            Prior::Cascade(Box::new(super::with_bar(&bars, "prior", files, load)?))
+        }
+    };
     let info = prior_src.run_info(None, rt.dtype, plan.rng);
     let writer = Writer::from(&plan.jobs);
     let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
@@ -45,7 +100,7 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     for batch in plan.jobs.batches(max_images) {
         check_interrupt(&interrupt)?;
         let jobs = &plan.jobs.jobs[batch];
-        let results = super::generate::prior_over(&prior, jobs, plan.rng, &mut progress);
+        let results = prior.run(jobs, plan.rng, &mut progress);
         let timings = progress.take_timings();
         let results = match results {
             Ok(results) => results,
@@ -59,7 +114,7 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
             batch_images: jobs.iter().map(|p| p.job.req.num_images).sum(),
             ..writer
         };
-        for (p, (result, _)) in jobs.iter().zip(results) {
+        for (p, result) in jobs.iter().zip(results) {
             let written = result.and_then(|emb| {
                 let path = p
                     .embeddings
@@ -75,6 +130,18 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     }
     log_peak_memory();
     summary.finish(&plan.jobs)
+}
+
+/// A decoder's configs of either family.
+enum Decoder {
+    V2(DecoderConfigs),
+    Cascade(CascadeDecoderConfigs),
+}
+
+/// A loaded decoder of either family.
+enum LoadedDecoder {
+    V2(Box<crate::pipeline::DecoderPipeline>),
+    Cascade(Box<CascadeDecoderPipeline>),
 }
 
 /// What `decode` reads back from an embeddings file.
@@ -120,9 +187,19 @@ pub fn run_decode(plan: DecodePlan, quiet: bool) -> Result<()> {
     let emb = read_embeddings(&plan.embeddings)?;
     let (n, _, h, w) = emb.tensor.dims4()?;
     let decoder_src = source(&plan.models.decoder, plan.models.revision_for("decoder"), quiet)?;
-    let configs = DecoderConfigs::read(decoder_src.as_ref())?;
-    let image_size = configs.image_size(h, w)?;
-    let (req, start) = request::decode_request(&plan, emb.record.as_ref(), n, image_size)?;
+    let family = Family::of(decoder_src.as_ref())?;
+    let configs = match family {
+        Family::WuerstchenV2 => Decoder::V2(DecoderConfigs::read(decoder_src.as_ref())?),
+        Family::StableCascade => Decoder::Cascade(CascadeDecoderConfigs::read(decoder_src.as_ref(), plan.models.lite)?),
+    };
+    let (image_size, default_steps) = match &configs {
+        Decoder::V2(c) => (c.image_size(h, w)?, crate::request::DEFAULT_DECODER_STEPS),
+        Decoder::Cascade(c) => (
+            c.image_size((emb.tensor.dim(1)?, h, w))?,
+            DEFAULT_SEPARATE_DECODER_STEPS,
+        ),
+    };
+    let (req, start) = request::decode_request(&plan, emb.record.as_ref(), n, image_size, default_steps)?;
     let job = request::Job {
         index: 0,
         origin: plan.embeddings.display().to_string(),
@@ -139,12 +216,16 @@ pub fn run_decode(plan: DecodePlan, quiet: bool) -> Result<()> {
         }
     }
     let rt = plan.runtime.open()?;
-    let decoder = load_decoder(
-        decoder_src.as_ref(),
-        &configs,
-        &rt,
-        &crate::progress::LoadBars::new(quiet),
-    )?;
+    let bars = crate::progress::LoadBars::new(quiet);
+    let src = decoder_src.as_ref();
+    let decoder = match configs {
+        Decoder::V2(configs) => LoadedDecoder::V2(Box::new(load_decoder(src, &configs, &rt, &bars)?)),
+        Decoder::Cascade(configs) => {
+            let files = super::cascade::weight_files(src, &[configs.decoder_folder, "vqgan", "text_encoder"]);
+            let load = || CascadeDecoderPipeline::load_with(&configs, src, &rt);
+            LoadedDecoder::Cascade(Box::new(super::with_bar(&bars, "decoder", files, load)?))
+        }
+    };
     let recorded = emb.record.as_ref();
     let mut commits = recorded.map(|r| r.commits.clone()).unwrap_or_default();
     commits.extend(super::commits(&[("decoder", Some(decoder_src.as_ref()))]));
@@ -158,7 +239,12 @@ pub fn run_decode(plan: DecodePlan, quiet: bool) -> Result<()> {
     };
     let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
     check_interrupt(&interrupt)?;
-    let images = decoder.run(&emb.tensor, &job.req.decoder_params(), &mut noise, &mut progress)?;
+    let params = job.req.decoder_params();
+    let images = match &decoder {
+        LoadedDecoder::V2(d) => d.run(&emb.tensor, &params, &mut noise, &mut progress)?,
+        // as `StableCascadeDecoderPipeline` alone: conditioned on its own text encoder
+        LoadedDecoder::Cascade(d) => d.run(&emb.tensor, None, &params, &mut noise, &mut progress)?,
+    };
     let writer = Writer {
         batch_images: n,
         overwrite: plan.output.overwrite,

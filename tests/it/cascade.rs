@@ -140,21 +140,105 @@ fn a_stable_cascade_prior_with_a_wuerstchen_decoder_is_an_input_error() {
     }
 }
 
+/// `prior` then `decode`: the two diffusers pipelines one after the other (the decoder with its
+/// own text encoder), the recorded seed's stream continued.
 #[test]
-fn commands_other_than_generate_refuse_stable_cascade_with_an_input_error() {
+fn prior_then_decode_gives_the_separate_pipelines_images_for_the_same_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = &reference_json("cascade-tiny")["separate"];
+    let s = |k: &str| run[k].to_string();
+    let models = model_args("cascade-tiny");
+    let emb = dir.path().join("e.safetensors");
+    let out = wuerstchen(dir.path())
+        .args(["prior", "--prompt", run["prompt"].as_str().unwrap()])
+        .args(["--negative-prompt", run["negative_prompt"].as_str().unwrap()])
+        .args(["--width", &s("width"), "--height", &s("height"), "--seed", &s("seed")])
+        .args([
+            "--prior-steps",
+            &s("prior_steps"),
+            "--prior-guidance",
+            &s("prior_guidance"),
+        ])
+        .args(["--prior", &models[1], "--output"])
+        .arg(&emb)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let png = dir.path().join("s1.png");
+    let out = wuerstchen(dir.path())
+        .args(["decode", "--embeddings"])
+        .arg(&emb)
+        .args([
+            "--decoder-steps",
+            &s("decoder_steps"),
+            "--decoder-guidance",
+            &s("decoder_guidance"),
+        ])
+        .args(["--decoder", &models[3], "--output"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, _, pixels, _) = read_png(&png);
+    let want = reference_pixels("s1", 0);
+    let diff: Vec<u8> = pixels.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).collect();
+    let same = diff.iter().filter(|d| **d == 0).count() as f64 / diff.len() as f64;
+    assert!(
+        diff.iter().all(|d| *d <= 1) && same >= 0.999,
+        "max diff {:?}, {same} identical",
+        diff.iter().max()
+    );
+}
+
+/// The separate pipelines' defaults: the prior's 20 steps (the combined pipeline's are 60) and
+/// the decoder's 10 (12 in the combined pipeline and in v2).
+#[test]
+fn prior_and_decode_take_the_separate_pipelines_default_steps() {
     let dir = tempfile::tempdir().unwrap();
     let models = model_args("cascade-tiny");
+    let emb = dir.path().join("e.safetensors");
     let out = wuerstchen(dir.path())
         .args([
             "prior", "--prompt", "a cat", "--width", "128", "--height", "128", "--seed", "1",
         ])
         .args(["--prior", &models[1], "--output"])
-        .arg(dir.path().join("e.safetensors"))
+        .arg(&emb)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let png = dir.path().join("d.png");
+    let out = wuerstchen(dir.path())
+        .args(["decode", "--embeddings"])
+        .arg(&emb)
+        .args(["--decoder", &models[3], "--output"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, _, _, text) = read_png(&png);
+    let record = &text
+        .iter()
+        .find(|(k, _)| k == "wuerstchen")
+        .expect("the record chunk")
+        .1;
+    let record: serde_json::Value = serde_json::from_str(record).unwrap();
+    assert_eq!(record["prior_timesteps"].as_array().unwrap().len(), 21, "{record}");
+    assert_eq!(record["decoder_timesteps"].as_array().unwrap().len(), 11, "{record}");
+}
+
+#[test]
+fn bench_refuses_stable_cascade_with_an_input_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = wuerstchen(dir.path())
+        .args([
+            "bench", "--width", "128", "--height", "128", "--runs", "1", "--warmup", "0",
+        ])
+        .args(model_args("cascade-tiny"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("runs with `wuerstchen generate` only"), "{stderr}");
+    assert!(stderr.contains("not `bench` yet"), "{stderr}");
 }
 
 /// `--model stable-cascade-lite` loads the networks from `prior_lite/` and `decoder_lite/`.
