@@ -125,9 +125,10 @@ pub fn write_tiny_model(out: &Path, opts: &TinyModelOptions) -> Result<TinyModel
     }
     let (prior_files, decoder_files) = match (opts.family, opts.size) {
         (Family::WuerstchenV2, size) => pipeline_files(opts.seed, size)?,
-        (Family::StableCascade, ModelSize::Tiny) => cascade_pipeline_files(opts.seed)?,
-        (Family::StableCascade, _) => {
-            return Err(InputError::new("Stable Cascade models are written at --size tiny only so far").into())
+        (Family::StableCascade, ModelSize::Tiny) => cascade_pipeline_files(opts.seed, &cascade_tiny())?,
+        (Family::StableCascade, ModelSize::Real) => cascade_pipeline_files(opts.seed, &cascade_lite())?,
+        (Family::StableCascade, ModelSize::Mid) => {
+            return Err(InputError::new("Stable Cascade models are written at --size tiny or real").into())
         }
     };
 
@@ -455,11 +456,23 @@ fn pipeline_files(seed: u64, size: ModelSize) -> Result<(Files, Files)> {
     Ok((prior, decoder))
 }
 
-/// The Stable Cascade pair (`tests/fixtures/make_cascade_fixtures.py`'s `cascade-tiny`
-/// shapes): a stage C with text, pooled text and image inputs and two timestep conditions, a
-/// stage B with effnet and pixel mappers, patch size 2 and a level without attention, the
-/// v2 tiny VQGAN, one CLIPTextModelWithProjection per pipeline (float16).
-fn cascade_pipeline_files(seed: u64) -> Result<(Files, Files)> {
+/// The configs of a Stable Cascade pair.
+struct CascadeArch {
+    prior: CascadeUNetConfig,
+    decoder: CascadeUNetConfig,
+    /// the networks' folders: `prior`, `decoder`, or the lite networks' `prior_lite`, `decoder_lite`
+    folders: [&'static str; 2],
+    text_encoder: ClipTextConfig,
+    text_encoder_dtype: Dtype,
+    /// the VQGAN and the pipelines' scale factors: Würstchen v2's
+    v2: TinyArch,
+}
+
+/// The tiny pair (`tests/fixtures/make_cascade_fixtures.py`'s `cascade-tiny` shapes): a
+/// stage C with text, pooled text and image inputs and two timestep conditions, a stage B with
+/// effnet and pixel mappers, patch size 2 and a level without attention, the v2 tiny VQGAN,
+/// one CLIPTextModelWithProjection per pipeline (float16).
+fn cascade_tiny() -> CascadeArch {
     use CascadeBlock::{Attn, Res, Timestep};
     let v2 = tiny_a();
     let text_encoder = ClipTextConfig {
@@ -500,6 +513,75 @@ fn cascade_pipeline_files(seed: u64) -> Result<(Files, Files)> {
         up_blocks_repeat_mappers: vec![2, 2],
         ..unet(12, vec![8, 16], vec![0, 2])
     };
+    CascadeArch {
+        prior,
+        decoder,
+        folders: ["prior", "decoder"],
+        text_encoder,
+        text_encoder_dtype: Dtype::F16,
+        v2,
+    }
+}
+
+/// The published lite pair (`prior_lite/` 1.0B and `decoder_lite/` 0.7B parameters; configs of
+/// diffusers' `convert_stable_cascade_lite.py`), with CLIP ViT-bigG/14 text encoders with
+/// projection and Würstchen v2's VQGAN, all f32: ~12 GB, for CPU benchmarks. The full
+/// networks (3.6B + 1.5B) would not fit beside their page cache on a 24 GiB machine.
+fn cascade_lite() -> CascadeArch {
+    use CascadeBlock::{Attn, Res, Timestep};
+    let v2 = real();
+    let text_encoder = ClipTextConfig {
+        projection_dim: 1280,
+        ..v2.prior_text_encoder.clone()
+    };
+    let prior = CascadeUNetConfig {
+        conditioning_dim: 1536,
+        block_out_channels: vec![1536, 1536],
+        num_attention_heads: vec![24, 24],
+        down_num_layers_per_block: vec![4, 12],
+        up_num_layers_per_block: vec![12, 4],
+        clip_text_in_channels: Some(1280),
+        clip_text_pooled_in_channels: 1280,
+        clip_image_in_channels: Some(768),
+        switch_level: Some(vec![false]),
+        ..CascadeUNetConfig::default()
+    };
+    let decoder = CascadeUNetConfig {
+        in_channels: 4,
+        out_channels: 4,
+        patch_size: 2,
+        conditioning_dim: 1280,
+        block_out_channels: vec![320, 576, 1152, 1152],
+        down_num_layers_per_block: vec![2, 4, 14, 4],
+        up_num_layers_per_block: vec![4, 14, 4, 2],
+        down_blocks_repeat_mappers: vec![1; 4],
+        up_blocks_repeat_mappers: vec![2; 4],
+        num_attention_heads: vec![0, 9, 18, 18],
+        block_types_per_layer: vec![
+            vec![Res, Timestep],
+            vec![Res, Timestep],
+            vec![Res, Timestep, Attn],
+            vec![Res, Timestep, Attn],
+        ],
+        clip_text_pooled_in_channels: 1280,
+        effnet_in_channels: Some(16),
+        pixel_mapper_in_channels: Some(3),
+        timestep_conditioning_type: vec!["sca".into()],
+        ..CascadeUNetConfig::default()
+    };
+    CascadeArch {
+        prior,
+        decoder,
+        folders: ["prior_lite", "decoder_lite"],
+        text_encoder,
+        text_encoder_dtype: Dtype::F32,
+        v2,
+    }
+}
+
+/// The pair `arch` in the Hub's layout.
+fn cascade_pipeline_files(seed: u64, arch: &CascadeArch) -> Result<(Files, Files)> {
+    let (prior, decoder, text_encoder, v2) = (&arch.prior, &arch.decoder, &arch.text_encoder, &arch.v2);
     prior.validate("prior")?;
     decoder.validate("decoder")?;
     let tokenizer = tokenizer_files(text_encoder.max_position_embeddings)?;
@@ -565,13 +647,9 @@ fn cascade_pipeline_files(seed: u64) -> Result<(Files, Files)> {
         ("README.md".into(), readme("prior", "stabilityai/stable-cascade-prior")),
         scheduler()?,
     ];
-    prior_files.extend(unet_files("prior", &prior, module_seed(PRIOR_SEED))?);
-    prior_files.extend(clip_text_files(
-        &text_encoder,
-        Dtype::F16,
-        module_seed(PRIOR_TEXT_ENCODER_SEED),
-        true,
-    )?);
+    prior_files.extend(unet_files(arch.folders[0], prior, module_seed(PRIOR_SEED))?);
+    let te_dtype = arch.text_encoder_dtype;
+    prior_files.extend(clip_text_files(text_encoder, te_dtype, module_seed(PRIOR_TEXT_ENCODER_SEED), true)?);
     prior_files.extend(tokenizer.iter().cloned());
 
     let mut decoder_files: Files = vec![
@@ -600,13 +678,9 @@ fn cascade_pipeline_files(seed: u64) -> Result<(Files, Files)> {
             vqgan_weights(&v2.vqgan, v2.num_vq_embeddings, module_seed(VQGAN_SEED))?,
         ),
     ];
-    decoder_files.extend(unet_files("decoder", &decoder, module_seed(DECODER_SEED))?);
-    decoder_files.extend(clip_text_files(
-        &text_encoder,
-        Dtype::F16,
-        module_seed(DECODER_TEXT_ENCODER_SEED),
-        true,
-    )?);
+    decoder_files.extend(unet_files(arch.folders[1], decoder, module_seed(DECODER_SEED))?);
+    let seed = module_seed(DECODER_TEXT_ENCODER_SEED);
+    decoder_files.extend(clip_text_files(text_encoder, te_dtype, seed, true)?);
     decoder_files.extend(tokenizer);
     Ok((prior_files, decoder_files))
 }
