@@ -15,7 +15,7 @@
 //! `model_index.json` has the same `resolution_multiple` and `latent_dim_scale` as v2's.
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use crate::config::{
     read_json, CascadeUNetConfig, ClipTextConfig, DecoderPipelineConfig, PriorPipelineConfig, SchedulerConfig,
@@ -25,8 +25,8 @@ use crate::hub::FileSource;
 use crate::models::cascade::{CascadeInputs, StableCascadeUNet};
 use crate::models::PaellaVqDecoder;
 use crate::pipeline::{
-    leader, sample, scale_latent, single, split_finite, BatchNoise, Component, DecoderParams, PriorParams, Runtime,
-    TextEncoder,
+    decode_images, leader, prior_latent_size, sample, scale_latent, single, split_finite, BatchNoise, Component,
+    DecoderParams, PriorParams, Runtime, TextEncoder,
 };
 use crate::progress::Progress;
 use crate::rng::NoiseSource;
@@ -192,10 +192,9 @@ impl CascadePriorPipeline {
         })
     }
 
-    /// The embedding's (h, w) for an image of (height, width): `ceil(size / resolution_multiple)`.
+    /// The embedding's (h, w) for an image of (height, width), as v2's prior sizes it.
     pub fn latent_size(&self, height: usize, width: usize) -> (usize, usize) {
-        let m = self.configs.pipeline.resolution_multiple;
-        ((height as f64 / m).ceil() as usize, (width as f64 / m).ceil() as usize)
+        prior_latent_size(self.configs.pipeline.resolution_multiple, height, width)
     }
 
     pub fn run(
@@ -226,13 +225,13 @@ impl CascadePriorPipeline {
         let rows = text.states.dim(0)?;
         // no image prompt: zeros for the conditional and the unconditional half alike
         let image_channels = self.configs.prior.clip_image_in_channels.unwrap_or(0);
-        let images = Tensor::zeros((rows, 1, image_channels), rt.dtype, &rt.device)?;
+        let image_embeds = Tensor::zeros((rows, 1, image_channels), rt.dtype, &rt.device)?;
         let (h, w) = self.latent_size(p.height, p.width);
         let cond = self.prior.condition(
             &CascadeInputs {
                 clip_text_pooled: Some(&text.pooled.to_dtype(rt.dtype)?),
                 clip_text: Some(&text.states.to_dtype(rt.dtype)?),
-                clip_img: Some(&images),
+                clip_img: Some(&image_embeds),
                 effnet: None,
             },
             (h, w),
@@ -249,13 +248,14 @@ impl CascadePriorPipeline {
             |x, r| Ok(self.prior.forward(x, r, &cond)?),
         )?;
         let counts = noise.counts();
-        let images: usize = counts.iter().sum();
+        // the negative prompts' rows follow all the prompts' rows
+        let negatives_start: usize = counts.iter().sum();
         let mut start = 0;
         let mut out = Vec::with_capacity(counts.len());
         for (result, &n) in split_finite(&latents, &counts, "prior")?.into_iter().zip(&counts) {
             let negative = guidance
                 .is_some()
-                .then(|| text.pooled.narrow(0, images + start, n))
+                .then(|| text.pooled.narrow(0, negatives_start + start, n))
                 .transpose()?;
             let pooled = PooledText {
                 prompt: text.pooled.narrow(0, start, n)?,
@@ -471,17 +471,7 @@ impl CascadeDecoderPipeline {
             "decoder",
             |x, r| Ok(self.decoder.forward(x, r, &cond)?),
         )?;
-        let finite = split_finite(&latents, &counts, "decoder")?;
-        progress.start("vqgan", 1);
-        let images = self
-            .vqgan
-            .decode(&(latents * self.vqgan.scale_factor())?.to_dtype(rt.dtype)?)?
-            .to_dtype(DType::F32)?
-            .clamp(0f32, 1f32)?;
-        progress.step();
-        progress.finish();
-        let images = split_finite(&images, &counts, "decoder")?;
-        Ok(finite.into_iter().zip(images).map(|(l, i)| l.and(i)).collect())
+        decode_images(&self.vqgan, latents, &counts, rt, progress)
     }
 }
 
@@ -492,7 +482,7 @@ mod tests {
     use crate::progress::Silent;
     use crate::rng::TorchCpuGenerator;
     use crate::scheduler::linear_timesteps;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use std::collections::HashMap;
     use std::path::PathBuf;
 

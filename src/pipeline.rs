@@ -448,10 +448,9 @@ impl PriorPipeline {
         )
     }
 
-    /// The embedding's (h, w) for an image of (height, width): `ceil(size / resolution_multiple)`.
+    /// The embedding's (h, w) for an image of (height, width).
     pub fn latent_size(&self, height: usize, width: usize) -> (usize, usize) {
-        let m = self.config.resolution_multiple;
-        ((height as f64 / m).ceil() as usize, (width as f64 / m).ceil() as usize)
+        prior_latent_size(self.config.resolution_multiple, height, width)
     }
 
     /// Image embeddings (N, c_in, h, w) in f32, denormalised (`latents * latent_mean - latent_std`).
@@ -685,19 +684,36 @@ impl DecoderPipeline {
             "decoder",
             |x, r| Ok(self.decoder.forward(x, r, &cond)?),
         )?;
-        let finite = split_finite(&latents, &counts, "decoder")?;
-        progress.start("vqgan", 1);
-        let images = self
-            .vqgan
-            .decode(&(latents * self.vqgan.scale_factor())?.to_dtype(rt.dtype)?)?
-            .to_dtype(DType::F32)?
-            .clamp(0f32, 1f32)?;
-        progress.step();
-        progress.finish();
-        let images = split_finite(&images, &counts, "decoder")?;
-        // a request's latents decide: clamping can hide their NaN in the images
-        Ok(finite.into_iter().zip(images).map(|(l, i)| l.and(i)).collect())
+        decode_images(&self.vqgan, latents, &counts, rt, progress)
     }
+}
+
+/// Stage A: the decoder's `latents` through the VQGAN (`decode(scale_factor * latents)`,
+/// clamped to [0, 1], f32), split into the requests' `counts` images; a request whose latents
+/// are not finite gets an error (clamping can hide their NaN in the images).
+pub(crate) fn decode_images(
+    vqgan: &PaellaVqDecoder,
+    latents: Tensor,
+    counts: &[usize],
+    rt: &Runtime,
+    progress: &mut dyn Progress,
+) -> Result<Vec<Result<Tensor>>> {
+    let finite = split_finite(&latents, counts, "decoder")?;
+    progress.start("vqgan", 1);
+    let images = vqgan
+        .decode(&(latents * vqgan.scale_factor())?.to_dtype(rt.dtype)?)?
+        .to_dtype(DType::F32)?
+        .clamp(0f32, 1f32)?;
+    progress.step();
+    progress.finish();
+    let images = split_finite(&images, counts, "decoder")?;
+    Ok(finite.into_iter().zip(images).map(|(l, i)| l.and(i)).collect())
+}
+
+/// diffusers' prior latent size for an image of (height, width): `ceil(size / resolution_multiple)`.
+pub(crate) fn prior_latent_size(resolution_multiple: f64, height: usize, width: usize) -> (usize, usize) {
+    let m = resolution_multiple;
+    ((height as f64 / m).ceil() as usize, (width as f64 / m).ceil() as usize)
 }
 
 /// diffusers' decoder latent size for an embedding of (h, w): `int(size * latent_dim_scale)`.

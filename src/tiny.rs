@@ -649,7 +649,12 @@ fn cascade_pipeline_files(seed: u64, arch: &CascadeArch) -> Result<(Files, Files
     ];
     prior_files.extend(unet_files(arch.folders[0], prior, module_seed(PRIOR_SEED))?);
     let te_dtype = arch.text_encoder_dtype;
-    prior_files.extend(clip_text_files(text_encoder, te_dtype, module_seed(PRIOR_TEXT_ENCODER_SEED), true)?);
+    prior_files.extend(clip_text_files(
+        text_encoder,
+        te_dtype,
+        module_seed(PRIOR_TEXT_ENCODER_SEED),
+        true,
+    )?);
     prior_files.extend(tokenizer.iter().cloned());
 
     let mut decoder_files: Files = vec![
