@@ -100,13 +100,10 @@ pub fn run(
             let req = &p.job.req;
             tracing::info!("seed {} {}x{}: {:?}", req.seed, req.width, req.height, req.prompt);
         }
-        let params: Vec<_> = batch_jobs.iter().map(|p| p.job.req.prior_params()).collect();
-        let mut noises: Vec<_> = batch_jobs
-            .iter()
-            .map(|p| TorchCpuGenerator::with_kernel(p.job.req.seed, plan.rng))
-            .collect();
-        let streams = BatchNoise::of(&mut noises, params.iter().map(|p| p.num_images));
-        let results = match prior.run_batch(&params, streams, &mut progress) {
+        let results = super::generate::prior_over(batch_jobs, plan.rng, |params, noise| {
+            prior.run_batch(params, noise, &mut progress)
+        });
+        let results = match results {
             Ok(results) => results,
             Err(err) => {
                 summary.batch_failure(origins(), err, plan.jobs.keep_going)?;
@@ -115,7 +112,7 @@ pub fn run(
         };
         // the jobs whose prior succeeded go on, each with its stream
         let mut halfway: Vec<(usize, CascadeEmbeddings, TorchCpuGenerator)> = Vec::new();
-        for ((i, result), noise) in batch.clone().zip(results).zip(noises) {
+        for (i, (result, noise)) in batch.clone().zip(results) {
             if let Some(emb) = summary.failure(&jobs[i].job.origin, result, plan.jobs.keep_going)? {
                 halfway.push((i, emb, noise));
             }

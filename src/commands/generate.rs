@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use super::{check_interrupt, install_interrupt, load_decoder, log_peak_memory, source, PriorSources, Summary, Writer};
 use crate::memory::{self, ModelShapes, RunShapes};
 use crate::output;
-use crate::pipeline::{BatchNoise, DecoderConfigs, DecoderPipeline, PriorPipeline, Runtime, SizeRule};
+use crate::pipeline::{BatchNoise, DecoderConfigs, DecoderPipeline, PriorParams, PriorPipeline, Runtime, SizeRule};
 use crate::progress::TerminalProgress;
 use crate::record::{GenerationRecord, NoiseDraws, RunInfo};
 use crate::request::{GeneratePlan, GenerateRequest, JobPlan, PlannedJob};
@@ -79,22 +79,21 @@ fn sorted_header(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// The prior over `jobs` as one batch, each job with the torch-compatible generator of its
-/// seed: each job's embeddings (or its own error) and its stream as the decoder continues it.
-/// The outer error failed the whole batch.
-pub(super) fn prior_over(
-    prior: &PriorPipeline,
+/// A prior (`run_batch`, of either family) over `jobs` as one batch, each job with the
+/// torch-compatible generator of its seed: each job's result (or its own error) and its
+/// stream as the decoder continues it. The outer error failed the whole batch.
+pub(super) fn prior_over<T>(
     jobs: &[PlannedJob],
     kernel: BoxMuller,
-    progress: &mut TerminalProgress,
-) -> Result<Vec<(Result<Tensor>, TorchCpuGenerator)>> {
+    run_batch: impl FnOnce(&[PriorParams], BatchNoise) -> Result<Vec<Result<T>>>,
+) -> Result<Vec<(Result<T>, TorchCpuGenerator)>> {
     let params: Vec<_> = jobs.iter().map(|p| p.job.req.prior_params()).collect();
     let mut noises: Vec<_> = jobs
         .iter()
         .map(|p| TorchCpuGenerator::with_kernel(p.job.req.seed, kernel))
         .collect();
     let streams = BatchNoise::of(&mut noises, params.iter().map(|p| p.num_images));
-    let results = prior.run_batch(&params, streams, progress)?;
+    let results = run_batch(&params, streams)?;
     Ok(results.into_iter().zip(noises).collect())
 }
 
@@ -309,7 +308,9 @@ impl Ctx<'_> {
         for (i, p) in batch.clone().zip(jobs) {
             self.log_job(i, p);
         }
-        let results = match prior_over(prior, jobs, self.kernel, progress) {
+        let results = match prior_over(jobs, self.kernel, |params, noise| {
+            prior.run_batch(params, noise, progress)
+        }) {
             Ok(results) => results,
             Err(err) => {
                 self.batch_failed(&batch.collect::<Vec<_>>(), err, summary)?;

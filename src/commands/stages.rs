@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use super::generate::embeddings_file;
+use super::generate::{embeddings_file, prior_over};
 use super::{check_interrupt, install_interrupt, load_decoder, log_peak_memory, source, PriorSources, Summary, Writer};
 use crate::cascade::{
     CascadeDecoderConfigs, CascadeDecoderPipeline, CascadePriorConfigs, CascadePriorPipeline, Family,
@@ -16,7 +16,7 @@ use crate::cascade::{
 };
 use crate::error::{InputError, ModelError};
 use crate::output;
-use crate::pipeline::{BatchNoise, DecoderConfigs, PriorPipeline};
+use crate::pipeline::{DecoderConfigs, PriorPipeline};
 use crate::progress::TerminalProgress;
 use crate::record::{GenerationRecord, RunInfo};
 use crate::request::{self, DecodePlan, GeneratePlan, PlannedJob};
@@ -38,18 +38,12 @@ impl Prior {
     ) -> Result<Vec<Result<Tensor>>> {
         match self {
             Self::V2(prior) => {
-                let results = super::generate::prior_over(prior, jobs, kernel, progress)?;
+                let results = prior_over(jobs, kernel, |params, noise| prior.run_batch(params, noise, progress))?;
                 Ok(results.into_iter().map(|(r, _)| r).collect())
             }
             Self::Cascade(prior) => {
-                let params: Vec<_> = jobs.iter().map(|p| p.job.req.prior_params()).collect();
-                let mut noises: Vec<_> = jobs
-                    .iter()
-                    .map(|p| TorchCpuGenerator::with_kernel(p.job.req.seed, kernel))
-                    .collect();
-                let streams = BatchNoise::of(&mut noises, params.iter().map(|p| p.num_images));
-                let results = prior.run_batch(&params, streams, progress)?;
-                Ok(results.into_iter().map(|r| r.map(|e| e.embeddings)).collect())
+                let results = prior_over(jobs, kernel, |params, noise| prior.run_batch(params, noise, progress))?;
+                Ok(results.into_iter().map(|(r, _)| r.map(|e| e.embeddings)).collect())
             }
         }
     }
