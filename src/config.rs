@@ -21,23 +21,11 @@ pub fn read_json<T: serde::de::DeserializeOwned>(
     component: &str,
     rel_path: &str,
 ) -> anyhow::Result<T> {
-    let path = src.get(rel_path)?.ok_or_else(|| ModelError::MissingFile {
-        component: component.to_string(),
-        path: std::path::Path::new(&src.describe()).join(rel_path),
-    })?;
-    let text = std::fs::read_to_string(&path).map_err(|e| ModelError::BadFile {
-        component: component.to_string(),
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    serde_json::from_str(&text).map_err(|e| {
-        ModelError::BadFile {
-            component: component.to_string(),
-            path,
-            message: format!("invalid JSON for this component: {e}"),
-        }
-        .into()
-    })
+    let (path, text) = src
+        .read_text(component, rel_path)?
+        .ok_or_else(|| src.missing(component, rel_path))?;
+    let parsed = serde_json::from_str(&text);
+    Ok(parsed.map_err(|e| ModelError::bad_file(component, &path, format!("invalid JSON for this component: {e}")))?)
 }
 
 /// `model_index.json` of a prior pipeline (WuerstchenPriorPipeline's registered config).

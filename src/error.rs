@@ -45,6 +45,16 @@ pub enum ModelError {
     BadConfig { component: String, message: String },
 }
 
+impl ModelError {
+    pub fn bad_file(component: &str, path: &std::path::Path, message: impl Into<String>) -> Self {
+        Self::BadFile {
+            component: component.to_string(),
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+}
+
 /// The user pressed Ctrl-C: exit code 130.
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted")]

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 
-use crate::error::InputError;
+use crate::error::{InputError, ModelError};
 
 /// A diffusers pipeline folder (`model_index.json`, `prior/`, `text_encoder/`, ...), local or
 /// on the Hub. Paths are relative to the folder's root, with `/` separators.
@@ -19,6 +19,31 @@ pub trait FileSource: Send + Sync {
     /// The commit a Hub revision resolved to, once known (recorded with every image).
     fn commit(&self) -> Option<String> {
         None
+    }
+
+    /// The error for `component`'s file `rel_path`, which this source lacks.
+    fn missing(&self, component: &str, rel_path: &str) -> ModelError {
+        ModelError::MissingFile {
+            component: component.to_string(),
+            path: Path::new(&self.describe()).join(rel_path),
+        }
+    }
+
+    /// [`FileSource::get`] for a file `component` cannot do without.
+    fn require(&self, component: &str, rel_path: &str) -> Result<PathBuf> {
+        self.get(rel_path)?
+            .ok_or_else(|| self.missing(component, rel_path).into())
+    }
+
+    /// The file's path and text, `None` when the source does not have it; a file that cannot
+    /// be read as text is `component`'s bad file.
+    fn read_text(&self, component: &str, rel_path: &str) -> Result<Option<(PathBuf, String)>> {
+        let Some(path) = self.get(rel_path)? else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(&path);
+        let text = text.map_err(|e| ModelError::bad_file(component, &path, format!("cannot read: {e}")))?;
+        Ok(Some((path, text)))
     }
 }
 

@@ -63,16 +63,6 @@ impl<'a> Component<'a> {
     }
 }
 
-fn required(src: &dyn FileSource, component: &str, rel: &str) -> Result<std::path::PathBuf> {
-    src.get(rel)?.ok_or_else(|| {
-        crate::error::ModelError::MissingFile {
-            component: component.to_string(),
-            path: std::path::Path::new(&src.describe()).join(rel),
-        }
-        .into()
-    })
-}
-
 /// Every file a stage loads from `src`: `model_index.json`, the scheduler config, the
 /// tokenizer, and each `(folder, weights stem)` component's config and weights. Fetches them
 /// (for a Hub source) without loading anything; `stage_c` replaces the `prior` folder.
@@ -81,14 +71,14 @@ pub(crate) fn locate(
     parts: &[(&str, &str)],
     stage_c: Option<&dyn FileSource>,
 ) -> Result<Vec<std::path::PathBuf>> {
-    let mut files = vec![required(src, "model_index.json", "model_index.json")?];
-    files.push(required(src, "scheduler", "scheduler/scheduler_config.json")?);
+    let mut files = vec![src.require("model_index.json", "model_index.json")?];
+    files.push(src.require("scheduler", "scheduler/scheduler_config.json")?);
     for (folder, stem) in parts {
         let (s, f) = match stage_c {
             Some(s) if *folder == "prior" => (s, ""),
             _ => (src, *folder),
         };
-        files.push(required(s, folder, &join(f, "config.json"))?);
+        files.push(s.require(folder, &join(f, "config.json"))?);
         files.extend(component_weight_files(s, f, folder, stem)?);
     }
     // the tokenizer's tables: tokenizer.json, or vocab.json + merges.txt; and its settings
@@ -97,11 +87,7 @@ pub(crate) fn locate(
         tables.push(src.get(&format!("tokenizer/{name}"))?);
     }
     if tables[0].is_none() && (tables[1].is_none() || tables[2].is_none()) {
-        return Err(crate::error::ModelError::MissingFile {
-            component: "tokenizer".into(),
-            path: std::path::Path::new(&src.describe()).join("tokenizer/tokenizer.json"),
-        }
-        .into());
+        return Err(src.missing("tokenizer", "tokenizer/tokenizer.json").into());
     }
     files.extend(tables.into_iter().flatten());
     for name in ["tokenizer_config.json", "special_tokens_map.json"] {

@@ -239,29 +239,23 @@ struct Folder<'a> {
 
 impl Folder<'_> {
     fn missing(&self, name: &str) -> anyhow::Error {
-        let path = Path::new(&self.src.describe()).join(self.component).join(name);
-        ModelError::MissingFile {
-            component: self.component.to_string(),
-            path,
-        }
-        .into()
+        self.src
+            .missing(self.component, &format!("{}/{name}", self.component))
+            .into()
     }
 
     fn bad(&self, path: &Path, message: String) -> ModelError {
-        let (component, path) = (self.component.to_string(), path.to_path_buf());
-        ModelError::BadFile {
-            component,
-            path,
-            message,
-        }
+        ModelError::bad_file(self.component, path, message)
     }
 
     /// File `name` parsed with `parse`, and its path; `None` if the folder has no such file.
     fn parse<T>(&self, name: &str, parse: impl FnOnce(&str) -> Parsed<T>) -> Result<Option<(PathBuf, T)>> {
-        let Some(path) = self.src.get(&format!("{}/{name}", self.component))? else {
+        let Some((path, text)) = self
+            .src
+            .read_text(self.component, &format!("{}/{name}", self.component))?
+        else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(&path).map_err(|e| self.bad(&path, format!("cannot read: {e}")))?;
         let value = parse(&text).map_err(|m| self.bad(&path, m))?;
         Ok(Some((path, value)))
     }

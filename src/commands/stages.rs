@@ -146,11 +146,7 @@ struct Embeddings {
 }
 
 fn read_embeddings(path: &Path) -> Result<Embeddings> {
-    let bad = |message: String| ModelError::BadFile {
-        component: "embeddings".into(),
-        path: path.to_path_buf(),
-        message,
-    };
+    let bad = |message: String| ModelError::bad_file("embeddings", path, message);
     let bytes = std::fs::read(path).map_err(|e| InputError::new(format!("cannot read {}: {e}", path.display())))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let view = st

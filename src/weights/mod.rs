@@ -78,21 +78,11 @@ impl Weights {
         let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for path in paths {
-            let file = std::fs::File::open(path).map_err(|e| ModelError::BadFile {
-                component: component.to_string(),
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
-            let mmap = Mapping::open(&file).map_err(|e| ModelError::BadFile {
-                component: component.to_string(),
-                path: path.clone(),
-                message: format!("cannot map: {e}"),
-            })?;
-            let (header_len, metadata) = SafeTensors::read_metadata(mmap.bytes()).map_err(|e| ModelError::BadFile {
-                component: component.to_string(),
-                path: path.clone(),
-                message: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
-            })?;
+            let bad = |message: String| ModelError::bad_file(component, path, message);
+            let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+            let mmap = Mapping::open(&file).map_err(|e| bad(format!("cannot map: {e}")))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(mmap.bytes())
+                .map_err(|e| bad(format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
             for name in metadata.tensors().keys() {
                 index.insert(name.clone(), files.len());
             }
@@ -142,13 +132,8 @@ impl Weights {
 
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let (file, info) = self.info(name)?;
-        let bad = |message: String| {
-            candle_core::Error::wrap(ModelError::BadFile {
-                component: self.component.clone(),
-                path: file.path.clone(),
-                message,
-            })
-        };
+        let bad =
+            |message: String| candle_core::Error::wrap(ModelError::bad_file(&self.component, &file.path, message));
         let stored =
             DType::try_from(info.dtype).map_err(|e| bad(format!("tensor `{name}`: unsupported dtype: {e}")))?;
         if !stored.is_float() {
@@ -356,16 +341,12 @@ pub fn component_weight_files(
     component: &str,
     stem: &str,
 ) -> Result<Vec<PathBuf>> {
-    let missing = |rel: &str| ModelError::MissingFile {
-        component: component.to_string(),
-        path: Path::new(&src.describe()).join(rel),
-    };
     let single = join(folder, &format!("{stem}.safetensors"));
     if let Some(path) = src.get(&single)? {
         return Ok(vec![path]);
     }
     let Some(index_path) = src.get(&format!("{single}.index.json"))? else {
-        return Err(missing(&single).into());
+        return Err(src.missing(component, &single).into());
     };
     shard_files(src, folder, component, &index_path)
 }
@@ -377,20 +358,13 @@ fn shard_files(
     component: &str,
     index_path: &Path,
 ) -> Result<Vec<PathBuf>> {
-    let missing = |rel: &str| ModelError::MissingFile {
-        component: component.to_string(),
-        path: Path::new(&src.describe()).join(rel),
-    };
     #[derive(serde::Deserialize)]
     struct ShardIndex {
         weight_map: HashMap<String, String>,
     }
     let text = std::fs::read_to_string(index_path).with_context(|| format!("reading {}", index_path.display()))?;
-    let index: ShardIndex = serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
-        component: component.to_string(),
-        path: index_path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let index: ShardIndex =
+        serde_json::from_str(&text).map_err(|e| ModelError::bad_file(component, index_path, e.to_string()))?;
     let mut shards: Vec<&String> = index.weight_map.values().collect();
     shards.sort();
     shards.dedup();
@@ -398,7 +372,7 @@ fn shard_files(
         .into_iter()
         .map(|shard| {
             let rel = join(folder, shard);
-            src.get(&rel)?.ok_or_else(|| missing(&rel).into())
+            src.require(component, &rel)
         })
         .collect()
 }
