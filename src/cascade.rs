@@ -25,8 +25,8 @@ use crate::hub::FileSource;
 use crate::models::cascade::{CascadeInputs, StableCascadeUNet};
 use crate::models::PaellaVqDecoder;
 use crate::pipeline::{
-    decode_images, leader, prior_latent_size, sample, scale_latent, single, split_finite, BatchNoise, Component,
-    DecoderParams, PriorParams, Runtime, TextEncoder,
+    decode_images, leader, prior_latent_size, read_stage_files, sample, scale_latent, single, split_finite, BatchNoise,
+    Component, DecoderParams, PriorParams, Runtime, TextEncoder,
 };
 use crate::progress::Progress;
 use crate::rng::NoiseSource;
@@ -131,8 +131,7 @@ impl CascadePriorConfigs {
     /// Reads a `stabilityai/stable-cascade-prior`-layout source's configs, with the lite
     /// network (`prior_lite/`) where `lite`.
     pub fn read(src: &dyn FileSource, lite: bool) -> Result<Self> {
-        let pipeline: PriorPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
-        pipeline.validate()?;
+        let (pipeline, scheduler, text_encoder) = read_stage_files(src, PriorPipelineConfig::validate)?;
         let prior_folder = if lite { "prior_lite" } else { "prior" };
         let prior: CascadeUNetConfig = Component::new(src, prior_folder).config("config.json")?;
         prior.validate(prior_folder)?;
@@ -145,9 +144,6 @@ impl CascadePriorConfigs {
                     .into(),
             }
         );
-        let scheduler: SchedulerConfig = Component::new(src, "scheduler").config("scheduler_config.json")?;
-        scheduler.validate()?;
-        let text_encoder = TextEncoder::read_config(src)?;
         Ok(Self {
             pipeline,
             prior_folder,
@@ -284,16 +280,12 @@ impl CascadeDecoderConfigs {
     /// Reads a `stabilityai/stable-cascade`-layout source's configs, with the lite network
     /// (`decoder_lite/`) where `lite`.
     pub fn read(src: &dyn FileSource, lite: bool) -> Result<Self> {
-        let pipeline: DecoderPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
-        pipeline.validate()?;
+        let (pipeline, scheduler, text_encoder) = read_stage_files(src, DecoderPipelineConfig::validate)?;
         let decoder_folder = if lite { "decoder_lite" } else { "decoder" };
         let decoder: CascadeUNetConfig = Component::new(src, decoder_folder).config("config.json")?;
         decoder.validate(decoder_folder)?;
         let vqgan: VqganConfig = Component::new(src, "vqgan").config("config.json")?;
         vqgan.validate()?;
-        let scheduler: SchedulerConfig = Component::new(src, "scheduler").config("scheduler_config.json")?;
-        scheduler.validate()?;
-        let text_encoder = TextEncoder::read_config(src)?;
         Ok(Self {
             pipeline,
             decoder_folder,

@@ -335,6 +335,19 @@ pub(crate) fn leader<P>(batch: &[P], shares: impl Fn(&P, &P) -> bool) -> Result<
     Ok(first)
 }
 
+/// What every stage reads besides its networks' configs, each parsed and validated:
+/// `model_index.json` (as `P`, checked by `validate`), the scheduler's and the text encoder's.
+pub(crate) fn read_stage_files<P: serde::de::DeserializeOwned>(
+    src: &dyn FileSource,
+    validate: impl FnOnce(&P) -> std::result::Result<(), crate::error::ModelError>,
+) -> Result<(P, SchedulerConfig, ClipTextConfig)> {
+    let pipeline: P = read_json(src, "model_index.json", "model_index.json")?;
+    validate(&pipeline)?;
+    let scheduler: SchedulerConfig = Component::new(src, "scheduler").config("scheduler_config.json")?;
+    scheduler.validate()?;
+    Ok((pipeline, scheduler, TextEncoder::read_config(src)?))
+}
+
 /// The prior stage's configuration files, parsed and validated once: the size rule and the
 /// loader both read them from here.
 #[derive(Debug, Clone)]
@@ -350,13 +363,9 @@ impl PriorConfigs {
     /// the Stage C network's (a folder or repo holding `config.json` + weights).
     pub fn read(src: &dyn FileSource, stage_c: Option<&dyn FileSource>) -> Result<Self> {
         v2_only(src, "prior")?;
-        let pipeline: PriorPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
-        pipeline.validate()?;
+        let (pipeline, scheduler, text_encoder) = read_stage_files(src, PriorPipelineConfig::validate)?;
         let prior: PriorConfig = prior_component(src, stage_c).config("config.json")?;
         prior.validate()?;
-        let scheduler: SchedulerConfig = Component::new(src, "scheduler").config("scheduler_config.json")?;
-        scheduler.validate()?;
-        let text_encoder = TextEncoder::read_config(src)?;
         Ok(Self {
             pipeline,
             prior,
@@ -510,15 +519,11 @@ impl DecoderConfigs {
     /// Reads a `warp-ai/wuerstchen`-layout source's configs.
     pub fn read(src: &dyn FileSource) -> Result<Self> {
         v2_only(src, "decoder")?;
-        let pipeline: DecoderPipelineConfig = read_json(src, "model_index.json", "model_index.json")?;
-        pipeline.validate()?;
+        let (pipeline, scheduler, text_encoder) = read_stage_files(src, DecoderPipelineConfig::validate)?;
         let decoder: DecoderConfig = Component::new(src, "decoder").config("config.json")?;
         decoder.validate()?;
         let vqgan: VqganConfig = Component::new(src, "vqgan").config("config.json")?;
         vqgan.validate()?;
-        let scheduler: SchedulerConfig = Component::new(src, "scheduler").config("scheduler_config.json")?;
-        scheduler.validate()?;
-        let text_encoder = TextEncoder::read_config(src)?;
         Ok(Self {
             pipeline,
             decoder,
