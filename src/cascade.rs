@@ -15,7 +15,9 @@
 //! `model_index.json` has the same `resolution_multiple` and `latent_dim_scale` as v2's.
 
 use anyhow::Result;
-use candle_core::Tensor;
+use std::path::PathBuf;
+
+use candle_core::{DType, Tensor};
 
 use crate::config::{
     read_json, CascadeUNetConfig, ClipTextConfig, DecoderPipelineConfig, PriorPipelineConfig, SchedulerConfig,
@@ -25,8 +27,8 @@ use crate::hub::FileSource;
 use crate::models::cascade::{CascadeInputs, StableCascadeUNet};
 use crate::models::PaellaVqDecoder;
 use crate::pipeline::{
-    decode_images, leader, prior_latent_size, read_stage_files, sample, scale_latent, single, split_finite, BatchNoise,
-    Component, DecoderParams, PriorParams, Runtime, TextEncoder,
+    decode_images, leader, locate, prior_latent_size, read_stage_files, sample, scale_latent, single, split_finite,
+    BatchNoise, Component, DecoderParams, PriorParams, Runtime, TextEncoder,
 };
 use crate::progress::Progress;
 use crate::rng::NoiseSource;
@@ -116,6 +118,24 @@ fn text_conditioning(text: &TextEncoder, requests: &[(&str, &str, usize)], guida
     })
 }
 
+/// The prior network's folder: `prior`, or `prior_lite` for the lite network.
+fn prior_folder(lite: bool) -> &'static str {
+    if lite {
+        "prior_lite"
+    } else {
+        "prior"
+    }
+}
+
+/// The decoder network's folder: `decoder`, or `decoder_lite` for the lite network.
+fn decoder_folder(lite: bool) -> &'static str {
+    if lite {
+        "decoder_lite"
+    } else {
+        "decoder"
+    }
+}
+
 /// The prior stage's configuration files, parsed and validated once.
 #[derive(Debug, Clone)]
 pub struct CascadePriorConfigs {
@@ -132,7 +152,7 @@ impl CascadePriorConfigs {
     /// network (`prior_lite/`) where `lite`.
     pub fn read(src: &dyn FileSource, lite: bool) -> Result<Self> {
         let (pipeline, scheduler, text_encoder) = read_stage_files(src, PriorPipelineConfig::validate)?;
-        let prior_folder = if lite { "prior_lite" } else { "prior" };
+        let prior_folder = prior_folder(lite);
         let prior: CascadeUNetConfig = Component::new(src, prior_folder).config("config.json")?;
         prior.validate(prior_folder)?;
         anyhow::ensure!(
@@ -186,6 +206,16 @@ impl CascadePriorPipeline {
             configs: configs.clone(),
             runtime: rt.clone(),
         })
+    }
+
+    /// Fetches every file `load` reads in `dtype` (the `bf16` files the repos publish for a
+    /// bf16 run), returning their paths.
+    pub fn locate(src: &dyn FileSource, lite: bool, dtype: DType) -> Result<Vec<PathBuf>> {
+        let parts = [
+            ("text_encoder", "model"),
+            (prior_folder(lite), "diffusion_pytorch_model"),
+        ];
+        locate(src, &parts, None, dtype)
     }
 
     /// The embedding's (h, w) for an image of (height, width), as v2's prior sizes it.
@@ -281,7 +311,7 @@ impl CascadeDecoderConfigs {
     /// (`decoder_lite/`) where `lite`.
     pub fn read(src: &dyn FileSource, lite: bool) -> Result<Self> {
         let (pipeline, scheduler, text_encoder) = read_stage_files(src, DecoderPipelineConfig::validate)?;
-        let decoder_folder = if lite { "decoder_lite" } else { "decoder" };
+        let decoder_folder = decoder_folder(lite);
         let decoder: CascadeUNetConfig = Component::new(src, decoder_folder).config("config.json")?;
         decoder.validate(decoder_folder)?;
         let vqgan: VqganConfig = Component::new(src, "vqgan").config("config.json")?;
@@ -356,6 +386,16 @@ impl CascadeDecoderPipeline {
             configs: configs.clone(),
             runtime: rt.clone(),
         })
+    }
+
+    /// Fetches every file `load` reads in `dtype`, returning their paths.
+    pub fn locate(src: &dyn FileSource, lite: bool, dtype: DType) -> Result<Vec<PathBuf>> {
+        let parts = [
+            ("text_encoder", "model"),
+            (decoder_folder(lite), "diffusion_pytorch_model"),
+            ("vqgan", "diffusion_pytorch_model"),
+        ];
+        locate(src, &parts, None, dtype)
     }
 
     /// The decoder latent's (H, W) for an embedding of (h, w): `int(size * latent_dim_scale)`.

@@ -189,6 +189,10 @@ pub struct InfoArgs {
 
 #[derive(Debug, Args)]
 pub struct DownloadArgs {
+    /// Fetch the weights a run in this dtype loads: the repos' bf16/fp16 files where they
+    /// publish them, else the plain ones [default: the dtype generate picks on this machine]
+    #[arg(long, value_enum, env = "WUERSTCHEN_DTYPE")]
+    pub dtype: Option<DtypeArg>,
     #[command(flatten)]
     pub prior_model: PriorModelArgs,
     #[command(flatten)]
@@ -703,7 +707,8 @@ pub fn run(cli: Cli) -> Result<()> {
             json: args.json,
         }),
         Command::Download(args) => {
-            commands::download::run(&models(&args.prior_model, Some(&args.decoder_model), &args.hub), quiet)
+            let models = models(&args.prior_model, Some(&args.decoder_model), &args.hub);
+            commands::download::run(&models, args.dtype.map(DType::from), quiet)
         }
         Command::TinyModel(args) => {
             let size = match args.size {

@@ -17,7 +17,7 @@ use crate::progress::Progress;
 use crate::rng::NoiseSource;
 use crate::scheduler::{self, DdpmWuerstchen};
 use crate::tokenizer::ClipTokenizer;
-use crate::weights::{component_weight_files, join, Weights};
+use crate::weights::{component_weight_files, join, variant_weight_files, Weights};
 
 /// Where and how the networks run.
 #[derive(Debug, Clone)]
@@ -53,23 +53,20 @@ impl<'a> Component<'a> {
     /// compute dtype where the folder has them (`bf16`, `fp16`; the Stable Cascade repos
     /// publish `bf16`), else the plain ones.
     pub(crate) fn weights(&self, stem: &str, rt: &Runtime) -> Result<candle_nn::VarBuilder<'static>> {
-        let variant = match rt.dtype {
-            DType::BF16 => Some("bf16"),
-            DType::F16 => Some("fp16"),
-            _ => None,
-        };
-        let files = crate::weights::variant_weight_files(self.src, self.folder, self.name, stem, variant)?;
+        let files = variant_weight_files(self.src, self.folder, self.name, stem, rt.dtype)?;
         Ok(Weights::open(self.name, &files)?.var_builder(rt.dtype, &rt.device))
     }
 }
 
-/// Every file a stage loads from `src`: `model_index.json`, the scheduler config, the
-/// tokenizer, and each `(folder, weights stem)` component's config and weights. Fetches them
-/// (for a Hub source) without loading anything; `stage_c` replaces the `prior` folder.
+/// Every file a stage loads from `src` in `dtype`: `model_index.json`, the scheduler config,
+/// the tokenizer, and each `(folder, weights stem)` component's config and weights (the
+/// dtype's variant where the folder has one). Fetches them (for a Hub source) without loading
+/// anything; `stage_c` replaces the `prior` folder.
 pub(crate) fn locate(
     src: &dyn FileSource,
     parts: &[(&str, &str)],
     stage_c: Option<&dyn FileSource>,
+    dtype: DType,
 ) -> Result<Vec<std::path::PathBuf>> {
     let mut files = vec![src.require("model_index.json", "model_index.json")?];
     files.push(src.require("scheduler", "scheduler/scheduler_config.json")?);
@@ -79,7 +76,7 @@ pub(crate) fn locate(
             _ => (src, *folder),
         };
         files.push(s.require(folder, &join(f, "config.json"))?);
-        files.extend(component_weight_files(s, f, folder, stem)?);
+        files.extend(variant_weight_files(s, f, folder, stem, dtype)?);
     }
     // the tokenizer's tables: tokenizer.json, or vocab.json + merges.txt; and its settings
     let mut tables = Vec::new();
@@ -375,11 +372,12 @@ impl PriorConfigs {
     }
 }
 
-/// An input error for a Stable Cascade pipeline where only Würstchen v2 runs (`bench` so far).
+/// An input error for a Stable Cascade pipeline where a Würstchen v2 one is read (the
+/// commands pick the family first; this guards the library's callers).
 fn v2_only(src: &dyn FileSource, what: &str) -> Result<()> {
     if crate::cascade::Family::of(src)? == crate::cascade::Family::StableCascade {
         let message = format!(
-            "{} is a Stable Cascade {what}; Stable Cascade runs with `generate`, `prior` and `decode`, not `bench` yet",
+            "{} is a Stable Cascade {what}; load it with the Stable Cascade pipelines (`crate::cascade`)",
             src.describe()
         );
         return Err(crate::error::InputError::new(message).into());
@@ -434,13 +432,14 @@ impl PriorPipeline {
         })
     }
 
-    /// Fetches every file `load` reads (see `locate`), returning their paths.
-    pub fn locate(src: &dyn FileSource, stage_c: Option<&dyn FileSource>) -> Result<Vec<std::path::PathBuf>> {
-        locate(
-            src,
-            &[("text_encoder", "model"), ("prior", "diffusion_pytorch_model")],
-            stage_c,
-        )
+    /// Fetches every file `load` reads in `dtype` (see `locate`), returning their paths.
+    pub fn locate(
+        src: &dyn FileSource,
+        stage_c: Option<&dyn FileSource>,
+        dtype: DType,
+    ) -> Result<Vec<std::path::PathBuf>> {
+        let parts = [("text_encoder", "model"), ("prior", "diffusion_pytorch_model")];
+        locate(src, &parts, stage_c, dtype)
     }
 
     /// The embedding's (h, w) for an image of (height, width).
@@ -591,14 +590,14 @@ impl DecoderPipeline {
         })
     }
 
-    /// Fetches every file `load` reads (see `locate`), returning their paths.
-    pub fn locate(src: &dyn FileSource) -> Result<Vec<std::path::PathBuf>> {
+    /// Fetches every file `load` reads in `dtype` (see `locate`), returning their paths.
+    pub fn locate(src: &dyn FileSource, dtype: DType) -> Result<Vec<std::path::PathBuf>> {
         let parts = [
             ("text_encoder", "model"),
             ("decoder", "diffusion_pytorch_model"),
             ("vqgan", "diffusion_pytorch_model"),
         ];
-        locate(src, &parts, None)
+        locate(src, &parts, None, dtype)
     }
 
     /// The VQGAN latent's (H, W) for an embedding of (h, w): `int(size * latent_dim_scale)`.

@@ -7,11 +7,55 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::Device;
 
-use super::{dtype_name, load_decoder, peak_host_memory, source, PriorSources};
-use crate::pipeline::{free_device_memory, BatchNoise, DecoderConfigs, DecoderPipeline, PriorPipeline, SizeRule};
-use crate::progress::Progress;
+use super::{dtype_name, load_decoder, load_stage, peak_host_memory, source, PriorSources};
+use crate::cascade::{
+    size_rule, CascadeDecoderConfigs, CascadeDecoderPipeline, CascadePriorConfigs, CascadePriorPipeline, Family,
+};
+use crate::pipeline::{
+    free_device_memory, BatchNoise, DecoderConfigs, DecoderParams, DecoderPipeline, PriorParams, PriorPipeline,
+    SizeRule,
+};
+use crate::progress::{LoadBars, Progress};
 use crate::request::BenchPlan;
 use crate::rng::TorchCpuGenerator;
+
+/// The two stages of either family, loaded.
+enum Pair {
+    V2(Box<PriorPipeline>, Box<DecoderPipeline>),
+    Cascade(Box<CascadePriorPipeline>, Box<CascadeDecoderPipeline>),
+}
+
+impl Pair {
+    /// One batch through both stages, as `generate` runs it: each request's images, on the
+    /// device. `noises` holds one stream per request, `counts` its number of images.
+    fn run(
+        &self,
+        prior_params: &[PriorParams],
+        decoder_params: &[DecoderParams],
+        noises: &mut [TorchCpuGenerator],
+        counts: Vec<usize>,
+        clock: &mut StageClock,
+    ) -> Result<Vec<candle_core::Tensor>> {
+        let prior_noise = BatchNoise::of(noises, counts.clone());
+        let images = match self {
+            Pair::V2(prior, decoder) => {
+                let embeddings = prior.run_batch(prior_params, prior_noise, clock)?;
+                let embeddings = embeddings.into_iter().collect::<Result<Vec<_>>>()?;
+                let decoder_noise = BatchNoise::of(noises, counts);
+                decoder.run_batch(&embeddings, decoder_params, decoder_noise, clock)?
+            }
+            Pair::Cascade(prior, decoder) => {
+                let outputs = prior.run_batch(prior_params, prior_noise, clock)?;
+                let outputs = outputs.into_iter().collect::<Result<Vec<_>>>()?;
+                let (embeddings, pooled): (Vec<_>, Vec<_>) =
+                    outputs.into_iter().map(|o| (o.embeddings, o.pooled)).unzip();
+                let decoder_noise = BatchNoise::of(noises, counts);
+                decoder.run_batch(&embeddings, Some(&pooled), decoder_params, decoder_noise, clock)?
+            }
+        };
+        images.into_iter().collect()
+    }
+}
 
 /// Times stages with the device synchronised at both ends, and samples device memory.
 struct StageClock {
@@ -57,16 +101,44 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Runs `load`, returning its value and the seconds it took with the device synchronised.
+fn timed<T>(rt: &crate::pipeline::Runtime, load: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let t = Instant::now();
+    let value = load()?;
+    rt.device.synchronize()?;
+    Ok((value, t.elapsed().as_secs_f64()))
+}
+
 fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
-pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
-    let req = &plan.req;
+/// A family's configs, read before anything loads.
+enum Configs {
+    V2(Box<(crate::pipeline::PriorConfigs, DecoderConfigs)>),
+    Cascade(Box<(CascadePriorConfigs, CascadeDecoderConfigs)>),
+}
+
+pub fn run(mut plan: BenchPlan, quiet: bool) -> Result<()> {
     let prior_src = PriorSources::resolve(&plan.models, quiet)?;
     let decoder_src = source(&plan.models.decoder, plan.models.revision_for("decoder"), quiet)?;
-    let (prior_cfg, decoder_cfg) = (prior_src.configs()?, DecoderConfigs::read(decoder_src.as_ref())?);
-    let rule = SizeRule::new(&prior_cfg, &decoder_cfg);
+    let (decoder, lite) = (decoder_src.as_ref(), plan.models.lite);
+    let configs = match prior_src.pair_family(decoder, lite)? {
+        Family::WuerstchenV2 => Configs::V2(Box::new((prior_src.configs()?, DecoderConfigs::read(decoder)?))),
+        Family::StableCascade => {
+            // the combined pipeline's schedule, as `generate` runs it
+            if plan.req.prior_schedule_defaulted {
+                plan.req.prior_timesteps = crate::scheduler::linear_timesteps(crate::cascade::DEFAULT_PRIOR_STEPS);
+            }
+            let prior_cfg = CascadePriorConfigs::read(prior_src.prior.as_ref(), lite)?;
+            Configs::Cascade(Box::new((prior_cfg, CascadeDecoderConfigs::read(decoder, lite)?)))
+        }
+    };
+    let req = &plan.req;
+    let rule = match &configs {
+        Configs::V2(cfg) => SizeRule::new(&cfg.0, &cfg.1),
+        Configs::Cascade(cfg) => size_rule(&cfg.0, &cfg.1),
+    };
     rule.check("--width", req.width)?;
     rule.check("--height", req.height)?;
     let rt = plan.runtime.open()?;
@@ -81,8 +153,7 @@ pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
 
     // the baseline a load is measured against: one read of the model files from the page cache
     // (the read also warms the cache, so the load below starts from it)
-    let mut files = PriorPipeline::locate(prior_src.prior.as_ref(), prior_src.stage_c.as_deref())?;
-    files.extend(DecoderPipeline::locate(decoder_src.as_ref())?);
+    let files = prior_src.pair_files(decoder, lite, rt.dtype)?;
     let t = Instant::now();
     let mut file_bytes = 0;
     for path in &files {
@@ -90,30 +161,44 @@ pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
     }
     let read_s = t.elapsed().as_secs_f64();
 
-    let t = Instant::now();
-    let bars = crate::progress::LoadBars::new(quiet);
-    let prior = prior_src.load(&prior_cfg, &rt, &bars)?;
-    rt.device.synchronize()?;
-    let load_prior = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let decoder = load_decoder(decoder_src.as_ref(), &decoder_cfg, &rt, &bars)?;
-    rt.device.synchronize()?;
-    let load_decoder = t.elapsed().as_secs_f64();
-
-    // the estimate `generate` weighs against free device memory, for comparison with the peaks
-    let shapes = crate::memory::ModelShapes::new(&prior_cfg, &decoder_cfg);
-    let run = crate::memory::RunShapes::of(req, rt.dtype);
-    let run = crate::memory::RunShapes {
-        num_images: run.num_images * plan.batch_size,
-        ..run
+    // each stage loaded and timed on its own
+    let bars = LoadBars::new(quiet);
+    let prior = prior_src.prior.as_ref();
+    let (pair, load_prior_s, load_decoder_s, estimated) = match &configs {
+        Configs::V2(cfg) => {
+            let (prior_cfg, decoder_cfg) = (&cfg.0, &cfg.1);
+            let (p, prior_s) = timed(&rt, || prior_src.load(prior_cfg, &rt, &bars))?;
+            let (d, decoder_s) = timed(&rt, || load_decoder(decoder, decoder_cfg, &rt, &bars))?;
+            // the estimate `generate` weighs against free device memory, for comparison with the peaks
+            let shapes = crate::memory::ModelShapes::new(prior_cfg, decoder_cfg);
+            let run = crate::memory::RunShapes::of(req, rt.dtype);
+            let run = crate::memory::RunShapes {
+                num_images: run.num_images * plan.batch_size,
+                ..run
+            };
+            let activations = crate::memory::peak_activation_bytes(&run, &shapes);
+            let weights = crate::memory::weight_bytes(prior, prior_src.stage_c.as_deref(), decoder, rt.dtype);
+            let estimated = (weights + activations, activations);
+            (Pair::V2(Box::new(p), Box::new(d)), prior_s, decoder_s, Some(estimated))
+        }
+        Configs::Cascade(cfg) => {
+            let (prior_cfg, decoder_cfg) = (&cfg.0, &cfg.1);
+            let (p, prior_s) = timed(&rt, || {
+                let files = CascadePriorPipeline::locate(prior, lite, rt.dtype);
+                load_stage(&bars, "prior", files, &rt, || {
+                    CascadePriorPipeline::load_with(prior_cfg, prior, &rt)
+                })
+            })?;
+            let (d, decoder_s) = timed(&rt, || {
+                let files = CascadeDecoderPipeline::locate(decoder, lite, rt.dtype);
+                load_stage(&bars, "decoder", files, &rt, || {
+                    CascadeDecoderPipeline::load_with(decoder_cfg, decoder, &rt)
+                })
+            })?;
+            // the memory estimate covers v2's networks only
+            (Pair::Cascade(Box::new(p), Box::new(d)), prior_s, decoder_s, None)
+        }
     };
-    let estimated_activations = crate::memory::peak_activation_bytes(&run, &shapes);
-    let estimated_weights = crate::memory::weight_bytes(
-        prior_src.prior.as_ref(),
-        prior_src.stage_c.as_deref(),
-        decoder_src.as_ref(),
-        rt.dtype,
-    );
 
     let mut totals = Vec::new();
     for i in 0..plan.warmup + plan.runs {
@@ -124,14 +209,9 @@ pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
             .collect();
         let counts = vec![req.num_images; plan.batch_size];
         let prior_params = vec![req.prior_params(); plan.batch_size];
-        let prior_noise = BatchNoise::of(&mut noises, counts.clone());
-        let embeddings = prior.run_batch(&prior_params, prior_noise, &mut clock)?;
-        let embeddings = embeddings.into_iter().collect::<Result<Vec<_>>>()?;
         let decoder_params = vec![req.decoder_params(); plan.batch_size];
-        let decoder_noise = BatchNoise::of(&mut noises, counts);
-        let images = decoder.run_batch(&embeddings, &decoder_params, decoder_noise, &mut clock)?;
-        for images in images {
-            let _ = images?.to_device(&Device::Cpu)?; // the images on the host end every run
+        for images in pair.run(&prior_params, &decoder_params, &mut noises, counts, &mut clock)? {
+            let _ = images.to_device(&Device::Cpu)?; // the images on the host end every run
         }
         let total = t.elapsed().as_secs_f64();
         if i >= plan.warmup {
@@ -172,10 +252,10 @@ pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
         "warmup": plan.warmup,
         "runs": plan.runs,
         "threads": candle_core::utils::get_num_threads(),
-        "load_s": { "prior": round3(load_prior), "decoder": round3(load_decoder) },
+        "load_s": { "prior": round3(load_prior_s), "decoder": round3(load_decoder_s) },
         "model_file_bytes": file_bytes,
         "page_cache_read_s": round3(read_s),
-        "load_over_read": round3((load_prior + load_decoder) / read_s),
+        "load_over_read": round3((load_prior_s + load_decoder_s) / read_s),
         "median_s": {
             "total": round3(total_s),
             "prior": round3(prior_s),
@@ -187,8 +267,8 @@ pub fn run(plan: BenchPlan, quiet: bool) -> Result<()> {
         "decoder_ms_per_step": round3(decoder_s * 1000.0 / decoder_steps as f64),
         "peak_host_bytes": peak_host_memory(),
         "device_memory_growth_bytes": device_peak,
-        "estimated_peak_bytes": estimated_weights + estimated_activations,
-        "estimated_activation_bytes": estimated_activations,
+        "estimated_peak_bytes": estimated.map(|e| e.0),
+        "estimated_activation_bytes": estimated.map(|e| e.1),
     });
     println!("{report}");
     Ok(())

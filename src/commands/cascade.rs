@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use super::{check_interrupt, log_peak_memory, with_bar, PriorSources, Summary, Writer};
-use crate::cascade::{CascadeDecoderPipeline, CascadeEmbeddings, CascadePriorPipeline, Family, DEFAULT_PRIOR_STEPS};
+use super::{check_interrupt, load_stage, log_peak_memory, PriorSources, Summary, Writer};
+use crate::cascade::{CascadeDecoderPipeline, CascadeEmbeddings, CascadePriorPipeline, DEFAULT_PRIOR_STEPS};
 use crate::error::InputError;
 use crate::hub::FileSource;
 use crate::output;
@@ -28,19 +28,7 @@ pub fn run(
     interrupt: Arc<AtomicBool>,
     quiet: bool,
 ) -> Result<()> {
-    let decoder_family = Family::of(decoder_src)?;
-    if decoder_family != Family::StableCascade {
-        return Err(InputError::new(format!(
-            "--prior {} is a Stable Cascade prior but --decoder {} is a {} decoder; pair it with a Stable Cascade \
-             decoder (e.g. stabilityai/stable-cascade)",
-            prior_src.prior.describe(),
-            decoder_src.describe(),
-            decoder_family.name()
-        ))
-        .into());
-    }
     let unsupported = [
-        (prior_src.stage_c.is_some(), "--stage-c"),
         (plan.runtime.low_memory, "--low-memory"),
         (plan.jobs.jobs.iter().any(|j| j.embeddings.is_some()), "--embeddings"),
     ];
@@ -70,17 +58,14 @@ pub fn run(
     let prior = prior_src.prior.as_ref();
     let (prior, decoder) = std::thread::scope(|s| {
         let decoder = s.spawn(|| {
-            let files = weight_files(decoder_src, &[decoder_cfg.decoder_folder, "vqgan", "text_encoder"]);
-            with_bar(&bars, "decoder", files, || {
-                CascadeDecoderPipeline::load_with(&decoder_cfg, decoder_src, &rt)
-            })
+            let files = CascadeDecoderPipeline::locate(decoder_src, lite, rt.dtype);
+            let load = || CascadeDecoderPipeline::load_with(&decoder_cfg, decoder_src, &rt);
+            load_stage(&bars, "decoder", files, &rt, load)
         });
-        let prior = with_bar(
-            &bars,
-            "prior",
-            weight_files(prior, &[prior_cfg.prior_folder, "text_encoder"]),
-            || CascadePriorPipeline::load_with(&prior_cfg, prior, &rt),
-        );
+        let files = CascadePriorPipeline::locate(prior, lite, rt.dtype);
+        let prior = load_stage(&bars, "prior", files, &rt, || {
+            CascadePriorPipeline::load_with(&prior_cfg, prior, &rt)
+        });
         let decoder = decoder
             .join()
             .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the decoder panicked")));
@@ -157,18 +142,4 @@ pub fn run(
     }
     log_peak_memory();
     summary.finish(&plan.jobs)
-}
-
-/// The weight files of `folders` of a pipeline (for the loading bar's total; the bar counts
-/// what loads, so a variant's smaller files only make it end early).
-pub(super) fn weight_files(src: &dyn FileSource, folders: &[&str]) -> Result<Vec<std::path::PathBuf>> {
-    let mut files = Vec::new();
-    for folder in folders {
-        for stem in ["diffusion_pytorch_model", "model"] {
-            if let Ok(found) = crate::weights::component_weight_files(src, folder, folder, stem) {
-                files.extend(found);
-            }
-        }
-    }
-    Ok(files)
 }

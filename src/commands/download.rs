@@ -2,16 +2,18 @@
 //! with progress, without loading anything.
 
 use anyhow::Result;
+use candle_core::DType;
 
-use super::{source, PriorSources};
-use crate::pipeline::{DecoderPipeline, PriorPipeline};
+use super::{dtype_name, source, PriorSources};
 use crate::request::ModelSpec;
 
-pub fn run(models: &ModelSpec, quiet: bool) -> Result<()> {
+/// Fetches the files of the pair in `models` that a run in `dtype` loads (the repos' `bf16` or
+/// `fp16` weights where they publish them); `None`: the dtype `generate` picks on this machine.
+pub fn run(models: &ModelSpec, dtype: Option<DType>, quiet: bool) -> Result<()> {
+    let dtype = dtype.unwrap_or_else(super::machine_default_dtype);
     let prior = PriorSources::resolve(models, quiet)?;
     let decoder = source(&models.decoder, models.revision_for("decoder"), quiet)?;
-    let mut files = PriorPipeline::locate(prior.prior.as_ref(), prior.stage_c.as_deref())?;
-    files.extend(DecoderPipeline::locate(decoder.as_ref())?);
+    let files = prior.pair_files(decoder.as_ref(), models.lite, dtype)?;
     let bytes: u64 = files
         .iter()
         .filter_map(|f| std::fs::metadata(f).ok())
@@ -20,6 +22,7 @@ pub fn run(models: &ModelSpec, quiet: bool) -> Result<()> {
     for f in &files {
         println!("{}", f.display());
     }
-    tracing::info!("{} files, {:.2} GB, in place", files.len(), bytes as f64 / 1e9);
+    let gb = bytes as f64 / 1e9;
+    tracing::info!("{} files for {}, {gb:.2} GB, in place", files.len(), dtype_name(dtype));
     Ok(())
 }

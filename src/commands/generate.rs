@@ -161,23 +161,8 @@ pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     // the size rule needs only the models' small JSON files
     let prior_src = PriorSources::resolve(&plan.models, quiet)?;
     let decoder_src = source(&plan.models.decoder, plan.models.revision_for("decoder"), quiet)?;
-    if crate::cascade::Family::of(prior_src.prior.as_ref())? == crate::cascade::Family::StableCascade {
+    if prior_src.pair_family(decoder_src.as_ref(), plan.models.lite)? == crate::cascade::Family::StableCascade {
         return super::cascade::run(plan, prior_src, decoder_src.as_ref(), interrupt, quiet);
-    }
-    if plan.models.lite {
-        return Err(crate::error::InputError::new(
-            "the lite networks are Stable Cascade's; --prior and --decoder are Würstchen v2 pipelines",
-        )
-        .into());
-    }
-    if crate::cascade::Family::of(decoder_src.as_ref())? == crate::cascade::Family::StableCascade {
-        return Err(crate::error::InputError::new(format!(
-            "--decoder {} is a Stable Cascade decoder but --prior {} is a Würstchen v2 prior; pair it with a Stable \
-             Cascade prior (e.g. stabilityai/stable-cascade-prior)",
-            decoder_src.describe(),
-            prior_src.prior.describe()
-        ))
-        .into());
     }
     let (prior_cfg, decoder_cfg) = (prior_src.configs()?, DecoderConfigs::read(decoder_src.as_ref())?);
     let rule = SizeRule::new(&prior_cfg, &decoder_cfg);

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 
+use crate::cascade::{CascadeDecoderPipeline, CascadePriorPipeline, Family};
 use crate::error::{InputError, Interrupted};
 use crate::hub::{self, DownloadProgress, FileSource};
 use crate::output;
@@ -93,6 +94,15 @@ fn has_bf16(capability: Option<(u32, u32)>) -> bool {
 /// The dtype when none is asked for: f32 on the CPU; on a GPU bf16 (f16's range without its
 /// overflows) where it has bf16 kernels, else f16. Either way the sampling state and the norm
 /// statistics stay in f32.
+/// The dtype `generate` runs in on this machine by default (see [`RuntimeSpec::open`]).
+pub fn machine_default_dtype() -> DType {
+    #[cfg(feature = "cuda")]
+    if let Ok(device) = Device::new_cuda(0) {
+        return default_dtype(false, crate::pipeline::compute_capability(&device));
+    }
+    DType::F32
+}
+
 pub fn default_dtype(cpu: bool, capability: Option<(u32, u32)>) -> DType {
     if cpu {
         DType::F32
@@ -145,6 +155,52 @@ impl PriorSources {
         })
     }
 
+    /// The family of this prior and `decoder` (read from their `model_index.json`), or an
+    /// input error when they are not one family's pair or the flags do not fit the family
+    /// (`lite` is Stable Cascade's; `--stage-c` is v2's so far).
+    pub fn pair_family(&self, decoder: &dyn FileSource, lite: bool) -> Result<Family> {
+        let (prior_family, decoder_family) = (Family::of(self.prior.as_ref())?, Family::of(decoder)?);
+        let example = match prior_family {
+            Family::WuerstchenV2 => "warp-ai/wuerstchen",
+            Family::StableCascade => "stabilityai/stable-cascade",
+        };
+        let message = if prior_family != decoder_family {
+            format!(
+                "--prior {} is a {} prior but --decoder {} is a {} decoder; pair it with a {} decoder (e.g. {example})",
+                self.prior.describe(),
+                prior_family.name(),
+                decoder.describe(),
+                decoder_family.name(),
+                prior_family.name(),
+            )
+        } else if lite && prior_family == Family::WuerstchenV2 {
+            "the lite networks are Stable Cascade's; --prior and --decoder are Würstchen v2 pipelines".into()
+        } else if self.stage_c.is_some() && prior_family == Family::StableCascade {
+            "--stage-c is not supported for Stable Cascade models yet".into()
+        } else {
+            return Ok(prior_family);
+        };
+        Err(InputError::new(message).into())
+    }
+
+    /// Every file this prior and `decoder` load in `dtype`, for either family (`lite`: Stable
+    /// Cascade's lite networks).
+    pub fn pair_files(&self, decoder: &dyn FileSource, lite: bool, dtype: DType) -> Result<Vec<std::path::PathBuf>> {
+        let (prior, stage_c) = (self.prior.as_ref(), self.stage_c.as_deref());
+        Ok(match self.pair_family(decoder, lite)? {
+            Family::WuerstchenV2 => {
+                let mut files = PriorPipeline::locate(prior, stage_c, dtype)?;
+                files.extend(DecoderPipeline::locate(decoder, dtype)?);
+                files
+            }
+            Family::StableCascade => {
+                let mut files = CascadePriorPipeline::locate(prior, lite, dtype)?;
+                files.extend(CascadeDecoderPipeline::locate(decoder, lite, dtype)?);
+                files
+            }
+        })
+    }
+
     /// Reads and validates the prior's configs.
     pub fn configs(&self) -> Result<PriorConfigs> {
         PriorConfigs::read(self.prior.as_ref(), self.stage_c.as_deref())
@@ -170,13 +226,10 @@ impl PriorSources {
     /// Loads the prior stage, with a bar of the bytes loaded, logging how long it took.
     pub fn load(&self, configs: &PriorConfigs, rt: &Runtime, bars: &LoadBars) -> Result<PriorPipeline> {
         let (prior, stage_c) = (self.prior.as_ref(), self.stage_c.as_deref());
-        let files = PriorPipeline::locate(prior, stage_c);
-        let load = || {
-            let p = PriorPipeline::load_with(configs, prior, stage_c, rt)?;
-            finish_uploads(rt)?;
-            Ok(p)
-        };
-        with_bar(bars, "prior", files, load).with_context(|| format!("loading the prior from {}", prior.describe()))
+        let files = PriorPipeline::locate(prior, stage_c, rt.dtype);
+        let load = || PriorPipeline::load_with(configs, prior, stage_c, rt);
+        load_stage(bars, "prior", files, rt, load)
+            .with_context(|| format!("loading the prior from {}", prior.describe()))
     }
 }
 
@@ -187,20 +240,18 @@ pub fn load_decoder(
     rt: &Runtime,
     bars: &LoadBars,
 ) -> Result<DecoderPipeline> {
-    let files = DecoderPipeline::locate(src);
-    let load = || {
-        let d = DecoderPipeline::load_with(configs, src, rt)?;
-        finish_uploads(rt)?;
-        Ok(d)
-    };
-    with_bar(bars, "decoder", files, load).with_context(|| format!("loading the decoder from {}", src.describe()))
+    let files = DecoderPipeline::locate(src, rt.dtype);
+    let load = || DecoderPipeline::load_with(configs, src, rt);
+    load_stage(bars, "decoder", files, rt, load).with_context(|| format!("loading the decoder from {}", src.describe()))
 }
 
-/// Runs `load` with a bar over the bytes of the weight files among `files`, then logs its time.
-pub(super) fn with_bar<T>(
+/// Runs `load` with a bar over the bytes of the weight files among `files`, waits for the
+/// uploads it queued (see [`finish_uploads`]), then logs its time.
+pub(super) fn load_stage<T>(
     bars: &LoadBars,
     stage: &str,
     files: Result<Vec<std::path::PathBuf>>,
+    rt: &Runtime,
     load: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
     let weights = files
@@ -211,7 +262,14 @@ pub(super) fn with_bar<T>(
     let bar = bars.stage(stage, total);
     let t = std::time::Instant::now();
     let meter = bar.clone();
-    let out = crate::weights::metered(move |n| meter.inc(n), load);
+    let out = crate::weights::metered(
+        move |n| meter.inc(n),
+        || {
+            let loaded = load()?;
+            finish_uploads(rt)?;
+            Ok(loaded)
+        },
+    );
     bar.finish_and_clear();
     if out.is_ok() {
         tracing::info!("{stage} loaded in {:.2}s", t.elapsed().as_secs_f64());

@@ -74,9 +74,9 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
             }
             let src = prior_src.prior.as_ref();
             let configs = CascadePriorConfigs::read(src, plan.models.lite)?;
-            let files = super::cascade::weight_files(src, &[configs.prior_folder, "text_encoder"]);
+            let files = CascadePriorPipeline::locate(src, plan.models.lite, rt.dtype);
             let load = || CascadePriorPipeline::load_with(&configs, src, &rt);
-            Prior::Cascade(Box::new(super::with_bar(&bars, "prior", files, load)?))
+            Prior::Cascade(Box::new(super::load_stage(&bars, "prior", files, &rt, load)?))
         }
     };
     let info = prior_src.run_info(None, rt.dtype, plan.rng);
@@ -211,9 +211,9 @@ pub fn run_decode(plan: DecodePlan, quiet: bool) -> Result<()> {
     let decoder = match configs {
         Decoder::V2(configs) => LoadedDecoder::V2(Box::new(load_decoder(src, &configs, &rt, &bars)?)),
         Decoder::Cascade(configs) => {
-            let files = super::cascade::weight_files(src, &[configs.decoder_folder, "vqgan", "text_encoder"]);
+            let files = CascadeDecoderPipeline::locate(src, plan.models.lite, rt.dtype);
             let load = || CascadeDecoderPipeline::load_with(&configs, src, &rt);
-            LoadedDecoder::Cascade(Box::new(super::with_bar(&bars, "decoder", files, load)?))
+            LoadedDecoder::Cascade(Box::new(super::load_stage(&bars, "decoder", files, &rt, load)?))
         }
     };
     let recorded = emb.record.as_ref();

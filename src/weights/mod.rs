@@ -311,17 +311,22 @@ pub fn join(folder: &str, name: &str) -> String {
     }
 }
 
-/// The weight files of `variant` (diffusers' and transformers' `variant=`, e.g. `bf16`) in a
-/// component folder where it has them: `<stem>.<variant>.safetensors`, or the shards listed in
-/// `<stem>.safetensors.index.<variant>.json` (their `_add_variant` names); else the plain files
-/// ([`component_weight_files`]).
+/// The weight files a component folder holds for computing in `dtype`: the variant of that
+/// dtype (diffusers' and transformers' `variant=`: `bf16`, `fp16`) where the folder has it,
+/// `<stem>.<variant>.safetensors` or the shards listed in `<stem>.safetensors.index.<variant>.json`
+/// (their `_add_variant` names); else the plain files ([`component_weight_files`]).
 pub fn variant_weight_files(
     src: &dyn crate::hub::FileSource,
     folder: &str,
     component: &str,
     stem: &str,
-    variant: Option<&str>,
+    dtype: DType,
 ) -> Result<Vec<PathBuf>> {
+    let variant = match dtype {
+        DType::BF16 => Some("bf16"),
+        DType::F16 => Some("fp16"),
+        _ => None,
+    };
     if let Some(v) = variant {
         if let Some(path) = src.get(&join(folder, &format!("{stem}.{v}.safetensors")))? {
             return Ok(vec![path]);
@@ -480,18 +485,19 @@ mod tests {
             "b": "diffusion_pytorch_model.fp16-00001-of-00002.safetensors"}}"#;
         std::fs::write(net.join("diffusion_pytorch_model.safetensors.index.fp16.json"), index).unwrap();
         let src = crate::hub::LocalDir::new(dir.path());
-        let files = |variant| {
-            let found = variant_weight_files(&src, "net", "net", "diffusion_pytorch_model", variant).unwrap();
+        let files = |dtype| {
+            let found = variant_weight_files(&src, "net", "net", "diffusion_pytorch_model", dtype).unwrap();
             found
                 .iter()
                 .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(files(None), [names[0]]);
-        assert_eq!(files(Some("bf16")), [names[1]]);
-        assert_eq!(files(Some("fp16")), [names[2], names[3]]);
+        assert_eq!(files(DType::F32), [names[0]]);
+        assert_eq!(files(DType::BF16), [names[1]]);
+        assert_eq!(files(DType::F16), [names[2], names[3]]);
+        std::fs::remove_file(net.join(names[1])).unwrap();
         assert_eq!(
-            files(Some("fp8")),
+            files(DType::BF16),
             [names[0]],
             "a variant the folder lacks: the plain files"
         );

@@ -226,8 +226,10 @@ fn prior_and_decode_take_the_separate_pipelines_default_steps() {
     assert_eq!(record["decoder_timesteps"].as_array().unwrap().len(), 11, "{record}");
 }
 
+/// `bench` runs a Stable Cascade pair as `generate` does: the combined pipeline's schedule
+/// (60 prior steps, 12 decoder steps) unless given, every stage timed.
 #[test]
-fn bench_refuses_stable_cascade_with_an_input_error() {
+fn bench_times_stable_cascade_with_the_combined_schedule() {
     let dir = tempfile::tempdir().unwrap();
     let out = wuerstchen(dir.path())
         .args([
@@ -237,8 +239,106 @@ fn bench_refuses_stable_cascade_with_an_input_error() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("not `bench` yet"), "{stderr}");
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["prior_steps"], 60, "{report}");
+    assert_eq!(report["decoder_steps"], 12, "{report}");
+    for stage in ["prior", "decoder", "vqgan"] {
+        assert!(report["median_s"][stage].as_f64().unwrap() > 0.0, "{stage}: {report}");
+    }
+    assert!(report["model_file_bytes"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["estimated_peak_bytes"].is_null(), "v2's estimate only: {report}");
+}
+
+/// Copies `from` into `to`, following links, renaming the top-level entries in `rename`.
+fn copy_tree(from: &Path, to: &Path, rename: &[(&str, &str)]) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let target = rename
+            .iter()
+            .find(|(a, _)| *a == name)
+            .map_or(name.as_str(), |(_, b)| b);
+        if std::fs::metadata(entry.path()).unwrap().is_dir() {
+            copy_tree(&entry.path(), &to.join(target), &[]);
+        } else {
+            std::fs::copy(entry.path(), to.join(target)).unwrap();
+        }
+    }
+}
+
+/// `download` fetches what a run of the chosen networks and dtype loads: the lite folders,
+/// and a dtype's variant files where a folder has them.
+#[test]
+fn download_lists_the_lite_networks_and_the_dtypes_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    let (prior, decoder) = (dir.path().join("prior"), dir.path().join("decoder"));
+    let fixture = fixtures().join("cascade-tiny");
+    copy_tree(&fixture.join("prior"), &prior, &[("prior", "prior_lite")]);
+    copy_tree(&fixture.join("decoder"), &decoder, &[("decoder", "decoder_lite")]);
+    // bf16 files for two components only
+    let bf16 = ["prior_lite/diffusion_pytorch_model", "text_encoder/model"];
+    std::fs::copy(
+        prior.join(bf16[0]).with_extension("safetensors"),
+        prior.join(format!("{}.bf16.safetensors", bf16[0])),
+    )
+    .unwrap();
+    std::fs::copy(
+        decoder.join(bf16[1]).with_extension("safetensors"),
+        decoder.join(format!("{}.bf16.safetensors", bf16[1])),
+    )
+    .unwrap();
+    let listed = |dtype: &str| -> Vec<String> {
+        let out = wuerstchen(dir.path())
+            .args(["download", "--model", "stable-cascade-lite", "--dtype", dtype])
+            .arg("--prior")
+            .arg(&prior)
+            .arg("--decoder")
+            .arg(&decoder)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let root = format!("{}/", dir.path().display());
+        let lines = String::from_utf8(out.stdout).unwrap();
+        let mut files: Vec<String> = lines
+            .lines()
+            .map(|l| l.strip_prefix(&root).unwrap_or(l).to_string())
+            .collect();
+        files.sort();
+        files
+    };
+    let weights =
+        |files: &[String]| -> Vec<String> { files.iter().filter(|f| f.ends_with(".safetensors")).cloned().collect() };
+    let f32 = listed("f32");
+    assert_eq!(
+        weights(&f32),
+        [
+            "decoder/decoder_lite/diffusion_pytorch_model.safetensors",
+            "decoder/text_encoder/model.safetensors",
+            "decoder/vqgan/diffusion_pytorch_model.safetensors",
+            "prior/prior_lite/diffusion_pytorch_model.safetensors",
+            "prior/text_encoder/model.safetensors",
+        ]
+    );
+    for needed in [
+        "prior/model_index.json",
+        "decoder/scheduler/scheduler_config.json",
+        "prior/prior_lite/config.json",
+    ] {
+        assert!(f32.iter().any(|f| f == needed), "{needed} in {f32:?}");
+    }
+    assert!(f32.iter().any(|f| f.starts_with("decoder/tokenizer/")), "{f32:?}");
+    assert_eq!(
+        weights(&listed("bf16")),
+        [
+            "decoder/decoder_lite/diffusion_pytorch_model.safetensors",
+            "decoder/text_encoder/model.bf16.safetensors",
+            "decoder/vqgan/diffusion_pytorch_model.safetensors",
+            "prior/prior_lite/diffusion_pytorch_model.bf16.safetensors",
+            "prior/text_encoder/model.safetensors",
+        ]
+    );
 }
 
 /// `--model stable-cascade-lite` loads the networks from `prior_lite/` and `decoder_lite/`.
