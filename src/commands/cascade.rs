@@ -1,9 +1,10 @@
 //! `wuerstchen generate` for Stable Cascade pipelines (`Family::StableCascade`), as
 //! diffusers' `StableCascadeCombinedPipeline` runs them: the prior, then the decoder on the
 //! prior's image embeddings and pooled text states, one seeded generator per request for both.
-//! Batches, `--keep-going`, `--skip-existing`, the output names and the records are the same
-//! as for Würstchen v2; what v2's path has beyond that (`--stage-c`, staged loading with
-//! `--low-memory`, embeddings files) is refused here with an input error until it is built.
+//! Batches, `--keep-going`, `--skip-existing`, the output names, the records and
+//! `--save-embeddings` are the same as for Würstchen v2; what v2's path has beyond that
+//! (`--stage-c`, staged loading with `--low-memory`) is refused with an input error until it
+//! is built.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -28,12 +29,8 @@ pub fn run(
     interrupt: Arc<AtomicBool>,
     quiet: bool,
 ) -> Result<()> {
-    let unsupported = [
-        (plan.runtime.low_memory, "--low-memory"),
-        (plan.jobs.jobs.iter().any(|j| j.embeddings.is_some()), "--embeddings"),
-    ];
-    if let Some((_, flag)) = unsupported.iter().find(|(used, _)| *used) {
-        return Err(InputError::new(format!("{flag} is not supported for Stable Cascade models yet")).into());
+    if plan.runtime.low_memory {
+        return Err(InputError::new("--low-memory is not supported for Stable Cascade models yet").into());
     }
     for p in &mut plan.jobs.jobs {
         let req = &mut p.job.req;
@@ -98,6 +95,9 @@ pub fn run(
         // the jobs whose prior succeeded go on, each with its stream
         let mut halfway: Vec<(usize, CascadeEmbeddings, TorchCpuGenerator)> = Vec::new();
         for (i, (result, noise)) in batch.clone().zip(results) {
+            // `--save-embeddings`: what `prior` writes, for `decode` (the decoder pipeline run apart)
+            let result =
+                result.and_then(|emb| super::generate::save_embeddings(&jobs[i], &emb.embeddings, &info).map(|()| emb));
             if let Some(emb) = summary.failure(&jobs[i].job.origin, result, plan.jobs.keep_going)? {
                 halfway.push((i, emb, noise));
             }

@@ -238,6 +238,16 @@ struct Ctx<'a> {
     interrupt: &'a AtomicBool,
 }
 
+/// `--save-embeddings`: the job's embeddings file, where it asked for one.
+pub(super) fn save_embeddings(p: &PlannedJob, emb: &Tensor, info: &RunInfo) -> Result<()> {
+    if let Some(path) = &p.embeddings {
+        let file = embeddings_file(emb, &p.job.req, info)?;
+        output::write_atomic(path, &file, p.overwrite)?;
+        tracing::info!("embeddings written to {}", path.display());
+    }
+    Ok(())
+}
+
 /// A job between its two stages: its embeddings, and its random stream as the decoder
 /// continues it.
 struct Halfway {
@@ -265,12 +275,7 @@ impl Ctx<'_> {
     }
 
     fn save_embeddings(&self, p: &PlannedJob, emb: &Tensor) -> Result<()> {
-        if let Some(path) = &p.embeddings {
-            let file = embeddings_file(emb, &p.job.req, self.info)?;
-            output::write_atomic(path, &file, p.overwrite)?;
-            tracing::info!("embeddings written to {}", path.display());
-        }
-        Ok(())
+        save_embeddings(p, emb, self.info)
     }
 
     /// `--keep-going` for an error that failed a whole batch: every job in it failed.

@@ -190,6 +190,54 @@ fn prior_then_decode_gives_the_separate_pipelines_images_for_the_same_seed() {
     );
 }
 
+/// `generate --save-embeddings` writes what `prior` writes for the same request: the prior's
+/// pass is the same in the combined and the separate pipelines.
+#[test]
+fn generate_saves_the_embeddings_prior_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = model_args("cascade-tiny");
+    let request = [
+        "--prompt",
+        "a red cube",
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--seed",
+        "3",
+        "--prior-steps",
+        "3",
+    ];
+    let saved = dir.path().join("saved.safetensors");
+    let out = generate(
+        dir.path(),
+        &[
+            &request[..],
+            &["--decoder-steps", "2", "--save-embeddings", saved.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let written = dir.path().join("prior.safetensors");
+    let out = wuerstchen(dir.path())
+        .arg("prior")
+        .args(request)
+        .args(["--prior", &models[1], "--output"])
+        .arg(&written)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tensor = |path: &Path| {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let view = st.tensor("image_embeddings").unwrap();
+        (view.shape().to_vec(), view.data().to_vec())
+    };
+    let (shape, data) = tensor(&saved);
+    assert_eq!(shape.len(), 4, "{shape:?}");
+    assert_eq!((shape, data), tensor(&written));
+}
+
 /// The separate pipelines' defaults: the prior's 20 steps (the combined pipeline's are 60) and
 /// the decoder's 10 (12 in the combined pipeline and in v2).
 #[test]
