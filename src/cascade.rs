@@ -20,11 +20,13 @@ use std::path::PathBuf;
 use candle_core::{DType, Tensor};
 
 use crate::config::{
-    read_json, CascadeUNetConfig, ClipTextConfig, DecoderPipelineConfig, PriorPipelineConfig, SchedulerConfig,
-    VqganConfig,
+    read_json, CascadeUNetConfig, ClipTextConfig, ClipVisionConfig, DecoderPipelineConfig, PriorPipelineConfig,
+    SchedulerConfig, VqganConfig,
 };
 use crate::hub::FileSource;
+use crate::image_processor::{ClipImageProcessor, ClipImageProcessorConfig};
 use crate::models::cascade::{CascadeInputs, StableCascadeUNet};
+use crate::models::clip::ClipVisionModel;
 use crate::models::PaellaVqDecoder;
 use crate::pipeline::{
     decode_images, leader, locate, prior_latent_size, read_stage_files, sample, scale_latent, single, split_finite,
@@ -174,6 +176,58 @@ impl CascadePriorConfigs {
     }
 }
 
+/// An image prompt, decoded: RGB8 pixels, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptImage {
+    pub rgb: Vec<u8>,
+    pub width: usize,
+    pub height: usize,
+}
+
+/// The prior pipeline's image encoder with its preprocessing (`image_encoder/`,
+/// `feature_extractor/`): image prompts -> what the prior's `clip_img` input takes, as
+/// `StableCascadePriorPipeline.encode_image` computes it.
+pub struct ImageEncoder {
+    processor: ClipImageProcessor,
+    model: ClipVisionModel,
+    runtime: Runtime,
+}
+
+impl ImageEncoder {
+    /// Whether `src` has an image encoder (its config) to load.
+    pub fn present(src: &dyn FileSource) -> Result<bool> {
+        Ok(src.get("image_encoder/config.json")?.is_some())
+    }
+
+    pub fn load(src: &dyn FileSource, rt: &Runtime) -> Result<Self> {
+        let component = Component::new(src, "image_encoder");
+        let config: ClipVisionConfig = component.config("config.json")?;
+        config.validate("image_encoder")?;
+        let processor: ClipImageProcessorConfig =
+            Component::new(src, "feature_extractor").config("preprocessor_config.json")?;
+        let processor = processor.validate()?;
+        let model = ClipVisionModel::new(&config, component.weights("model", rt)?)?;
+        Ok(Self {
+            processor,
+            model,
+            runtime: rt.clone(),
+        })
+    }
+
+    /// Each image through the processor and the encoder: `image_embeds` side by side,
+    /// (1, images, projection_dim) in the compute dtype.
+    pub fn encode(&self, images: &[PromptImage]) -> Result<Tensor> {
+        let rt = &self.runtime;
+        let mut embeds = Vec::with_capacity(images.len());
+        for image in images {
+            let (values, h, w) = self.processor.pixel_values(&image.rgb, image.width, image.height)?;
+            let pixels = Tensor::from_vec(values, (1, 3, h, w), &rt.device)?.to_dtype(rt.dtype)?;
+            embeds.push(self.model.forward(&pixels)?);
+        }
+        Ok(Tensor::stack(&embeds, 1)?.squeeze(2)?)
+    }
+}
+
 /// Stage C: text -> image embeddings.
 pub struct CascadePriorPipeline {
     pub text_encoder: TextEncoder,
@@ -181,6 +235,9 @@ pub struct CascadePriorPipeline {
     pub configs: CascadePriorConfigs,
     pub scheduler: DdpmWuerstchen,
     pub runtime: Runtime,
+    /// the image prompts' embeddings every request is conditioned on, (1, images, channels);
+    /// `None`: diffusers' zeros
+    image_prompts: Option<Tensor>,
 }
 
 /// A request's image embeddings and the pooled text states they were made with.
@@ -205,7 +262,20 @@ impl CascadePriorPipeline {
             scheduler: DdpmWuerstchen::new(&configs.scheduler),
             configs: configs.clone(),
             runtime: rt.clone(),
+            image_prompts: None,
         })
+    }
+
+    /// Conditions every request on image prompts: `embeds` from [`ImageEncoder::encode`].
+    pub fn set_image_prompts(&mut self, embeds: Tensor) -> Result<()> {
+        let channels = self.configs.prior.clip_image_in_channels.unwrap_or(0);
+        let (one, _, c) = embeds.dims3()?;
+        anyhow::ensure!(
+            one == 1 && c == channels,
+            "the image encoder gives {c} channels, the prior takes {channels} (is it this prior's image encoder?)"
+        );
+        self.image_prompts = Some(embeds.to_dtype(self.runtime.dtype)?);
+        Ok(())
     }
 
     /// Fetches every file `load` reads in `dtype` (the `bf16` files the repos publish for a
@@ -249,9 +319,22 @@ impl CascadePriorPipeline {
             .collect();
         let text = text_conditioning(&self.text_encoder, &requests, guidance.is_some())?;
         let rows = text.states.dim(0)?;
-        // no image prompt: zeros for the conditional and the unconditional half alike
-        let image_channels = self.configs.prior.clip_image_in_channels.unwrap_or(0);
-        let image_embeds = Tensor::zeros((rows, 1, image_channels), rt.dtype, &rt.device)?;
+        // `encode_image`: the image prompts for every conditional row, zeros for the
+        // unconditional half; without image prompts zeros throughout
+        let image_embeds = match &self.image_prompts {
+            Some(embeds) => {
+                let prompted = rows / if guidance.is_some() { 2 } else { 1 };
+                let embeds = embeds.repeat((prompted, 1, 1))?;
+                match guidance {
+                    Some(_) => Tensor::cat(&[&embeds, &embeds.zeros_like()?], 0)?,
+                    None => embeds,
+                }
+            }
+            None => {
+                let image_channels = self.configs.prior.clip_image_in_channels.unwrap_or(0);
+                Tensor::zeros((rows, 1, image_channels), rt.dtype, &rt.device)?
+            }
+        };
         let (h, w) = self.latent_size(p.height, p.width);
         let cond = self.prior.condition(
             &CascadeInputs {
@@ -584,14 +667,56 @@ mod tests {
         }
     }
 
+    fn prompt_image(root: &std::path::Path, file: &str) -> PromptImage {
+        let (rgb, width, height) = crate::image_processor::read_rgb8(&root.join(file)).unwrap();
+        PromptImage { rgb, width, height }
+    }
+
+    /// The processor's pixel values and the encoder's `image_embeds` for each prompt image.
+    #[test]
+    fn image_encoder_matches_transformers() {
+        let (root, t, meta) = fixture();
+        let encoder = ImageEncoder::load(&LocalDir::new(root.join("prior")), &cpu()).unwrap();
+        let files = meta["combined"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["images"].as_array())
+            .flatten();
+        let mut seen = 0;
+        for file in files.map(|f| f.as_str().unwrap()) {
+            let image = prompt_image(&root, file);
+            let (values, h, w) = encoder
+                .processor
+                .pixel_values(&image.rgb, image.width, image.height)
+                .unwrap();
+            let pixels = Tensor::from_vec(values, (1, 3, h, w), &Device::Cpu).unwrap();
+            let err = max_abs(&pixels, &t[&format!("{file}.pixel_values")]);
+            assert!(err <= 1e-6, "{file}: pixel values differ by {err}");
+            let embeds = encoder.model.forward(&t[&format!("{file}.pixel_values")]).unwrap();
+            let err = rel_err(&embeds, &t[&format!("{file}.image_embeds")]);
+            assert!(err <= 1e-5, "{file}: image_embeds relative error {err}");
+            let both = encoder.encode(&[image.clone(), image]).unwrap();
+            assert_eq!(both.dims(), &[1, 2, embeds.dim(1).unwrap()]);
+            seen += 1;
+        }
+        assert!(seen >= 2, "the fixture's image run names its images");
+    }
+
     /// StableCascadeCombinedPipeline: the prior, then the decoder on the prior's pooled text
-    /// states, one seeded generator for both.
+    /// states, one seeded generator for both; with image prompts where the run has them.
     #[test]
     fn combined_runs_match_diffusers_with_the_same_seed() {
         let (root, t, meta) = fixture();
-        let prior = CascadePriorPipeline::load(&LocalDir::new(root.join("prior")), &cpu()).unwrap();
+        let src = LocalDir::new(root.join("prior"));
         let decoder = CascadeDecoderPipeline::load(&LocalDir::new(root.join("decoder")), &cpu()).unwrap();
         for run in meta["combined"].as_array().unwrap() {
+            let mut prior = CascadePriorPipeline::load(&src, &cpu()).unwrap();
+            if let Some(files) = run["images"].as_array() {
+                let images: Vec<_> = files.iter().map(|f| prompt_image(&root, f.as_str().unwrap())).collect();
+                let encoder = ImageEncoder::load(&src, &cpu()).unwrap();
+                prior.set_image_prompts(encoder.encode(&images).unwrap()).unwrap();
+            }
             let name = run["name"].as_str().unwrap();
             let text = |k: &str| run[k].as_str().unwrap_or_default().to_string();
             let number = |k: &str| run[k].as_f64().unwrap();

@@ -301,6 +301,10 @@ pub struct PromptArgs {
     /// decoder_guidance, num_images, output); `-` reads stdin
     #[arg(long)]
     pub prompts: Option<String>,
+    /// An image (PNG) every prompt is also conditioned on, through the prior's image encoder
+    /// (Stable Cascade; repeat the flag for several)
+    #[arg(long, value_name = "FILE")]
+    pub image_prompt: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -559,6 +563,7 @@ impl PromptArgs {
             keep_going: batch.keep_going,
             seed,
             batch_size: batch.batch_size,
+            image_prompts: self.image_prompt.clone(),
         }
     }
 }

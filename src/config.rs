@@ -617,6 +617,66 @@ impl ClipTextConfig {
     }
 }
 
+/// `image_encoder/config.json` (transformers CLIPVisionConfig), Stable Cascade's
+/// `CLIPVisionModelWithProjection` for image prompts.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct ClipVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    /// the side of the square input; the position embeddings cover its patches
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub projection_dim: usize,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for ClipVisionConfig {
+    // transformers CLIPVisionConfig defaults (configuration_clip.py)
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            projection_dim: 512,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl ClipVisionConfig {
+    pub fn validate(&self, component: &str) -> Result<(), ModelError> {
+        let b = |m: &str| Err(bad(component, m));
+        if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.projection_dim == 0 || self.num_channels == 0 {
+            return b("hidden_size, num_hidden_layers, num_channels and projection_dim must be > 0");
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return b("hidden_size must be a multiple of num_attention_heads (> 0)");
+        }
+        if self.patch_size == 0 || self.image_size == 0 || self.image_size % self.patch_size != 0 {
+            return b("image_size must be a multiple of patch_size (> 0)");
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return b("layer_norm_eps must be > 0");
+        }
+        Ok(())
+    }
+
+    /// Patches per image plus the class token: the sequence the encoder runs on.
+    pub fn positions(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2) + 1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

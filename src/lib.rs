@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod graph;
 pub mod hub;
+pub mod image_processor;
 pub mod mapping;
 pub mod memory;
 pub mod models;

@@ -63,6 +63,9 @@ pub struct GenerationRecord {
     /// the decoder pipeline; empty in embeddings from `prior`
     pub decoder: String,
     pub stage_c: Option<String>,
+    /// the image prompts' files, in order (Stable Cascade's `--image-prompt`)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_prompts: Vec<String>,
     /// the Hub commits the sources resolved to, by source (`prior`, `stage_c`, `decoder`)
     #[serde(default)]
     pub commits: BTreeMap<String, String>,
@@ -83,6 +86,7 @@ pub struct RunInfo {
     pub prior: String,
     pub decoder: String,
     pub stage_c: Option<String>,
+    pub image_prompts: Vec<String>,
     pub commits: BTreeMap<String, String>,
     pub dtype: String,
     pub rng: BoxMuller,
@@ -105,6 +109,7 @@ impl GenerationRecord {
             prior: run.prior.clone(),
             decoder: run.decoder.clone(),
             stage_c: run.stage_c.clone(),
+            image_prompts: run.image_prompts.clone(),
             commits: run.commits.clone(),
             dtype: run.dtype.clone(),
             program: format!("wuerstchen {}", env!("CARGO_PKG_VERSION")),
@@ -199,6 +204,7 @@ mod tests {
             prior: "warp-ai/wuerstchen-prior".into(),
             decoder: "warp-ai/wuerstchen".into(),
             stage_c: None,
+            image_prompts: Vec::new(),
             commits: [("prior".to_string(), "0123456789abcdef".to_string())].into(),
             dtype: "bf16".into(),
             rng: BoxMuller::Scalar,

@@ -400,6 +400,8 @@ pub struct PromptsInput {
     pub seed: Option<Option<u64>>,
     /// `--batch-size`: the most images one forward pass holds; `None`: chosen by the device
     pub batch_size: Option<usize>,
+    /// `--image-prompt`: images every prompt of the run is conditioned on (Stable Cascade)
+    pub image_prompts: Vec<PathBuf>,
 }
 
 /// A job with the files it will write.
@@ -495,6 +497,8 @@ pub struct OutputInput {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GeneratePlan {
     pub jobs: JobPlan,
+    /// images the prior conditions every prompt on, in order (`--image-prompt`)
+    pub image_prompts: Vec<PathBuf>,
     pub rng: BoxMuller,
     pub models: ModelSpec,
     pub runtime: RuntimeSpec,
@@ -559,6 +563,7 @@ pub fn plan_generate(
             json: output.json,
             batch_size: prompts.batch_size,
         },
+        image_prompts: prompts.image_prompts.clone(),
         rng,
         models,
         runtime,
@@ -1239,6 +1244,7 @@ mod tests {
             prior: "/models/prior".into(),
             decoder: "/models/decoder".into(),
             stage_c: Some("owner/stage-c".into()),
+            image_prompts: Vec::new(),
             commits: [("stage_c".to_string(), "c0ffee".to_string())].into(),
             dtype: "bf16".into(),
             rng: BoxMuller::Scalar,
@@ -1277,6 +1283,7 @@ mod tests {
             prior: i.models.prior.clone(),
             decoder: i.models.decoder.clone(),
             stage_c: i.models.stage_c.clone(),
+            image_prompts: Vec::new(),
             commits: r.commits.clone(),
             dtype: "bf16".into(),
             rng: i.rng,

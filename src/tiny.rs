@@ -32,12 +32,13 @@ use serde_json::{json, Value};
 
 use crate::cascade::Family;
 use crate::config::{
-    Activation, ClipTextConfig, DecoderConfig, DecoderPipelineConfig, PriorConfig, PriorPipelineConfig,
-    SchedulerConfig, VqganConfig,
+    Activation, ClipTextConfig, ClipVisionConfig, DecoderConfig, DecoderPipelineConfig, PriorConfig,
+    PriorPipelineConfig, SchedulerConfig, VqganConfig,
 };
 use crate::config::{CascadeBlock, CascadeUNetConfig, PerLevel};
 use crate::error::InputError;
 use crate::models::cascade::StableCascadeUNet;
+use crate::models::clip::ClipVisionModel;
 use crate::models::{ClipTextModel, PaellaVqDecoder, WuerstchenDiffNeXt, WuerstchenPrior};
 use crate::rng::TorchCpuGenerator;
 
@@ -61,6 +62,7 @@ const PRIOR_TEXT_ENCODER_SEED: u64 = 2;
 const DECODER_SEED: u64 = 3;
 const DECODER_TEXT_ENCODER_SEED: u64 = 4;
 const VQGAN_SEED: u64 = 5;
+const IMAGE_ENCODER_SEED: u64 = 6;
 
 /// Which architecture to write.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -464,6 +466,9 @@ struct CascadeArch {
     folders: [&'static str; 2],
     text_encoder: ClipTextConfig,
     text_encoder_dtype: Dtype,
+    /// the prior pipeline's image encoder for image prompts (its projection the prior's
+    /// `clip_image_in_channels`), stored like the text encoders
+    image_encoder: ClipVisionConfig,
     /// the VQGAN and the pipelines' scale factors: Würstchen v2's
     v2: TinyArch,
 }
@@ -513,19 +518,32 @@ fn cascade_tiny() -> CascadeArch {
         up_blocks_repeat_mappers: vec![2, 2],
         ..unet(12, vec![8, 16], vec![0, 2])
     };
+    let image_encoder = ClipVisionConfig {
+        hidden_size: 8,
+        intermediate_size: 12,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        image_size: 32,
+        patch_size: 8,
+        projection_dim: prior.clip_image_in_channels.unwrap_or(0),
+        hidden_act: Activation::Gelu,
+        ..ClipVisionConfig::default()
+    };
     CascadeArch {
         prior,
         decoder,
         folders: ["prior", "decoder"],
         text_encoder,
         text_encoder_dtype: Dtype::F16,
+        image_encoder,
         v2,
     }
 }
 
 /// The published lite pair (`prior_lite/` 1.0B and `decoder_lite/` 0.7B parameters; configs of
 /// diffusers' `convert_stable_cascade_lite.py`), with CLIP ViT-bigG/14 text encoders with
-/// projection and Würstchen v2's VQGAN, all f32: ~12 GB, for CPU benchmarks. The full
+/// projection, a CLIP ViT-L/14 image encoder and Würstchen v2's VQGAN, all f32: ~13 GB, for
+/// CPU benchmarks. The full
 /// networks (3.6B + 1.5B) would not fit beside their page cache on a 24 GiB machine.
 fn cascade_lite() -> CascadeArch {
     use CascadeBlock::{Attn, Res, Timestep};
@@ -569,12 +587,24 @@ fn cascade_lite() -> CascadeArch {
         timestep_conditioning_type: vec!["sca".into()],
         ..CascadeUNetConfig::default()
     };
+    // CLIP ViT-L/14, whose projection (768) is the prior's image input
+    let image_encoder = ClipVisionConfig {
+        hidden_size: 1024,
+        intermediate_size: 4096,
+        num_hidden_layers: 24,
+        num_attention_heads: 16,
+        image_size: 224,
+        patch_size: 14,
+        projection_dim: 768,
+        ..ClipVisionConfig::default()
+    };
     CascadeArch {
         prior,
         decoder,
         folders: ["prior_lite", "decoder_lite"],
         text_encoder,
         text_encoder_dtype: Dtype::F32,
+        image_encoder,
         v2,
     }
 }
@@ -639,8 +669,11 @@ fn cascade_pipeline_files(seed: u64, arch: &CascadeArch) -> Result<(Files, Files
                     .chain(components.clone())
                     .chain([
                         ("prior", json!(["diffusers", "StableCascadeUNet"])),
-                        ("feature_extractor", json!([null, null])),
-                        ("image_encoder", json!([null, null])),
+                        ("feature_extractor", json!(["transformers", "CLIPImageProcessor"])),
+                        (
+                            "image_encoder",
+                            json!(["transformers", "CLIPVisionModelWithProjection"]),
+                        ),
                     ]),
             )?,
         ),
@@ -656,6 +689,8 @@ fn cascade_pipeline_files(seed: u64, arch: &CascadeArch) -> Result<(Files, Files
         true,
     )?);
     prior_files.extend(tokenizer.iter().cloned());
+    let seed = module_seed(IMAGE_ENCODER_SEED);
+    prior_files.extend(image_encoder_files(&arch.image_encoder, te_dtype, seed)?);
 
     let mut decoder_files: Files = vec![
         (
@@ -788,6 +823,55 @@ fn clip_text_files(cfg: &ClipTextConfig, dtype: Dtype, seed: u64, projection: bo
             "text_encoder/model.safetensors".into(),
             text_encoder_weights(cfg, dtype, seed, projection)?,
         ),
+    ])
+}
+
+/// `image_encoder/` (a `CLIPVisionModelWithProjection`) and `feature_extractor/` (the
+/// `CLIPImageProcessor` that feeds it: CLIP's preprocessing at the encoder's image size).
+fn image_encoder_files(cfg: &ClipVisionConfig, dtype: Dtype, seed: u64) -> Result<Files> {
+    cfg.validate("image_encoder")?;
+    let extra = [
+        ("architectures", json!(["CLIPVisionModelWithProjection"])),
+        ("attention_dropout", json!(0.0)),
+        ("dtype", json!(if dtype == Dtype::F16 { "float16" } else { "float32" })),
+        ("initializer_factor", json!(1.0)),
+        ("initializer_range", json!(0.02)),
+        ("model_type", json!("clip_vision_model")),
+        ("transformers_version", json!(TRANSFORMERS_VERSION)),
+    ];
+    let tensors = requested_tensors(|vb| ClipVisionModel::new(cfg, vb).map(drop))?;
+    let stored = randomize(&tensors, seed, |_, _| {})
+        .into_iter()
+        .map(|(name, (shape, v))| {
+            let t = if dtype == Dtype::F16 {
+                Stored::f16(shape, &v)
+            } else {
+                Stored::f32(shape, &v)
+            };
+            (name, t)
+        })
+        .collect();
+    let side = cfg.image_size;
+    let processor = json!({
+        "crop_size": { "height": side, "width": side },
+        "do_center_crop": true,
+        "do_convert_rgb": true,
+        "do_normalize": true,
+        "do_rescale": true,
+        "do_resize": true,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "resample": 3,
+        "rescale_factor": 1.0 / 255.0,
+        "size": { "shortest_edge": side },
+    });
+    let mut processor = serde_json::to_vec_pretty(&processor)?;
+    processor.push(b'\n');
+    Ok(vec![
+        ("image_encoder/config.json".into(), config_json(cfg, extra)?),
+        ("image_encoder/model.safetensors".into(), safetensors_file(stored)?),
+        ("feature_extractor/preprocessor_config.json".into(), processor),
     ])
 }
 

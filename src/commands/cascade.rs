@@ -9,14 +9,18 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
 
 use super::{check_interrupt, load_stage, log_peak_memory, PriorSources, Summary, Writer};
-use crate::cascade::{CascadeDecoderPipeline, CascadeEmbeddings, CascadePriorPipeline, DEFAULT_PRIOR_STEPS};
+use crate::cascade::{
+    CascadeDecoderPipeline, CascadeEmbeddings, CascadePriorPipeline, ImageEncoder, PromptImage, DEFAULT_PRIOR_STEPS,
+};
 use crate::error::InputError;
 use crate::hub::FileSource;
 use crate::output;
-use crate::pipeline::BatchNoise;
+use crate::pipeline::{BatchNoise, Runtime};
 use crate::progress::{LoadBars, TerminalProgress};
 use crate::record::GenerationRecord;
 use crate::request::GeneratePlan;
@@ -46,10 +50,12 @@ pub fn run(
         rule.check("--width", req.width)?;
         rule.check("--height", req.height)
     })?;
+    let images = read_image_prompts(&plan.image_prompts, prior_src.prior.as_ref())?;
     check_interrupt(&interrupt)?;
 
     let rt = plan.runtime.open()?;
-    let info = prior_src.run_info(Some(decoder_src), rt.dtype, plan.rng);
+    let mut info = prior_src.run_info(Some(decoder_src), rt.dtype, plan.rng);
+    info.image_prompts = plan.image_prompts.iter().map(|p| p.display().to_string()).collect();
     let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
     let bars = LoadBars::new(quiet);
     let prior = prior_src.prior.as_ref();
@@ -68,7 +74,8 @@ pub fn run(
             .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the decoder panicked")));
         (prior, decoder)
     });
-    let (prior, decoder) = (prior?, decoder?);
+    let (mut prior, decoder) = (prior?, decoder?);
+    condition_on_images(&mut prior, prior_src.prior.as_ref(), &images, &rt)?;
     rt.device.synchronize()?;
 
     let jobs = &plan.jobs.jobs;
@@ -142,4 +149,54 @@ pub fn run(
     }
     log_peak_memory();
     summary.finish(&plan.jobs)
+}
+
+/// `--image-prompt`: the files decoded before any model loads (an unreadable file is an input
+/// error naming it), after checking that the prior has an image encoder to take them.
+pub(super) fn read_image_prompts(paths: &[PathBuf], prior: &dyn FileSource) -> Result<Vec<PromptImage>> {
+    if paths.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !ImageEncoder::present(prior)? {
+        return Err(InputError::new(format!(
+            "--image-prompt needs the prior pipeline's image encoder, and {} has no image_encoder/",
+            prior.describe()
+        ))
+        .into());
+    }
+    let read = |path: &PathBuf| {
+        let (rgb, width, height) = crate::image_processor::read_rgb8(path)?;
+        Ok(PromptImage { rgb, width, height })
+    };
+    paths.iter().map(read).collect()
+}
+
+/// Loads the prior pipeline's image encoder, conditions `prior` on the images' embeddings and
+/// lets the encoder go (it is needed once per run).
+pub(super) fn condition_on_images(
+    prior: &mut CascadePriorPipeline,
+    src: &dyn FileSource,
+    images: &[PromptImage],
+    rt: &Runtime,
+) -> Result<()> {
+    if images.is_empty() {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let encoder = ImageEncoder::load(src, rt).context("loading the image encoder")?;
+    prior.set_image_prompts(encoder.encode(images)?)?;
+    tracing::info!(
+        "{} image prompt(s) encoded in {:.2}s",
+        images.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The input error for `--image-prompt` with a Würstchen v2 prior, which has no image input.
+pub(super) fn refuse_image_prompts(paths: &[PathBuf]) -> Result<()> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    Err(InputError::new("--image-prompt needs a Stable Cascade prior; Würstchen v2's prior takes text only").into())
 }

@@ -164,6 +164,7 @@ pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     if prior_src.pair_family(decoder_src.as_ref(), plan.models.lite)? == crate::cascade::Family::StableCascade {
         return super::cascade::run(plan, prior_src, decoder_src.as_ref(), interrupt, quiet);
     }
+    super::cascade::refuse_image_prompts(&plan.image_prompts)?;
     let (prior_cfg, decoder_cfg) = (prior_src.configs()?, DecoderConfigs::read(decoder_src.as_ref())?);
     let rule = SizeRule::new(&prior_cfg, &decoder_cfg);
     plan.jobs.check_sizes(|req| {

@@ -213,6 +213,7 @@ impl PriorSources {
             prior: self.prior.describe(),
             decoder: decoder.map(|d| d.describe()).unwrap_or_default(),
             stage_c: self.stage_c.as_ref().map(|s| s.describe()),
+            image_prompts: Vec::new(),
             commits: commits(&[
                 ("prior", Some(self.prior.as_ref())),
                 ("stage_c", self.stage_c.as_deref()),

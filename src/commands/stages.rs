@@ -61,7 +61,10 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     let bars = crate::progress::LoadBars::new(quiet);
     let rt = plan.runtime.open()?;
     let prior = match Family::of(prior_src.prior.as_ref())? {
-        Family::WuerstchenV2 => Prior::V2(Box::new(prior_src.load(&prior_src.configs()?, &rt, &bars)?)),
+        Family::WuerstchenV2 => {
+            super::cascade::refuse_image_prompts(&plan.image_prompts)?;
+            Prior::V2(Box::new(prior_src.load(&prior_src.configs()?, &rt, &bars)?))
+        }
         Family::StableCascade => {
             if prior_src.stage_c.is_some() {
                 return Err(InputError::new("--stage-c is not supported for Stable Cascade models yet").into());
@@ -74,12 +77,16 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
             }
             let src = prior_src.prior.as_ref();
             let configs = CascadePriorConfigs::read(src, plan.models.lite)?;
+            let images = super::cascade::read_image_prompts(&plan.image_prompts, src)?;
             let files = CascadePriorPipeline::locate(src, plan.models.lite, rt.dtype);
             let load = || CascadePriorPipeline::load_with(&configs, src, &rt);
-            Prior::Cascade(Box::new(super::load_stage(&bars, "prior", files, &rt, load)?))
+            let mut prior = super::load_stage(&bars, "prior", files, &rt, load)?;
+            super::cascade::condition_on_images(&mut prior, src, &images, &rt)?;
+            Prior::Cascade(Box::new(prior))
         }
     };
-    let info = prior_src.run_info(None, rt.dtype, plan.rng);
+    let mut info = prior_src.run_info(None, rt.dtype, plan.rng);
+    info.image_prompts = plan.image_prompts.iter().map(|p| p.display().to_string()).collect();
     let writer = Writer::from(&plan.jobs);
     let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
     let mut summary = Summary::default();
@@ -223,6 +230,7 @@ pub fn run_decode(plan: DecodePlan, quiet: bool) -> Result<()> {
         prior: recorded.map(|r| r.prior.clone()).unwrap_or_default(),
         decoder: decoder_src.describe(),
         stage_c: recorded.and_then(|r| r.stage_c.clone()),
+        image_prompts: recorded.map(|r| r.image_prompts.clone()).unwrap_or_default(),
         commits,
         dtype: super::dtype_name(rt.dtype).to_string(),
         rng: start.rng,

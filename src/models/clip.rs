@@ -8,11 +8,11 @@
 //! config fields are private) and it masks every row after one shared position instead of
 //! each prompt's own padding.
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::common::Linear;
-use crate::config::{Activation, ClipTextConfig};
+use crate::config::{Activation, ClipTextConfig, ClipVisionConfig};
 use crate::ops;
 
 #[derive(Debug, Clone)]
@@ -49,20 +49,55 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.hidden_size;
+    /// `vb` at `encoder.layers.{i}`; `d` the hidden size, `inner` the MLP's.
+    fn load(d: usize, inner: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         let attn = vb.pp("self_attn");
         Ok(Self {
-            norm1: LayerNorm::load(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            norm1: LayerNorm::load(d, eps, vb.pp("layer_norm1"))?,
             q: Linear::load(d, d, attn.pp("q_proj"))?,
             k: Linear::load(d, d, attn.pp("k_proj"))?,
             v: Linear::load(d, d, attn.pp("v_proj"))?,
             out: Linear::load(d, d, attn.pp("out_proj"))?,
-            norm2: LayerNorm::load(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: Linear::load(d, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: Linear::load(cfg.intermediate_size, d, vb.pp("mlp.fc2"))?,
+            norm2: LayerNorm::load(d, eps, vb.pp("layer_norm2"))?,
+            fc1: Linear::load(d, inner, vb.pp("mlp.fc1"))?,
+            fc2: Linear::load(inner, d, vb.pp("mlp.fc2"))?,
         })
     }
+}
+
+/// transformers' `CLIPEncoder`: `x` (N, L, d) through every layer (pre-norm attention and
+/// MLP, each with a residual add); `attn_mask` additive, (N, 1, L, L) in f32, or none.
+fn encoder_forward(
+    layers: &[EncoderLayer],
+    mut x: Tensor,
+    heads: usize,
+    activation: Activation,
+    attn_mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (n, l, d) = x.dims3()?;
+    let hd = d / heads;
+    for layer in layers {
+        let h = layer.norm1.forward(&x)?;
+        let split = |t: Tensor| t.reshape((n, l, heads, hd))?.transpose(1, 2)?.contiguous();
+        let q = split(layer.q.forward(&h)?)?;
+        let k = split(layer.k.forward(&h)?)?;
+        let v = split(layer.v.forward(&h)?)?;
+        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.to_dtype(DType::F32)?;
+        let scores = match attn_mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, l, d))?;
+        x = (x + layer.out.forward(&a)?)?;
+        let h = layer.fc1.forward(&layer.norm2.forward(&x)?)?;
+        let h = match activation {
+            Activation::Gelu => ops::gelu_erf(&h)?,
+            Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+        };
+        x = (x + layer.fc2.forward(&h)?)?;
+    }
+    Ok(x)
 }
 
 #[derive(Debug, Clone)]
@@ -107,7 +142,10 @@ impl ClipTextModel {
         let d = cfg.hidden_size;
         let emb = vb.pp("embeddings");
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::load(cfg, vb.pp(format!("encoder.layers.{i}"))))
+            .map(|i| {
+                let vb = vb.pp(format!("encoder.layers.{i}"));
+                EncoderLayer::load(d, cfg.intermediate_size, cfg.layer_norm_eps, vb)
+            })
             .collect::<Result<_>>()?;
         Ok(Self {
             token_embedding: Embedding::new(emb.get((cfg.vocab_size, d), "token_embedding.weight")?, d),
@@ -186,29 +224,82 @@ impl ClipTextModel {
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(flat, (n, l), device)?;
         let pos = self.position_embedding.narrow(0, 0, l)?;
-        let mut x = self.token_embedding.forward(&ids)?.broadcast_add(&pos)?;
+        let x = self.token_embedding.forward(&ids)?.broadcast_add(&pos)?;
         let attn_mask = Self::attention_mask(mask, device)?;
-        let d = x.dim(D::Minus1)?;
-        let hd = d / self.heads;
-        for layer in &self.layers {
-            let h = layer.norm1.forward(&x)?;
-            let split = |t: Tensor| t.reshape((n, l, self.heads, hd))?.transpose(1, 2)?.contiguous();
-            let q = split(layer.q.forward(&h)?)?;
-            let k = split(layer.k.forward(&h)?)?;
-            let v = split(layer.v.forward(&h)?)?;
-            let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?
-                .to_dtype(DType::F32)?
-                .broadcast_add(&attn_mask)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-            let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, l, d))?;
-            x = (x + layer.out.forward(&a)?)?;
-            let h = layer.fc1.forward(&layer.norm2.forward(&x)?)?;
-            let h = match self.activation {
-                Activation::Gelu => ops::gelu_erf(&h)?,
-                Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
-            };
-            x = (x + layer.fc2.forward(&h)?)?;
+        encoder_forward(&self.layers, x, self.heads, self.activation, Some(&attn_mask))
+    }
+}
+
+/// transformers' `CLIPVisionModelWithProjection`, built from its config.json: the image cut
+/// into patches (a stride-`patch_size` convolution without bias), a class token in front,
+/// position embeddings, `pre_layrnorm`, the encoder without a mask, then the class token's
+/// state through `post_layernorm` and `visual_projection` (no bias): `image_embeds`.
+#[derive(Debug, Clone)]
+pub struct ClipVisionModel {
+    /// the patch convolution's weight as a matrix, (hidden, channels * patch * patch)
+    patch_weight: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_norm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    post_norm: LayerNorm,
+    projection: Linear,
+    cfg: ClipVisionConfig,
+}
+
+impl ClipVisionModel {
+    /// `vb` at the image encoder's root (keys `vision_model.*` and `visual_projection.weight`).
+    pub fn new(cfg: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
+        let projection = Linear::new(vb.get((cfg.projection_dim, d), "visual_projection.weight")?, None);
+        let vb = vb.pp("vision_model");
+        let emb = vb.pp("embeddings");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let vb = vb.pp(format!("encoder.layers.{i}"));
+                EncoderLayer::load(d, cfg.intermediate_size, cfg.layer_norm_eps, vb)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            patch_weight: emb
+                .get((d, c, p, p), "patch_embedding.weight")?
+                .reshape((d, c * p * p))?,
+            class_embedding: emb.get(d, "class_embedding")?,
+            position_embedding: emb.get((cfg.positions(), d), "position_embedding.weight")?,
+            pre_norm: LayerNorm::load(d, cfg.layer_norm_eps, vb.pp("pre_layrnorm"))?,
+            layers,
+            post_norm: LayerNorm::load(d, cfg.layer_norm_eps, vb.pp("post_layernorm"))?,
+            projection,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// `pixel_values` (N, channels, image_size, image_size) -> `image_embeds` (N, projection_dim).
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let (p, side) = (self.cfg.patch_size, self.cfg.image_size);
+        let (n, c, h, w) = pixel_values.dims4()?;
+        if (c, h, w) != (self.cfg.num_channels, side, side) {
+            candle_core::bail!(
+                "clip vision: the input is {c}x{h}x{w}, this model takes {}x{side}x{side}",
+                self.cfg.num_channels
+            );
         }
-        Ok(x)
+        let g = side / p;
+        // the convolution as a product: each patch's values in (channel, row, column) order,
+        // the order of the weight's last three axes
+        let patches = pixel_values
+            .to_dtype(self.patch_weight.dtype())?
+            .reshape((n, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((n, g * g, c * p * p))?;
+        let patch_embeds = patches.broadcast_matmul(&self.patch_weight.t()?)?;
+        let d = self.cfg.hidden_size;
+        let class = self.class_embedding.reshape((1, 1, d))?.broadcast_as((n, 1, d))?;
+        let x = Tensor::cat(&[&class, &patch_embeds], 1)?.broadcast_add(&self.position_embedding)?;
+        let x = self.pre_norm.forward(&x)?;
+        let heads = self.cfg.num_attention_heads;
+        let x = encoder_forward(&self.layers, x, heads, self.cfg.hidden_act, None)?;
+        let pooled = self.post_norm.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
+        self.projection.forward(&pooled)
     }
 }

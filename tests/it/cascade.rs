@@ -60,11 +60,36 @@ fn generate_gives_the_combined_pipelines_images_for_the_same_seed() {
         if let Some(negative) = run["negative_prompt"].as_str() {
             args.extend(["--negative-prompt".to_string(), negative.to_string()]);
         }
+        // image prompts, in the order the pipeline was given them
+        let images: Vec<String> = run["images"]
+            .as_array()
+            .map(|files| {
+                files
+                    .iter()
+                    .map(|f| fixtures().join("cascade-tiny").join(f.as_str().unwrap()))
+            })
+            .into_iter()
+            .flatten()
+            .map(|p| p.display().to_string())
+            .collect();
+        for image in &images {
+            args.extend(["--image-prompt".to_string(), image.clone()]);
+        }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = generate(dir.path(), &args);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         for image in 0..run["num_images"].as_u64().unwrap() as usize {
-            let (w, h, pixels, _) = read_png(&dir.path().join(format!("out-{image}.png")));
+            let (w, h, pixels, chunks) = read_png(&dir.path().join(format!("out-{image}.png")));
+            let record = chunks
+                .iter()
+                .find(|(k, _)| k == "wuerstchen")
+                .map(|(_, v)| v.clone())
+                .unwrap();
+            let record: serde_json::Value = serde_json::from_str(&record).unwrap();
+            let recorded: Vec<String> = record["image_prompts"].as_array().map_or(Vec::new(), |a| {
+                a.iter().map(|v| v.as_str().unwrap().to_string()).collect()
+            });
+            assert_eq!(recorded, images, "{name}: the record names the image prompts");
             assert_eq!((w as usize, h as usize), (width, height));
             let want = reference_pixels(name, image);
             let diff: Vec<u8> = pixels.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).collect();
@@ -188,6 +213,50 @@ fn prior_then_decode_gives_the_separate_pipelines_images_for_the_same_seed() {
         "max diff {:?}, {same} identical",
         diff.iter().max()
     );
+}
+
+/// `--image-prompt` where it cannot work: a Würstchen v2 pair, a Stable Cascade prior without
+/// an image encoder, a file that is not an image. Each is an input error before any model loads.
+#[test]
+fn image_prompts_that_cannot_work_are_input_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = fixtures().join("cascade-tiny").join("image-a.png");
+    let run = |models: Vec<String>, image: &Path| {
+        let out = wuerstchen(dir.path())
+            .args([
+                "generate",
+                "--prompt",
+                "a cat",
+                "--width",
+                "128",
+                "--height",
+                "128",
+                "--prior-steps",
+                "1",
+            ])
+            .args(models)
+            .arg("--image-prompt")
+            .arg(image)
+            .arg("--output")
+            .arg(dir.path().join("x.png"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = run(model_args("tiny-a"), &image);
+    assert!(stderr.contains("needs a Stable Cascade prior"), "{stderr}");
+    let prior = dir.path().join("prior");
+    copy_tree(&fixtures().join("cascade-tiny").join("prior"), &prior, &[]);
+    std::fs::remove_dir_all(prior.join("image_encoder")).unwrap();
+    let mut models = model_args("cascade-tiny");
+    models[1] = prior.display().to_string();
+    let stderr = run(models, &image);
+    assert!(stderr.contains("no image_encoder/"), "{stderr}");
+    let not_png = fixtures().join("cascade-tiny").join("reference.json");
+    let stderr = run(model_args("cascade-tiny"), &not_png);
+    assert!(stderr.contains("reference.json"), "names the file: {stderr}");
+    assert!(!dir.path().join("x.png").exists());
 }
 
 /// `generate --save-embeddings` writes what `prior` writes for the same request: the prior's
@@ -465,7 +534,7 @@ fn tiny_model_writes_a_stable_cascade_pair_that_generate_runs() {
         let index: serde_json::Value = serde_json::from_str(&index).unwrap();
         assert_eq!(index["_class_name"], class);
     }
-    let png = |name: &str| {
+    let png = |name: &str, extra: &[&str]| {
         let out = wuerstchen(dir.path())
             .args([
                 "generate", "--prompt", "a cat", "--width", "128", "--height", "128", "--seed", "3",
@@ -474,14 +543,20 @@ fn tiny_model_writes_a_stable_cascade_pair_that_generate_runs() {
             .arg(models.join("prior"))
             .arg("--decoder")
             .arg(models.join("decoder"))
+            .args(extra)
             .arg("--output")
             .arg(dir.path().join(name))
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        std::fs::read(dir.path().join(name)).unwrap()
+        let (_, _, pixels, _) = read_png(&dir.path().join(name));
+        (std::fs::read(dir.path().join(name)).unwrap(), pixels)
     };
-    assert_eq!(png("a.png"), png("b.png"), "the same seed, the same bytes");
+    assert_eq!(png("a.png", &[]), png("b.png", &[]), "the same seed, the same bytes");
+    // the pair has an image encoder, and an image prompt changes the image
+    let image = fixtures().join("cascade-tiny").join("image-a.png");
+    let prompted = png("c.png", &["--image-prompt", image.to_str().unwrap()]);
+    assert_ne!(prompted.1, png("d.png", &[]).1, "the image prompt conditions the prior");
     let out = wuerstchen(dir.path())
         .args(["tiny-model", "--family", "stable-cascade", "--size", "mid", "--out"])
         .arg(dir.path().join("mid"))
