@@ -542,9 +542,10 @@ fn cascade_tiny() -> CascadeArch {
 
 /// The published lite pair (`prior_lite/` 1.0B and `decoder_lite/` 0.7B parameters; configs of
 /// diffusers' `convert_stable_cascade_lite.py`), with CLIP ViT-bigG/14 text encoders with
-/// projection, a CLIP ViT-L/14 image encoder and Würstchen v2's VQGAN, all f32: ~13 GB, for
-/// CPU benchmarks. The full
-/// networks (3.6B + 1.5B) would not fit beside their page cache on a 24 GiB machine.
+/// projection, a CLIP ViT-L/14 image encoder (diffusers' `convert_stable_cascade.py` takes
+/// openai/clip-vit-large-patch14) and Würstchen v2's VQGAN, all f32: ~13 GB, for CPU
+/// benchmarks. The full networks (3.6B + 1.5B) would not fit beside their page cache on a
+/// 24 GiB machine.
 fn cascade_lite() -> CascadeArch {
     use CascadeBlock::{Attn, Res, Timestep};
     let v2 = real();
