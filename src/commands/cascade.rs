@@ -1,30 +1,28 @@
 //! `wuerstchen generate` for Stable Cascade pipelines (`Family::StableCascade`), as
 //! diffusers' `StableCascadeCombinedPipeline` runs them: the prior, then the decoder on the
 //! prior's image embeddings and pooled text states, one seeded generator per request for both.
-//! Batches, `--keep-going`, `--skip-existing`, the output names, the records and
-//! `--save-embeddings` are the same as for Würstchen v2; what v2's path has beyond that
-//! (`--stage-c`, staged loading with `--low-memory`) is refused with an input error until it
-//! is built.
+//! The jobs run through v2's driver (`generate::Ctx`: batches, `--keep-going`,
+//! `--skip-existing`, the output names, the records, `--save-embeddings`, `--low-memory`);
+//! `--stage-c` is v2's only.
 
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
 
-use super::{check_interrupt, load_stage, log_peak_memory, PriorSources, Summary, Writer};
+use super::generate::{Ctx, DecoderStage, PriorStage, StageOutput};
+use super::{check_interrupt, load_stage, log_peak_memory, PriorSources, Writer};
 use crate::cascade::{
-    CascadeDecoderPipeline, CascadeEmbeddings, CascadePriorPipeline, ImageEncoder, PromptImage, DEFAULT_PRIOR_STEPS,
+    CascadeDecoderConfigs, CascadeDecoderPipeline, CascadeEmbeddings, CascadePriorConfigs, CascadePriorPipeline,
+    ImageEncoder, PooledText, PromptImage, DEFAULT_PRIOR_STEPS,
 };
 use crate::error::InputError;
 use crate::hub::FileSource;
-use crate::output;
-use crate::pipeline::{BatchNoise, Runtime};
+use crate::pipeline::{available_memory, weight_bytes, BatchNoise, DecoderParams, PriorParams, Runtime};
 use crate::progress::{LoadBars, TerminalProgress};
-use crate::record::GenerationRecord;
 use crate::request::GeneratePlan;
-use crate::rng::TorchCpuGenerator;
 
 pub fn run(
     mut plan: GeneratePlan,
@@ -33,9 +31,6 @@ pub fn run(
     interrupt: Arc<AtomicBool>,
     quiet: bool,
 ) -> Result<()> {
-    if plan.runtime.low_memory {
-        return Err(InputError::new("--low-memory is not supported for Stable Cascade models yet").into());
-    }
     for p in &mut plan.jobs.jobs {
         let req = &mut p.job.req;
         if req.prior_schedule_defaulted {
@@ -43,112 +38,118 @@ pub fn run(
         }
     }
     let lite = plan.models.lite;
-    let prior_cfg = crate::cascade::CascadePriorConfigs::read(prior_src.prior.as_ref(), lite)?;
-    let decoder_cfg = crate::cascade::CascadeDecoderConfigs::read(decoder_src, lite)?;
+    let prior = prior_src.prior.as_ref();
+    let prior_cfg = CascadePriorConfigs::read(prior, lite)?;
+    let decoder_cfg = CascadeDecoderConfigs::read(decoder_src, lite)?;
     let rule = crate::cascade::size_rule(&prior_cfg, &decoder_cfg);
     plan.jobs.check_sizes(|req| {
         rule.check("--width", req.width)?;
         rule.check("--height", req.height)
     })?;
-    let images = read_image_prompts(&plan.image_prompts, prior_src.prior.as_ref())?;
+    let images = read_image_prompts(&plan.image_prompts, prior)?;
     check_interrupt(&interrupt)?;
 
     let rt = plan.runtime.open()?;
     let mut info = prior_src.run_info(Some(decoder_src), rt.dtype, plan.rng);
     info.image_prompts = plan.image_prompts.iter().map(|p| p.display().to_string()).collect();
+    // one stage at a time when asked, or when the weights alone (activations are not
+    // estimated for Stable Cascade yet) exceed what the device has
+    let files = |stem: &str, parts: &[(&dyn FileSource, &str)]| -> u64 {
+        let bytes = |(src, folder): &(&dyn FileSource, &str)| weight_bytes(*src, folder, stem, rt.dtype).unwrap_or(0);
+        parts.iter().map(bytes).sum()
+    };
+    let weights = files("model", &[(prior, "text_encoder"), (decoder_src, "text_encoder")])
+        + files(
+            "diffusion_pytorch_model",
+            &[
+                (prior, prior_cfg.prior_folder),
+                (decoder_src, decoder_cfg.decoder_folder),
+                (decoder_src, "vqgan"),
+            ],
+        );
+    let staged = super::generate::staged(plan.runtime.low_memory, available_memory(&rt.device), weights, 0);
     let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
     let bars = LoadBars::new(quiet);
-    let prior = prior_src.prior.as_ref();
-    let (prior, decoder) = std::thread::scope(|s| {
-        let decoder = s.spawn(|| {
-            let files = CascadeDecoderPipeline::locate(decoder_src, lite, rt.dtype);
-            let load = || CascadeDecoderPipeline::load_with(&decoder_cfg, decoder_src, &rt);
-            load_stage(&bars, "decoder", files, &rt, load)
-        });
-        let files = CascadePriorPipeline::locate(prior, lite, rt.dtype);
-        let prior = load_stage(&bars, "prior", files, &rt, || {
-            CascadePriorPipeline::load_with(&prior_cfg, prior, &rt)
-        });
-        let decoder = decoder
-            .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the decoder panicked")));
-        (prior, decoder)
-    });
-    let (mut prior, decoder) = (prior?, decoder?);
-    condition_on_images(&mut prior, prior_src.prior.as_ref(), &images, &rt)?;
-    rt.device.synchronize()?;
-
-    let jobs = &plan.jobs.jobs;
     let writer = Writer::from(&plan.jobs);
-    let mut summary = Summary::default();
-    for batch in plan.jobs.batches(plan.jobs.batch_size.unwrap_or(1)) {
-        check_interrupt(&interrupt)?;
-        let batch_jobs = &jobs[batch.clone()];
-        let origins = || batch_jobs.iter().map(|p| p.job.origin.as_str());
-        for p in batch_jobs {
-            let req = &p.job.req;
-            tracing::info!("seed {} {}x{}: {:?}", req.seed, req.width, req.height, req.prompt);
-        }
-        let results = super::generate::prior_over(batch_jobs, plan.rng, |params, noise| {
-            prior.run_batch(params, noise, &mut progress)
+    let ctx = Ctx {
+        plan: &plan.jobs,
+        batches: plan.jobs.batches(plan.jobs.batch_size.unwrap_or(1)),
+        info: &info,
+        writer: &writer,
+        kernel: plan.rng,
+        interrupt: &interrupt,
+    };
+    let load_prior = || {
+        let files = CascadePriorPipeline::locate(prior, lite, rt.dtype);
+        let mut loaded = load_stage(&bars, "prior", files, &rt, || {
+            CascadePriorPipeline::load_with(&prior_cfg, prior, &rt)
+        })?;
+        condition_on_images(&mut loaded, prior, &images, &rt)?;
+        Ok(loaded)
+    };
+    let load_decoder = || {
+        let files = CascadeDecoderPipeline::locate(decoder_src, lite, rt.dtype);
+        let load = || CascadeDecoderPipeline::load_with(&decoder_cfg, decoder_src, &rt);
+        load_stage(&bars, "decoder", files, &rt, load)
+    };
+    let summary = if staged {
+        ctx.run_staged(load_prior, load_decoder, &mut progress)?
+    } else {
+        let (prior, decoder) = std::thread::scope(|s| {
+            let decoder = s.spawn(load_decoder);
+            let prior = load_prior();
+            let decoder = decoder
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the decoder panicked")));
+            (prior, decoder)
         });
-        let results = match results {
-            Ok(results) => results,
-            Err(err) => {
-                summary.batch_failure(origins(), err, plan.jobs.keep_going)?;
-                continue;
-            }
-        };
-        // the jobs whose prior succeeded go on, each with its stream
-        let mut halfway: Vec<(usize, CascadeEmbeddings, TorchCpuGenerator)> = Vec::new();
-        for (i, (result, noise)) in batch.clone().zip(results) {
-            // `--save-embeddings`: what `prior` writes, for `decode` (the decoder pipeline run apart)
-            let result =
-                result.and_then(|emb| super::generate::save_embeddings(&jobs[i], &emb.embeddings, &info).map(|()| emb));
-            if let Some(emb) = summary.failure(&jobs[i].job.origin, result, plan.jobs.keep_going)? {
-                halfway.push((i, emb, noise));
-            }
-        }
-        if halfway.is_empty() {
-            continue;
-        }
-        check_interrupt(&interrupt)?;
-        let ids: Vec<usize> = halfway.iter().map(|h| h.0).collect();
-        let params: Vec<_> = ids.iter().map(|&i| jobs[i].job.req.decoder_params()).collect();
-        let embeddings: Vec<_> = halfway.iter().map(|h| h.1.embeddings.clone()).collect();
-        let pooled: Vec<_> = halfway.iter().map(|h| h.1.pooled.clone()).collect();
-        let counts: Vec<usize> = embeddings
-            .iter()
-            .map(|e| e.dim(0))
-            .collect::<candle_core::Result<_>>()?;
-        let batch_images = counts.iter().sum();
-        let mut noises: Vec<_> = halfway.into_iter().map(|h| h.2).collect();
-        let streams = BatchNoise::of(&mut noises, counts);
-        let results = match decoder.run_batch(&embeddings, Some(&pooled), &params, streams, &mut progress) {
-            Ok(results) => results,
-            Err(err) => {
-                let origins = ids.iter().map(|&i| jobs[i].job.origin.as_str());
-                summary.batch_failure(origins, err, plan.jobs.keep_going)?;
-                continue;
-            }
-        };
-        let timings = progress.take_timings();
-        for (&i, result) in ids.iter().zip(results) {
-            let p = &jobs[i];
-            let written = result.and_then(|images| {
-                let writer = Writer {
-                    overwrite: p.overwrite,
-                    batch_images,
-                    ..writer
-                };
-                let record = GenerationRecord::new(&p.job.req, &info);
-                writer.images(&p.job, &output::to_rgb8(&images)?, &p.images, &record, &timings)
-            });
-            summary.record(&p.job.origin, written, plan.jobs.keep_going)?;
-        }
-    }
+        ctx.run_together(&prior?, &decoder?, &mut progress)?
+    };
     log_peak_memory();
     summary.finish(&plan.jobs)
+}
+
+impl PriorStage for CascadePriorPipeline {
+    type Output = CascadeEmbeddings;
+    fn run_prior(
+        &self,
+        batch: &[PriorParams],
+        noise: BatchNoise,
+        progress: &mut TerminalProgress,
+    ) -> Result<Vec<Result<CascadeEmbeddings>>> {
+        self.run_batch(batch, noise, progress)
+    }
+}
+
+impl StageOutput for CascadeEmbeddings {
+    fn embeddings(&self) -> &Tensor {
+        &self.embeddings
+    }
+
+    fn to_host(self) -> Result<Self> {
+        let host = |t: Tensor| t.to_device(&Device::Cpu);
+        Ok(Self {
+            embeddings: host(self.embeddings)?,
+            pooled: PooledText {
+                prompt: host(self.pooled.prompt)?,
+                negative: self.pooled.negative.map(host).transpose()?,
+            },
+        })
+    }
+}
+
+/// The combined pipeline's decoder: on the prior's pooled text states.
+impl DecoderStage<CascadeEmbeddings> for CascadeDecoderPipeline {
+    fn run_decoder(
+        &self,
+        outputs: Vec<CascadeEmbeddings>,
+        params: &[DecoderParams],
+        noise: BatchNoise,
+        progress: &mut TerminalProgress,
+    ) -> Result<Vec<Result<Tensor>>> {
+        let (embeddings, pooled): (Vec<_>, Vec<_>) = outputs.into_iter().map(|o| (o.embeddings, o.pooled)).unzip();
+        self.run_batch(&embeddings, Some(&pooled), params, noise, progress)
+    }
 }
 
 /// `--image-prompt`: the files decoded before any model loads (an unreadable file is an input

@@ -11,7 +11,9 @@ use candle_core::{Device, Tensor};
 use super::{check_interrupt, install_interrupt, load_decoder, log_peak_memory, source, PriorSources, Summary, Writer};
 use crate::memory::{self, ModelShapes, RunShapes};
 use crate::output;
-use crate::pipeline::{BatchNoise, DecoderConfigs, DecoderPipeline, PriorParams, PriorPipeline, Runtime, SizeRule};
+use crate::pipeline::{
+    BatchNoise, DecoderConfigs, DecoderParams, DecoderPipeline, PriorParams, PriorPipeline, Runtime, SizeRule,
+};
 use crate::progress::TerminalProgress;
 use crate::record::{GenerationRecord, NoiseDraws, RunInfo};
 use crate::request::{GeneratePlan, GenerateRequest, JobPlan, PlannedJob};
@@ -117,7 +119,7 @@ pub(super) const MAX_AUTO_BATCH: usize = 8;
 /// free GPU memory, or the host's `MemAvailable`) cannot hold both stages' weights (estimated
 /// from the file sizes) plus the activations of the run's most demanding batch (estimated from
 /// the configs and its sizes, `memory::peak_activation_bytes`).
-fn staged(asked: bool, available: Option<u64>, weights: u64, activations: u64) -> bool {
+pub(super) fn staged(asked: bool, available: Option<u64>, weights: u64, activations: u64) -> bool {
     if asked {
         return true;
     }
@@ -229,14 +231,79 @@ pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     summary.finish(&plan.jobs)
 }
 
-struct Ctx<'a> {
-    plan: &'a JobPlan,
+/// A prior of either family as `generate` drives it: a batch of requests -> each request's
+/// output (or its own error), the outer error failing the whole batch.
+pub(super) trait PriorStage {
+    type Output: StageOutput;
+    fn run_prior(
+        &self,
+        batch: &[PriorParams],
+        noise: BatchNoise,
+        progress: &mut TerminalProgress,
+    ) -> Result<Vec<Result<Self::Output>>>;
+}
+
+/// What a prior hands the decoder: the image embeddings (what `--save-embeddings` writes) and
+/// whatever else its decoder needs.
+pub(super) trait StageOutput: Sized {
+    fn embeddings(&self) -> &Tensor;
+    /// The output moved to the host, to wait there while the decoder loads (`--low-memory`).
+    fn to_host(self) -> Result<Self>;
+}
+
+/// A decoder taking prior outputs of type `E`: each request's images (N, 3, H, W) in [0, 1].
+pub(super) trait DecoderStage<E> {
+    fn run_decoder(
+        &self,
+        outputs: Vec<E>,
+        params: &[DecoderParams],
+        noise: BatchNoise,
+        progress: &mut TerminalProgress,
+    ) -> Result<Vec<Result<Tensor>>>;
+}
+
+impl StageOutput for Tensor {
+    fn embeddings(&self) -> &Tensor {
+        self
+    }
+
+    fn to_host(self) -> Result<Self> {
+        Ok(self.to_device(&Device::Cpu)?)
+    }
+}
+
+impl PriorStage for PriorPipeline {
+    type Output = Tensor;
+    fn run_prior(
+        &self,
+        batch: &[PriorParams],
+        noise: BatchNoise,
+        progress: &mut TerminalProgress,
+    ) -> Result<Vec<Result<Tensor>>> {
+        self.run_batch(batch, noise, progress)
+    }
+}
+
+impl DecoderStage<Tensor> for DecoderPipeline {
+    fn run_decoder(
+        &self,
+        outputs: Vec<Tensor>,
+        params: &[DecoderParams],
+        noise: BatchNoise,
+        progress: &mut TerminalProgress,
+    ) -> Result<Vec<Result<Tensor>>> {
+        self.run_batch(&outputs, params, noise, progress)
+    }
+}
+
+pub(super) struct Ctx<'a> {
+    pub(super) plan: &'a JobPlan,
     /// ranges of `plan.jobs` that run as one batch
-    batches: Vec<Range<usize>>,
-    info: &'a RunInfo,
-    writer: &'a Writer,
-    kernel: BoxMuller,
-    interrupt: &'a AtomicBool,
+    pub(super) batches: Vec<Range<usize>>,
+    pub(super) info: &'a RunInfo,
+    pub(super) writer: &'a Writer,
+    pub(super) kernel: BoxMuller,
+    pub(super) interrupt: &'a AtomicBool,
 }
 
 /// `--save-embeddings`: the job's embeddings file, where it asked for one.
@@ -249,11 +316,11 @@ pub(super) fn save_embeddings(p: &PlannedJob, emb: &Tensor, info: &RunInfo) -> R
     Ok(())
 }
 
-/// A job between its two stages: its embeddings, and its random stream as the decoder
+/// A job between its two stages: the prior's output, and its random stream as the decoder
 /// continues it.
-struct Halfway {
+struct Halfway<E> {
     job: usize,
-    embeddings: Tensor,
+    output: E,
     noise: TorchCpuGenerator,
 }
 
@@ -287,20 +354,20 @@ impl Ctx<'_> {
 
     /// The prior for the jobs `batch`, their embeddings saved: the jobs that go on to the
     /// decoder (the failed ones are in `summary`, or stop the run).
-    fn prior_batch(
+    fn prior_batch<P: PriorStage>(
         &self,
         batch: Range<usize>,
-        prior: &PriorPipeline,
+        prior: &P,
         progress: &mut TerminalProgress,
         summary: &mut Summary,
-    ) -> Result<Vec<Halfway>> {
+    ) -> Result<Vec<Halfway<P::Output>>> {
         check_interrupt(self.interrupt)?;
         let jobs = &self.jobs()[batch.clone()];
         for (i, p) in batch.clone().zip(jobs) {
             self.log_job(i, p);
         }
         let results = match prior_over(jobs, self.kernel, |params, noise| {
-            prior.run_batch(params, noise, progress)
+            prior.run_prior(params, noise, progress)
         }) {
             Ok(results) => results,
             Err(err) => {
@@ -311,23 +378,19 @@ impl Ctx<'_> {
         let mut halfway = Vec::new();
         for (i, (result, noise)) in batch.zip(results) {
             let p = &self.jobs()[i];
-            let result = result.and_then(|emb| self.save_embeddings(p, &emb).map(|()| emb));
-            if let Some(embeddings) = summary.failure(&p.job.origin, result, self.plan.keep_going)? {
-                halfway.push(Halfway {
-                    job: i,
-                    embeddings,
-                    noise,
-                });
+            let result = result.and_then(|out| self.save_embeddings(p, out.embeddings()).map(|()| out));
+            if let Some(output) = summary.failure(&p.job.origin, result, self.plan.keep_going)? {
+                halfway.push(Halfway { job: i, output, noise });
             }
         }
         Ok(halfway)
     }
 
     /// The decoder for jobs the prior left `halfway` (one batch), through to the written files.
-    fn decoder_batch(
+    fn decoder_batch<E: StageOutput>(
         &self,
-        halfway: Vec<Halfway>,
-        decoder: &DecoderPipeline,
+        halfway: Vec<Halfway<E>>,
+        decoder: &impl DecoderStage<E>,
         progress: &mut TerminalProgress,
         summary: &mut Summary,
     ) -> Result<()> {
@@ -337,18 +400,18 @@ impl Ctx<'_> {
         check_interrupt(self.interrupt)?;
         let jobs: Vec<usize> = halfway.iter().map(|h| h.job).collect();
         let params: Vec<_> = jobs.iter().map(|&i| self.jobs()[i].job.req.decoder_params()).collect();
-        let (mut embeddings, mut noises) = (Vec::new(), Vec::new());
+        let (mut outputs, mut noises) = (Vec::new(), Vec::new());
         for h in halfway {
-            embeddings.push(h.embeddings);
+            outputs.push(h.output);
             noises.push(h.noise);
         }
-        let counts: Vec<usize> = embeddings
+        let counts: Vec<usize> = outputs
             .iter()
-            .map(|e| e.dim(0))
+            .map(|o| o.embeddings().dim(0))
             .collect::<candle_core::Result<_>>()?;
         let batch_images = counts.iter().sum();
         let streams = BatchNoise::of(&mut noises, counts);
-        let results = match decoder.run_batch(&embeddings, &params, streams, progress) {
+        let results = match decoder.run_decoder(outputs, &params, streams, progress) {
             Ok(results) => results,
             Err(err) => return self.batch_failed(&jobs, err, summary),
         };
@@ -377,10 +440,10 @@ impl Ctx<'_> {
     }
 
     /// Both stages resident: each batch runs start to finish.
-    fn run_together(
+    pub(super) fn run_together<P: PriorStage>(
         &self,
-        prior: &PriorPipeline,
-        decoder: &DecoderPipeline,
+        prior: &P,
+        decoder: &impl DecoderStage<P::Output>,
         progress: &mut TerminalProgress,
     ) -> Result<Summary> {
         let mut summary = Summary::default();
@@ -393,10 +456,10 @@ impl Ctx<'_> {
 
     /// One stage at a time: every prior, then (prior weights freed) every decode, each job
     /// continuing its own random stream, so the images equal `run_together`'s.
-    fn run_staged(
+    pub(super) fn run_staged<P: PriorStage, D: DecoderStage<P::Output>>(
         &self,
-        load_prior: impl FnOnce() -> Result<PriorPipeline>,
-        load_decoder: impl FnOnce() -> Result<DecoderPipeline>,
+        load_prior: impl FnOnce() -> Result<P>,
+        load_decoder: impl FnOnce() -> Result<D>,
         progress: &mut TerminalProgress,
     ) -> Result<Summary> {
         let mut summary = Summary::default();
@@ -404,11 +467,14 @@ impl Ctx<'_> {
         {
             let prior = load_prior()?;
             for batch in &self.batches {
-                let mut halfway = self.prior_batch(batch.clone(), &prior, progress, &mut summary)?;
-                for h in &mut halfway {
-                    h.embeddings = h.embeddings.to_device(&Device::Cpu)?;
-                }
-                pending.push(halfway);
+                let halfway = self.prior_batch(batch.clone(), &prior, progress, &mut summary)?;
+                let to_host = |h: Halfway<P::Output>| -> Result<_> {
+                    Ok(Halfway {
+                        output: h.output.to_host()?,
+                        ..h
+                    })
+                };
+                pending.push(halfway.into_iter().map(to_host).collect::<Result<Vec<_>>>()?);
             }
         }
         let decoder = load_decoder()?;

@@ -259,6 +259,51 @@ fn image_prompts_that_cannot_work_are_input_errors() {
     assert!(!dir.path().join("x.png").exists());
 }
 
+/// `--low-memory` holds one stage at a time (every prior, then every decode) and makes the
+/// same files: each request continues its own random stream, image prompts included.
+#[test]
+fn low_memory_makes_the_same_images_one_stage_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red cube\na blue sphere\n").unwrap();
+    let image = fixtures().join("cascade-tiny").join("image-a.png");
+    let run = |out: &str, extra: &[&str]| {
+        let out_dir = dir.path().join(out);
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let output = wuerstchen(dir.path())
+            .arg("generate")
+            .args(model_args("cascade-tiny"))
+            .arg("--prompts")
+            .arg(&prompts)
+            .args([
+                "--width",
+                "128",
+                "--height",
+                "128",
+                "--seed",
+                "4",
+                "--prior-steps",
+                "2",
+                "--decoder-steps",
+                "2",
+            ])
+            .arg("--image-prompt")
+            .arg(&image)
+            .args(extra)
+            .arg("--output")
+            .arg(out_dir.join("{index}.png"))
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        (0..2)
+            .map(|i| std::fs::read(out_dir.join(format!("{i}.png"))).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let together = run("together", &[]);
+    assert_ne!(together[0], together[1]);
+    assert_eq!(run("staged", &["--low-memory"]), together);
+}
+
 /// `generate --save-embeddings` writes what `prior` writes for the same request: the prior's
 /// pass is the same in the combined and the separate pipelines.
 #[test]
