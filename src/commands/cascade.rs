@@ -92,19 +92,7 @@ pub fn run(
         let load = || CascadeDecoderPipeline::load_with(&decoder_cfg, decoder_src, &rt);
         load_stage(&bars, "decoder", files, &rt, load)
     };
-    let summary = if staged {
-        ctx.run_staged(load_prior, load_decoder, &mut progress)?
-    } else {
-        let (prior, decoder) = std::thread::scope(|s| {
-            let decoder = s.spawn(load_decoder);
-            let prior = load_prior();
-            let decoder = decoder
-                .join()
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the decoder panicked")));
-            (prior, decoder)
-        });
-        ctx.run_together(&prior?, &decoder?, &mut progress)?
-    };
+    let summary = ctx.run(staged, load_prior, load_decoder, &mut progress)?;
     log_peak_memory();
     summary.finish(&plan.jobs)
 }

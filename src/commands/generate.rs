@@ -212,21 +212,7 @@ pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     let bars = crate::progress::LoadBars::new(quiet);
     let load_prior = || prior_src.load(&prior_cfg, &rt, &bars);
     let load_decoder = || load_decoder(decoder_src.as_ref(), &decoder_cfg, &rt, &bars);
-    let summary = if staged {
-        ctx.run_staged(load_prior, load_decoder, &mut progress)?
-    } else {
-        // the two stages load side by side: reading, converting and (on a GPU) uploading one
-        // overlaps the other's, and tokenizer building is single-threaded
-        let (prior, decoder) = std::thread::scope(|s| {
-            let decoder = s.spawn(load_decoder);
-            let prior = load_prior();
-            let decoder = decoder
-                .join()
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the decoder panicked")));
-            (prior, decoder)
-        });
-        ctx.run_together(&prior?, &decoder?, &mut progress)?
-    };
+    let summary = ctx.run(staged, load_prior, load_decoder, &mut progress)?;
     log_peak_memory();
     summary.finish(&plan.jobs)
 }
@@ -439,8 +425,32 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// Every job: with both stages loaded side by side (reading, converting and, on a GPU,
+    /// uploading one overlaps the other's, and tokenizer building is single-threaded), or,
+    /// `staged`, one stage at a time.
+    pub(super) fn run<P: PriorStage, D: DecoderStage<P::Output> + Send>(
+        &self,
+        staged: bool,
+        load_prior: impl FnOnce() -> Result<P>,
+        load_decoder: impl FnOnce() -> Result<D> + Send,
+        progress: &mut TerminalProgress,
+    ) -> Result<Summary> {
+        if staged {
+            return self.run_staged(load_prior, load_decoder, progress);
+        }
+        let (prior, decoder) = std::thread::scope(|s| {
+            let decoder = s.spawn(load_decoder);
+            let prior = load_prior();
+            let decoder = decoder
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the decoder panicked")));
+            (prior, decoder)
+        });
+        self.run_together(&prior?, &decoder?, progress)
+    }
+
     /// Both stages resident: each batch runs start to finish.
-    pub(super) fn run_together<P: PriorStage>(
+    fn run_together<P: PriorStage>(
         &self,
         prior: &P,
         decoder: &impl DecoderStage<P::Output>,
@@ -456,7 +466,7 @@ impl Ctx<'_> {
 
     /// One stage at a time: every prior, then (prior weights freed) every decode, each job
     /// continuing its own random stream, so the images equal `run_together`'s.
-    pub(super) fn run_staged<P: PriorStage, D: DecoderStage<P::Output>>(
+    fn run_staged<P: PriorStage, D: DecoderStage<P::Output>>(
         &self,
         load_prior: impl FnOnce() -> Result<P>,
         load_decoder: impl FnOnce() -> Result<D>,

@@ -65,6 +65,15 @@ impl EncoderLayer {
     }
 }
 
+impl EncoderLayer {
+    /// `vb`'s `encoder.layers.0` .. `encoder.layers.{n - 1}`.
+    fn load_all(n: usize, d: usize, inner: usize, eps: f64, vb: &VarBuilder) -> Result<Vec<Self>> {
+        (0..n)
+            .map(|i| Self::load(d, inner, eps, vb.pp(format!("encoder.layers.{i}"))))
+            .collect()
+    }
+}
+
 /// transformers' `CLIPEncoder`: `x` (N, L, d) through every layer (pre-norm attention and
 /// MLP, each with a residual add); `attn_mask` additive, (N, 1, L, L) in f32, or none.
 fn encoder_forward(
@@ -141,12 +150,7 @@ impl ClipTextModel {
         };
         let d = cfg.hidden_size;
         let emb = vb.pp("embeddings");
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let vb = vb.pp(format!("encoder.layers.{i}"));
-                EncoderLayer::load(d, cfg.intermediate_size, cfg.layer_norm_eps, vb)
-            })
-            .collect::<Result<_>>()?;
+        let layers = EncoderLayer::load_all(cfg.num_hidden_layers, d, cfg.intermediate_size, cfg.layer_norm_eps, &vb)?;
         Ok(Self {
             token_embedding: Embedding::new(emb.get((cfg.vocab_size, d), "token_embedding.weight")?, d),
             position_embedding: emb.get((cfg.max_position_embeddings, d), "position_embedding.weight")?,
@@ -254,12 +258,7 @@ impl ClipVisionModel {
         let projection = Linear::new(vb.get((cfg.projection_dim, d), "visual_projection.weight")?, None);
         let vb = vb.pp("vision_model");
         let emb = vb.pp("embeddings");
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let vb = vb.pp(format!("encoder.layers.{i}"));
-                EncoderLayer::load(d, cfg.intermediate_size, cfg.layer_norm_eps, vb)
-            })
-            .collect::<Result<_>>()?;
+        let layers = EncoderLayer::load_all(cfg.num_hidden_layers, d, cfg.intermediate_size, cfg.layer_norm_eps, &vb)?;
         Ok(Self {
             patch_weight: emb
                 .get((d, c, p, p), "patch_embedding.weight")?
