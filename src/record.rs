@@ -63,6 +63,9 @@ pub struct GenerationRecord {
     /// the decoder pipeline; empty in embeddings from `prior`
     pub decoder: String,
     pub stage_c: Option<String>,
+    /// Stable Cascade's lite networks (`prior_lite/`, `decoder_lite/`)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lite: bool,
     /// the image prompts' files, in order (Stable Cascade's `--image-prompt`)
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image_prompts: Vec<String>,
@@ -86,6 +89,7 @@ pub struct RunInfo {
     pub prior: String,
     pub decoder: String,
     pub stage_c: Option<String>,
+    pub lite: bool,
     pub image_prompts: Vec<String>,
     pub commits: BTreeMap<String, String>,
     pub dtype: String,
@@ -109,6 +113,7 @@ impl GenerationRecord {
             prior: run.prior.clone(),
             decoder: run.decoder.clone(),
             stage_c: run.stage_c.clone(),
+            lite: run.lite,
             image_prompts: run.image_prompts.clone(),
             commits: run.commits.clone(),
             dtype: run.dtype.clone(),
@@ -204,6 +209,7 @@ mod tests {
             prior: "warp-ai/wuerstchen-prior".into(),
             decoder: "warp-ai/wuerstchen".into(),
             stage_c: None,
+            lite: false,
             image_prompts: Vec::new(),
             commits: [("prior".to_string(), "0123456789abcdef".to_string())].into(),
             dtype: "bf16".into(),

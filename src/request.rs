@@ -875,6 +875,12 @@ impl GenerateInputs {
                 .map(|(n, c)| (n.clone(), c.clone()))
                 .collect();
         }
+        if !given("model") {
+            m.lite = r.lite;
+        }
+        if !given("image_prompt") {
+            p.image_prompts = r.image_prompts.iter().map(PathBuf::from).collect();
+        }
         if !given("dtype") {
             self.runtime.dtype = Some(parse_dtype(&r.dtype).map_err(|e| bad("dtype", &e))?);
         }
@@ -1244,6 +1250,7 @@ mod tests {
             prior: "/models/prior".into(),
             decoder: "/models/decoder".into(),
             stage_c: Some("owner/stage-c".into()),
+            lite: false,
             image_prompts: Vec::new(),
             commits: [("stage_c".to_string(), "c0ffee".to_string())].into(),
             dtype: "bf16".into(),
@@ -1283,6 +1290,7 @@ mod tests {
             prior: i.models.prior.clone(),
             decoder: i.models.decoder.clone(),
             stage_c: i.models.stage_c.clone(),
+            lite: false,
             image_prompts: Vec::new(),
             commits: r.commits.clone(),
             dtype: "bf16".into(),

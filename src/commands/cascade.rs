@@ -50,8 +50,7 @@ pub fn run(
     check_interrupt(&interrupt)?;
 
     let rt = plan.runtime.open()?;
-    let mut info = prior_src.run_info(Some(decoder_src), rt.dtype, plan.rng);
-    info.image_prompts = plan.image_prompts.iter().map(|p| p.display().to_string()).collect();
+    let info = prior_src.run_info(Some(decoder_src), rt.dtype, &plan);
     // one stage at a time when asked, or when the weights alone (activations are not
     // estimated for Stable Cascade yet) exceed what the device has
     let files = |stem: &str, parts: &[(&dyn FileSource, &str)]| -> u64 {

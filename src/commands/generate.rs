@@ -176,7 +176,7 @@ pub fn run(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
     check_interrupt(&interrupt)?;
 
     let rt = plan.runtime.open()?;
-    let info = prior_src.run_info(Some(decoder_src.as_ref()), rt.dtype, plan.rng);
+    let info = prior_src.run_info(Some(decoder_src.as_ref()), rt.dtype, &plan);
     let writer = Writer::from(&plan.jobs);
     let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
     let weights = memory::weight_bytes(

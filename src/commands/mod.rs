@@ -24,8 +24,7 @@ use crate::output;
 use crate::pipeline::{DecoderConfigs, DecoderPipeline, PriorConfigs, PriorPipeline, Runtime};
 use crate::progress::LoadBars;
 use crate::record::{GenerationRecord, RunInfo};
-use crate::request::{DeviceSpec, Job, JobPlan, ModelSpec, RuntimeSpec};
-use crate::rng::BoxMuller;
+use crate::request::{DeviceSpec, GeneratePlan, Job, JobPlan, ModelSpec, RuntimeSpec};
 
 impl RuntimeSpec {
     /// Opens the device: the one asked for (failing if it cannot be opened), or by default
@@ -206,21 +205,22 @@ impl PriorSources {
         PriorConfigs::read(self.prior.as_ref(), self.stage_c.as_deref())
     }
 
-    /// What a run's files record about its models, `decoder` being the decoder's source where
-    /// the run has one.
-    pub fn run_info(&self, decoder: Option<&dyn FileSource>, dtype: DType, rng: BoxMuller) -> RunInfo {
+    /// What a run's files record about its models and inputs, `decoder` being the decoder's
+    /// source where the run has one.
+    pub fn run_info(&self, decoder: Option<&dyn FileSource>, dtype: DType, plan: &GeneratePlan) -> RunInfo {
         RunInfo {
             prior: self.prior.describe(),
             decoder: decoder.map(|d| d.describe()).unwrap_or_default(),
             stage_c: self.stage_c.as_ref().map(|s| s.describe()),
-            image_prompts: Vec::new(),
+            lite: plan.models.lite,
+            image_prompts: plan.image_prompts.iter().map(|p| p.display().to_string()).collect(),
             commits: commits(&[
                 ("prior", Some(self.prior.as_ref())),
                 ("stage_c", self.stage_c.as_deref()),
                 ("decoder", decoder),
             ]),
             dtype: dtype_name(dtype).to_string(),
-            rng,
+            rng: plan.rng,
         }
     }
 

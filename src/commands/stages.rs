@@ -85,8 +85,7 @@ pub fn run_prior(mut plan: GeneratePlan, quiet: bool) -> Result<()> {
             Prior::Cascade(Box::new(prior))
         }
     };
-    let mut info = prior_src.run_info(None, rt.dtype, plan.rng);
-    info.image_prompts = plan.image_prompts.iter().map(|p| p.display().to_string()).collect();
+    let info = prior_src.run_info(None, rt.dtype, &plan);
     let writer = Writer::from(&plan.jobs);
     let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
     let mut summary = Summary::default();
@@ -230,6 +229,7 @@ pub fn run_decode(plan: DecodePlan, quiet: bool) -> Result<()> {
         prior: recorded.map(|r| r.prior.clone()).unwrap_or_default(),
         decoder: decoder_src.describe(),
         stage_c: recorded.and_then(|r| r.stage_c.clone()),
+        lite: plan.models.lite,
         image_prompts: recorded.map(|r| r.image_prompts.clone()).unwrap_or_default(),
         commits,
         dtype: super::dtype_name(rt.dtype).to_string(),

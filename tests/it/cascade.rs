@@ -557,6 +557,67 @@ fn the_lite_model_loads_the_lite_folders() {
         reference_pixels("c1", 0),
         "the c1 reference run, from the lite folders"
     );
+    // the record says lite: a replay loads the lite folders again
+    let out = wuerstchen(dir.path())
+        .args(["generate", "--from"])
+        .arg(dir.path().join("lite.png"))
+        .arg("--output")
+        .arg(dir.path().join("replay.png"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        std::fs::read(dir.path().join("replay.png")).unwrap(),
+        std::fs::read(dir.path().join("lite.png")).unwrap()
+    );
+}
+
+/// `--from` replays the image prompts the record names.
+#[test]
+fn a_replay_takes_the_recorded_image_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = fixtures().join("cascade-tiny").join("image-b.png");
+    let args = [
+        "--prompt",
+        "a cat",
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--prior-steps",
+        "2",
+        "--decoder-steps",
+        "1",
+    ];
+    let out = generate(
+        dir.path(),
+        &[&args[..], &["--image-prompt", image.to_str().unwrap()]].concat(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let first = dir.path().join("out-0.png");
+    let replay = |name: &str, extra: &[&str]| {
+        let out = wuerstchen(dir.path())
+            .args(["generate", "--from"])
+            .arg(&first)
+            .args(extra)
+            .arg("--output")
+            .arg(dir.path().join(name))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read(dir.path().join(name)).unwrap()
+    };
+    assert_eq!(replay("again.png", &[]), std::fs::read(&first).unwrap());
+    let other = fixtures().join("cascade-tiny").join("image-a.png");
+    let (_, _, changed, _) = {
+        replay("other.png", &["--image-prompt", other.to_str().unwrap()]);
+        read_png(&dir.path().join("other.png"))
+    };
+    assert_ne!(
+        changed,
+        read_png(&first).2,
+        "an image prompt on the command line replaces the recorded one"
+    );
 }
 
 /// `tiny-model --family stable-cascade` writes a pair that `generate` runs (and that
