@@ -301,7 +301,7 @@ pub struct PromptArgs {
     /// decoder_guidance, num_images, output); `-` reads stdin
     #[arg(long)]
     pub prompts: Option<String>,
-    /// An image (PNG) every prompt is also conditioned on, through the prior's image encoder
+    /// An image (PNG or JPEG) every prompt is also conditioned on, through the prior's image encoder
     /// (Stable Cascade; repeat the flag for several)
     #[arg(long, value_name = "FILE")]
     pub image_prompt: Vec<PathBuf>,
