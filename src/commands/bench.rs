@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::Device;
 
+use super::generate::{DecoderStage, PriorStage};
 use super::{dtype_name, load_decoder, load_stage, peak_host_memory, source, PriorSources};
 use crate::cascade::{
     size_rule, CascadeDecoderConfigs, CascadeDecoderPipeline, CascadePriorConfigs, CascadePriorPipeline, Family,
@@ -36,25 +37,26 @@ impl Pair {
         counts: Vec<usize>,
         clock: &mut StageClock,
     ) -> Result<Vec<candle_core::Tensor>> {
-        let prior_noise = BatchNoise::of(noises, counts.clone());
-        let images = match self {
-            Pair::V2(prior, decoder) => {
-                let embeddings = prior.run_batch(prior_params, prior_noise, clock)?;
-                let embeddings = embeddings.into_iter().collect::<Result<Vec<_>>>()?;
-                let decoder_noise = BatchNoise::of(noises, counts);
-                decoder.run_batch(&embeddings, decoder_params, decoder_noise, clock)?
-            }
-            Pair::Cascade(prior, decoder) => {
-                let outputs = prior.run_batch(prior_params, prior_noise, clock)?;
-                let outputs = outputs.into_iter().collect::<Result<Vec<_>>>()?;
-                let (embeddings, pooled): (Vec<_>, Vec<_>) =
-                    outputs.into_iter().map(|o| (o.embeddings, o.pooled)).unzip();
-                let decoder_noise = BatchNoise::of(noises, counts);
-                decoder.run_batch(&embeddings, Some(&pooled), decoder_params, decoder_noise, clock)?
-            }
-        };
-        images.into_iter().collect()
+        let params = (prior_params, decoder_params);
+        match self {
+            Pair::V2(prior, decoder) => run_both(&**prior, &**decoder, params, noises, counts, clock),
+            Pair::Cascade(prior, decoder) => run_both(&**prior, &**decoder, params, noises, counts, clock),
+        }
     }
+}
+
+fn run_both<P: PriorStage>(
+    prior: &P,
+    decoder: &impl DecoderStage<P::Output>,
+    (prior_params, decoder_params): (&[PriorParams], &[DecoderParams]),
+    noises: &mut [TorchCpuGenerator],
+    counts: Vec<usize>,
+    clock: &mut StageClock,
+) -> Result<Vec<candle_core::Tensor>> {
+    let outputs = prior.run_prior(prior_params, BatchNoise::of(noises, counts.clone()), clock)?;
+    let outputs = outputs.into_iter().collect::<Result<Vec<_>>>()?;
+    let images = decoder.run_decoder(outputs, decoder_params, BatchNoise::of(noises, counts), clock)?;
+    images.into_iter().collect()
 }
 
 /// Times stages with the device synchronised at both ends, and samples device memory.

@@ -21,7 +21,7 @@ use crate::cascade::{
 use crate::error::InputError;
 use crate::hub::FileSource;
 use crate::pipeline::{available_memory, weight_bytes, BatchNoise, DecoderParams, PriorParams, Runtime};
-use crate::progress::{LoadBars, TerminalProgress};
+use crate::progress::{LoadBars, Progress, TerminalProgress};
 use crate::request::GeneratePlan;
 
 pub fn run(
@@ -102,7 +102,7 @@ impl PriorStage for CascadePriorPipeline {
         &self,
         batch: &[PriorParams],
         noise: BatchNoise,
-        progress: &mut TerminalProgress,
+        progress: &mut dyn Progress,
     ) -> Result<Vec<Result<CascadeEmbeddings>>> {
         self.run_batch(batch, noise, progress)
     }
@@ -132,7 +132,7 @@ impl DecoderStage<CascadeEmbeddings> for CascadeDecoderPipeline {
         outputs: Vec<CascadeEmbeddings>,
         params: &[DecoderParams],
         noise: BatchNoise,
-        progress: &mut TerminalProgress,
+        progress: &mut dyn Progress,
     ) -> Result<Vec<Result<Tensor>>> {
         let (embeddings, pooled): (Vec<_>, Vec<_>) = outputs.into_iter().map(|o| (o.embeddings, o.pooled)).unzip();
         self.run_batch(&embeddings, Some(&pooled), params, noise, progress)

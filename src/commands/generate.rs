@@ -14,7 +14,7 @@ use crate::output;
 use crate::pipeline::{
     BatchNoise, DecoderConfigs, DecoderParams, DecoderPipeline, PriorParams, PriorPipeline, Runtime, SizeRule,
 };
-use crate::progress::TerminalProgress;
+use crate::progress::{Progress, TerminalProgress};
 use crate::record::{GenerationRecord, NoiseDraws, RunInfo};
 use crate::request::{GeneratePlan, GenerateRequest, JobPlan, PlannedJob};
 use crate::rng::{BoxMuller, TorchCpuGenerator};
@@ -225,7 +225,7 @@ pub(super) trait PriorStage {
         &self,
         batch: &[PriorParams],
         noise: BatchNoise,
-        progress: &mut TerminalProgress,
+        progress: &mut dyn Progress,
     ) -> Result<Vec<Result<Self::Output>>>;
 }
 
@@ -244,7 +244,7 @@ pub(super) trait DecoderStage<E> {
         outputs: Vec<E>,
         params: &[DecoderParams],
         noise: BatchNoise,
-        progress: &mut TerminalProgress,
+        progress: &mut dyn Progress,
     ) -> Result<Vec<Result<Tensor>>>;
 }
 
@@ -264,7 +264,7 @@ impl PriorStage for PriorPipeline {
         &self,
         batch: &[PriorParams],
         noise: BatchNoise,
-        progress: &mut TerminalProgress,
+        progress: &mut dyn Progress,
     ) -> Result<Vec<Result<Tensor>>> {
         self.run_batch(batch, noise, progress)
     }
@@ -276,7 +276,7 @@ impl DecoderStage<Tensor> for DecoderPipeline {
         outputs: Vec<Tensor>,
         params: &[DecoderParams],
         noise: BatchNoise,
-        progress: &mut TerminalProgress,
+        progress: &mut dyn Progress,
     ) -> Result<Vec<Result<Tensor>>> {
         self.run_batch(&outputs, params, noise, progress)
     }
