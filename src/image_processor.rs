@@ -387,18 +387,7 @@ impl Filter {
                     0.0
                 }
             }
-            Filter::Bicubic => {
-                const A: f64 = -0.5;
-                if x < 1.0 {
-                    // cubic_convolution1
-                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-                } else if x < 2.0 {
-                    // cubic_convolution2
-                    ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
-                } else {
-                    0.0
-                }
-            }
+            Filter::Bicubic => crate::ops::resize::cubic(x),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `wuerstchen selftest`: does this build compute the right numbers on this machine? Every
 //! custom op and block runs on the device under test in the chosen dtype and is compared with
 //! the CPU's f32 kernels on the same random inputs, at small odd shapes and at the shapes of
-//! the published models; then a tiny random model runs the whole pipeline on both. On the
+//! the published models; then a tiny random model of each family (Stable Cascade's with an
+//! image prompt) runs the whole pipeline on both. On the
 //! CPU the device side runs the device-generic forms (what CUDA runs), so a CPU run proves
 //! the harness and every generic form.
 //!
@@ -128,6 +129,7 @@ pub fn run(opts: &Options, report: &mut dyn FnMut(&Check)) -> Result<Vec<Check>>
     }
     t.weights_file()?;
     t.pipeline()?;
+    t.cascade_pipeline()?;
     Ok(t.checks)
 }
 
@@ -380,16 +382,8 @@ impl Tester<'_> {
         })
     }
 
-    /// A tiny random model through prior, decoder and VQGAN on both sides, with the same
-    /// seed: the image embeddings and the images are compared.
-    fn pipeline(&mut self) -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let options = crate::tiny::TinyModelOptions {
-            seed: self.opts.seed,
-            ..Default::default()
-        };
-        let paths = crate::tiny::write_tiny_model(dir.path(), &options)?;
-        let (prior_src, decoder_src) = (LocalDir::new(&paths.prior), LocalDir::new(&paths.decoder));
+    /// The prompt of the pipeline checks: two images with guidance (both halves of a batch).
+    fn pipeline_params() -> (PriorParams, DecoderParams) {
         let prior = PriorParams {
             prompt: "a self-test of every stage".into(),
             negative_prompt: "blurry".into(),
@@ -405,26 +399,81 @@ impl Tester<'_> {
             timesteps: decoder_timesteps(2),
             guidance: 0.0,
         };
+        (prior, decoder)
+    }
+
+    /// A tiny random Würstchen v2 model through prior, decoder and VQGAN on both sides, with
+    /// the same seed: the image embeddings and the images are compared.
+    fn pipeline(&mut self) -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let options = crate::tiny::TinyModelOptions {
+            seed: self.opts.seed,
+            ..Default::default()
+        };
+        let paths = crate::tiny::write_tiny_model(dir.path(), &options)?;
+        let (prior_src, decoder_src) = (LocalDir::new(&paths.prior), LocalDir::new(&paths.decoder));
+        let seed = self.opts.seed;
+        self.compare_pipelines("pipeline", |rt| {
+            let p = PriorPipeline::load(&prior_src, None, rt)?;
+            let d = DecoderPipeline::load(&decoder_src, rt)?;
+            Ok(Box::new(move || {
+                let (prior, decoder) = Self::pipeline_params();
+                let mut noise = TorchCpuGenerator::new(seed);
+                let emb = p.run(&prior, &mut noise, &mut Silent)?;
+                let images = d.run(&emb, &decoder, &mut noise, &mut Silent)?;
+                Ok((emb, images))
+            }))
+        })
+    }
+
+    /// The same for a tiny random Stable Cascade pair, with an image prompt through the
+    /// prior's image encoder: `StableCascadeUNet` (both stages) and the CLIP vision model.
+    fn cascade_pipeline(&mut self) -> Result<()> {
+        use crate::cascade::{CascadeDecoderPipeline, CascadePriorPipeline, ImageEncoder, PromptImage};
+        let dir = tempfile::tempdir()?;
+        let options = crate::tiny::TinyModelOptions {
+            family: crate::cascade::Family::StableCascade,
+            seed: self.opts.seed,
+            ..Default::default()
+        };
+        let paths = crate::tiny::write_tiny_model(dir.path(), &options)?;
+        let (prior_src, decoder_src) = (LocalDir::new(&paths.prior), LocalDir::new(&paths.decoder));
+        // a 40x30 gradient: resized, cropped and normalised before the encoder
+        let (width, height) = (40, 30);
+        let rgb = (0..width * height * 3).map(|i| ((i * 7) % 256) as u8).collect();
+        let image = PromptImage { rgb, width, height };
+        let seed = self.opts.seed;
+        self.compare_pipelines("cascade", |rt| {
+            let mut p = CascadePriorPipeline::load(&prior_src, rt)?;
+            p.set_image_prompts(ImageEncoder::load(&prior_src, rt)?.encode(std::slice::from_ref(&image))?)?;
+            let d = CascadeDecoderPipeline::load(&decoder_src, rt)?;
+            Ok(Box::new(move || {
+                let (prior, decoder) = Self::pipeline_params();
+                let mut noise = TorchCpuGenerator::new(seed);
+                let out = p.run(&prior, &mut noise, &mut Silent)?;
+                let images = d.run(&out.embeddings, Some(&out.pooled), &decoder, &mut noise, &mut Silent)?;
+                Ok((out.embeddings, images))
+            }))
+        })
+    }
+
+    /// Loads a pipeline pair with `load` on both sides and runs what it returns: checks
+    /// `{name}_embeddings` and `{name}_images`. The reference runs the CPU kernels in the same
+    /// dtype: the weights and every activation are rounded alike, and what remains is how the
+    /// two sides compute.
+    fn compare_pipelines(&mut self, name: &str, load: impl Fn(&Runtime) -> Result<PipelineRun>) -> Result<()> {
         let run = |side: &Side| -> Result<(Tensor, Tensor, f64)> {
             let rt = Runtime {
                 device: side.device.clone(),
                 dtype: side.dtype,
             };
-            let p = PriorPipeline::load(&prior_src, None, &rt)?;
-            let d = DecoderPipeline::load(&decoder_src, &rt)?;
+            let pipeline = load(&rt)?;
             side.device.synchronize()?;
             let t = Instant::now();
-            let mut noise = TorchCpuGenerator::new(self.opts.seed);
-            let (emb, images) = side.run(|| -> Result<_> {
-                let emb = p.run(&prior, &mut noise, &mut Silent)?;
-                let images = d.run(&emb, &decoder, &mut noise, &mut Silent)?;
-                Ok((emb, images))
-            })?;
+            let (emb, images) = side.run(pipeline)?;
             side.device.synchronize()?;
             Ok((emb, images, t.elapsed().as_secs_f64() * 1000.0))
         };
-        // the reference runs the CPU kernels in the same dtype: the weights and every
-        // activation are rounded alike, and what remains is how the two sides compute
         let want = run(&Side {
             dtype: self.opts.dtype,
             ..self.reference()
@@ -434,23 +483,31 @@ impl Tester<'_> {
         let mut results = Vec::new();
         match (want, got) {
             (Ok((we, wi, _)), Ok((ge, gi, ms))) => {
-                results.push(("pipeline_embeddings", shape_name(we.dims()), rel_err(&ge, &we), ms));
-                results.push(("pipeline_images", shape_name(wi.dims()), rel_err(&gi, &wi), ms));
+                results.push((
+                    format!("{name}_embeddings"),
+                    shape_name(we.dims()),
+                    rel_err(&ge, &we),
+                    ms,
+                ));
+                results.push((format!("{name}_images"), shape_name(wi.dims()), rel_err(&gi, &wi), ms));
             }
-            (Err(e), _) | (_, Err(e)) => results.push(("pipeline", String::new(), Err(e), 0.0)),
+            (Err(e), _) | (_, Err(e)) => results.push((name.to_string(), String::new(), Err(e), 0.0)),
         }
-        for (name, shape, err, ms) in results {
-            let fault = if self.opts.inject_fault.as_deref() == Some(name) {
+        for (check, shape, err, ms) in results {
+            let fault = if self.opts.inject_fault.as_deref() == Some(check.as_str()) {
                 1.0
             } else {
                 0.0
             };
-            let check = self.check(name, shape, tol, err.map(|e| (e + fault, ms)));
+            let check = self.check(&check, shape, tol, err.map(|e| (e + fault, ms)));
             self.push(check);
         }
         Ok(())
     }
 }
+
+/// A loaded pipeline pair's run: the image embeddings and the images.
+type PipelineRun = Box<dyn FnOnce() -> Result<(Tensor, Tensor)>>;
 
 /// Random weights that both sides of a comparison load: each tensor is drawn the first time a
 /// block asks for it (whatever shape it asks for), rounded to the dtype under test, and
@@ -526,6 +583,7 @@ mod tests {
                 "attn_block",
                 "attention_blocked",
                 "pipeline_images",
+                "cascade_images",
             ] {
                 assert!(checks.iter().any(|c| c.check == name), "{name} missing");
             }
@@ -536,7 +594,7 @@ mod tests {
 
     #[test]
     fn a_broken_op_fails_its_check() {
-        for name in ["gelu", "pipeline_images"] {
+        for name in ["gelu", "pipeline_images", "cascade_embeddings"] {
             let checks = small(DType::F32, Some(name));
             let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.check.as_str()).collect();
             assert!(!failed.is_empty() && failed.iter().all(|f| *f == name), "{failed:?}");

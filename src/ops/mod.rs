@@ -18,7 +18,7 @@ mod grn;
 mod math;
 mod matmul;
 mod norm;
-mod resize;
+pub(crate) mod resize;
 mod softmax;
 
 pub use attention::{

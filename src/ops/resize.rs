@@ -6,7 +6,9 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-fn cubic(x: f64) -> f64 {
+/// Keys' cubic convolution kernel with a = -0.5, the one torch's antialiased bicubic (and
+/// PIL's) uses: `cubic_convolution1` inside 1, `cubic_convolution2` out to 2.
+pub(crate) fn cubic(x: f64) -> f64 {
     const A: f64 = -0.5;
     let x = x.abs();
     if x < 1.0 {
