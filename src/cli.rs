@@ -26,7 +26,7 @@ pub const VERSION: &str = match option_env!("WUERSTCHEN_VERSION") {
 #[command(
     name = "wuerstchen",
     version = VERSION,
-    about = "Würstchen v2 text-to-image, diffusers' numbers without Python"
+    about = "Würstchen v2 and Stable Cascade text-to-image, diffusers' numbers without Python"
 )]
 pub struct Cli {
     #[command(subcommand)]

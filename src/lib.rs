@@ -1,5 +1,5 @@
-//! Würstchen v2 text-to-image (arXiv 2306.00637) on candle, loading diffusers-format weights
-//! and computing what diffusers 0.42.1 computes.
+//! Würstchen v2 text-to-image (arXiv 2306.00637) and its successor Stable Cascade on candle,
+//! loading diffusers-format weights and computing what diffusers 0.42.1 computes.
 
 pub mod cascade;
 pub mod commands;

@@ -88,6 +88,12 @@ pub fn text_block(name: &str, r: &GenerationRecord) -> String {
         lines.push(("stage C", source("stage_c", stage_c)));
     }
     lines.push(("decoder model", source("decoder", &r.decoder)));
+    if r.lite {
+        lines.push(("networks", "Stable Cascade's lite prior_lite/, decoder_lite/".into()));
+    }
+    for image in &r.image_prompts {
+        lines.push(("image prompt", image.clone()));
+    }
     lines.push(("dtype", r.dtype.clone()));
     lines.push((
         "rng",
@@ -119,6 +125,17 @@ mod tests {
         .unwrap();
         r.image_index = Some(1);
         let t = text_block("out/42.png", &r);
+        assert!(!t.contains("image prompt") && !t.contains("lite"), "{t}");
+        r.image_prompts = vec!["a.png".into(), "b.jpg".into()];
+        r.lite = true;
+        let with_images = text_block("out/42.png", &r);
+        for needle in [
+            "image prompt:    a.png\n",
+            "image prompt:    b.jpg\n",
+            "networks:        Stable Cascade's lite",
+        ] {
+            assert!(with_images.contains(needle), "{needle:?} in\n{with_images}");
+        }
         for needle in [
             "out/42.png\n",
             "  prompt:          a cat\n",
