@@ -90,9 +90,6 @@ fn has_bf16(capability: Option<(u32, u32)>) -> bool {
     capability.is_none_or(|(major, _)| major >= 8)
 }
 
-/// The dtype when none is asked for: f32 on the CPU; on a GPU bf16 (f16's range without its
-/// overflows) where it has bf16 kernels, else f16. Either way the sampling state and the norm
-/// statistics stay in f32.
 /// The dtype `generate` runs in on this machine by default (see [`RuntimeSpec::open`]).
 pub fn machine_default_dtype() -> DType {
     #[cfg(feature = "cuda")]
@@ -102,6 +99,9 @@ pub fn machine_default_dtype() -> DType {
     DType::F32
 }
 
+/// The dtype when none is asked for: f32 on the CPU; on a GPU bf16 (f16's range without its
+/// overflows) where it has bf16 kernels, else f16. Either way the sampling state and the norm
+/// statistics stay in f32.
 pub fn default_dtype(cpu: bool, capability: Option<(u32, u32)>) -> DType {
     if cpu {
         DType::F32
