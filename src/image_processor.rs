@@ -272,11 +272,6 @@ impl ClipImageProcessorConfig {
             normalize,
         })
     }
-
-    /// [`ClipImageProcessor::pixel_values`] of the validated config.
-    pub fn pixel_values(&self, rgb: &[u8], width: usize, height: usize) -> anyhow::Result<(Vec<f32>, usize, usize)> {
-        self.validate()?.pixel_values(rgb, width, height)
-    }
 }
 
 impl ClipImageProcessor {
@@ -915,7 +910,7 @@ mod tests {
     }
 
     #[test]
-    fn center_crop_pads_like_torchvision() {
+    fn center_crop_pads_and_offsets_like_transformers() {
         // 1x3 planes of 2x2 -> crop 5x3: pad top 1 bottom 2, left 0 right 1
         let src: Vec<u8> = (1..=12).collect();
         let out = center_crop(&src, 2, 2, 5, 3);

@@ -90,6 +90,12 @@ pub fn weight_bytes(
         (decoder, "decoder", "diffusion_pytorch_model"),
         (decoder, "vqgan", "diffusion_pytorch_model"),
     ];
+    parts_weight_bytes(&parts, dtype)
+}
+
+/// The bytes the weights of `(source, folder, weights stem)` components take in `dtype`
+/// (`pipeline::weight_bytes` of each; a part whose files cannot be found counts 0).
+pub fn parts_weight_bytes(parts: &[(&dyn FileSource, &str, &str)], dtype: DType) -> u64 {
     parts
         .iter()
         .map(|(src, folder, stem)| crate::pipeline::weight_bytes(*src, folder, stem, dtype).unwrap_or(0))

@@ -636,7 +636,7 @@ fn cascade_pipeline_files(seed: u64, arch: &CascadeArch) -> Result<(Files, Files
             ),
             (
                 format!("{folder}/diffusion_pytorch_model.safetensors"),
-                safetensors_file(all_f32(values))?,
+                safetensors_file(stored_as(values, Dtype::F32))?,
             ),
         ])
     };
@@ -806,18 +806,9 @@ fn clip_text_files(cfg: &ClipTextConfig, dtype: Dtype, seed: u64, projection: bo
     } else {
         "CLIPTextModel"
     };
-    let extra = [
-        ("architectures", json!([class])),
-        ("attention_dropout", json!(0.0)),
-        // the legacy laion values the Hub's configs carry (only pooler_output uses them)
-        ("bos_token_id", json!(0)),
-        ("pad_token_id", json!(1)),
-        ("dtype", json!(if dtype == Dtype::F16 { "float16" } else { "float32" })),
-        ("initializer_factor", json!(1.0)),
-        ("initializer_range", json!(0.02)),
-        ("model_type", json!("clip_text_model")),
-        ("transformers_version", json!(TRANSFORMERS_VERSION)),
-    ];
+    // the legacy laion values the Hub's configs carry (only pooler_output uses them)
+    let ids = [("bos_token_id", json!(0)), ("pad_token_id", json!(1))];
+    let extra = clip_config_meta(class, "clip_text_model", dtype).chain(ids);
     Ok(vec![
         ("text_encoder/config.json".into(), config_json(cfg, extra)?),
         (
@@ -827,31 +818,31 @@ fn clip_text_files(cfg: &ClipTextConfig, dtype: Dtype, seed: u64, projection: bo
     ])
 }
 
-/// `image_encoder/` (a `CLIPVisionModelWithProjection`) and `feature_extractor/` (the
-/// `CLIPImageProcessor` that feeds it: CLIP's preprocessing at the encoder's image size).
-fn image_encoder_files(cfg: &ClipVisionConfig, dtype: Dtype, seed: u64) -> Result<Files> {
-    cfg.validate("image_encoder")?;
-    let extra = [
-        ("architectures", json!(["CLIPVisionModelWithProjection"])),
+/// What transformers writes into a CLIP model's config.json beside the sizes.
+fn clip_config_meta(
+    class: &'static str,
+    model_type: &'static str,
+    dtype: Dtype,
+) -> impl Iterator<Item = (&'static str, Value)> {
+    [
+        ("architectures", json!([class])),
         ("attention_dropout", json!(0.0)),
         ("dtype", json!(if dtype == Dtype::F16 { "float16" } else { "float32" })),
         ("initializer_factor", json!(1.0)),
         ("initializer_range", json!(0.02)),
-        ("model_type", json!("clip_vision_model")),
+        ("model_type", json!(model_type)),
         ("transformers_version", json!(TRANSFORMERS_VERSION)),
-    ];
+    ]
+    .into_iter()
+}
+
+/// `image_encoder/` (a `CLIPVisionModelWithProjection`) and `feature_extractor/` (the
+/// `CLIPImageProcessor` that feeds it: CLIP's preprocessing at the encoder's image size).
+fn image_encoder_files(cfg: &ClipVisionConfig, dtype: Dtype, seed: u64) -> Result<Files> {
+    cfg.validate("image_encoder")?;
+    let extra = clip_config_meta("CLIPVisionModelWithProjection", "clip_vision_model", dtype);
     let tensors = requested_tensors(|vb| ClipVisionModel::new(cfg, vb).map(drop))?;
-    let stored = randomize(&tensors, seed, |_, _| {})
-        .into_iter()
-        .map(|(name, (shape, v))| {
-            let t = if dtype == Dtype::F16 {
-                Stored::f16(shape, &v)
-            } else {
-                Stored::f32(shape, &v)
-            };
-            (name, t)
-        })
-        .collect();
+    let stored = stored_as(randomize(&tensors, seed, |_, _| {}), dtype);
     let side = cfg.image_size;
     let processor = json!({
         "crop_size": { "height": side, "width": side },
@@ -1067,10 +1058,18 @@ fn safetensors_file(tensors: BTreeMap<String, Stored>) -> Result<Vec<u8>> {
     Ok(safetensors::tensor::serialize(views, Some(metadata))?)
 }
 
-fn all_f32(values: BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> BTreeMap<String, Stored> {
+/// Every tensor stored in `dtype`: f16 rounded from the f32 values, anything else f32.
+fn stored_as(values: BTreeMap<String, (Vec<usize>, Vec<f32>)>, dtype: Dtype) -> BTreeMap<String, Stored> {
+    let store = |shape, v: &[f32]| {
+        if dtype == Dtype::F16 {
+            Stored::f16(shape, v)
+        } else {
+            Stored::f32(shape, v)
+        }
+    };
     values
         .into_iter()
-        .map(|(name, (shape, v))| (name, Stored::f32(shape, &v)))
+        .map(|(name, (shape, v))| (name, store(shape, &v)))
         .collect()
 }
 
@@ -1082,7 +1081,7 @@ fn prior_weights(arch: &TinyArch, seed: u64) -> Result<Vec<u8>> {
             v.iter_mut().for_each(|x| *x *= 0.1);
         }
     });
-    safetensors_file(all_f32(values))
+    safetensors_file(stored_as(values, Dtype::F32))
 }
 
 fn decoder_weights(arch: &TinyArch, seed: u64) -> Result<Vec<u8>> {
@@ -1097,7 +1096,7 @@ fn decoder_weights(arch: &TinyArch, seed: u64) -> Result<Vec<u8>> {
         }
         _ => {}
     });
-    safetensors_file(all_f32(values))
+    safetensors_file(stored_as(values, Dtype::F32))
 }
 
 /// Stored with the Hub's transformers-4 key names (`text_model.` prefix); with
@@ -1109,19 +1108,7 @@ fn text_encoder_weights(cfg: &ClipTextConfig, dtype: Dtype, seed: u64, projectio
         }
         ClipTextModel::new(cfg, vb.pp("text_model")).map(drop)
     })?;
-    let values = randomize(&tensors, seed, |_, _| {});
-    let stored = values
-        .into_iter()
-        .map(|(name, (shape, v))| {
-            let t = if dtype == Dtype::F16 {
-                Stored::f16(shape, &v)
-            } else {
-                Stored::f32(shape, &v)
-            };
-            (name, t)
-        })
-        .collect();
-    safetensors_file(stored)
+    safetensors_file(stored_as(randomize(&tensors, seed, |_, _| {}), dtype))
 }
 
 fn vqgan_weights(cfg: &VqganConfig, num_vq_embeddings: usize, seed: u64) -> Result<Vec<u8>> {
@@ -1135,7 +1122,7 @@ fn vqgan_weights(cfg: &VqganConfig, num_vq_embeddings: usize, seed: u64) -> Resu
             v.iter_mut().for_each(|x| *x += 0.5);
         }
     });
-    let mut stored = all_f32(values);
+    let mut stored = stored_as(values, Dtype::F32);
     // the BatchNorm2d's buffers, at their initial values
     let (bn, c) = vqgan_batch_norm(cfg);
     stored.insert(format!("{bn}.running_mean"), Stored::f32(vec![c], &vec![0.0; c]));

@@ -20,7 +20,7 @@ use crate::cascade::{
 };
 use crate::error::InputError;
 use crate::hub::FileSource;
-use crate::pipeline::{available_memory, weight_bytes, BatchNoise, DecoderParams, PriorParams, Runtime};
+use crate::pipeline::{available_memory, BatchNoise, DecoderParams, PriorParams, Runtime};
 use crate::progress::{LoadBars, Progress, TerminalProgress};
 use crate::request::GeneratePlan;
 
@@ -53,19 +53,14 @@ pub fn run(
     let info = prior_src.run_info(Some(decoder_src), rt.dtype, &plan);
     // one stage at a time when asked, or when the weights alone (activations are not
     // estimated for Stable Cascade yet) exceed what the device has
-    let files = |stem: &str, parts: &[(&dyn FileSource, &str)]| -> u64 {
-        let bytes = |(src, folder): &(&dyn FileSource, &str)| weight_bytes(*src, folder, stem, rt.dtype).unwrap_or(0);
-        parts.iter().map(bytes).sum()
-    };
-    let weights = files("model", &[(prior, "text_encoder"), (decoder_src, "text_encoder")])
-        + files(
-            "diffusion_pytorch_model",
-            &[
-                (prior, prior_cfg.prior_folder),
-                (decoder_src, decoder_cfg.decoder_folder),
-                (decoder_src, "vqgan"),
-            ],
-        );
+    let parts: [(&dyn FileSource, &str, &str); 5] = [
+        (prior, "text_encoder", "model"),
+        (prior, prior_cfg.prior_folder, "diffusion_pytorch_model"),
+        (decoder_src, "text_encoder", "model"),
+        (decoder_src, decoder_cfg.decoder_folder, "diffusion_pytorch_model"),
+        (decoder_src, "vqgan", "diffusion_pytorch_model"),
+    ];
+    let weights = crate::memory::parts_weight_bytes(&parts, rt.dtype);
     let staged = super::generate::staged(plan.runtime.low_memory, available_memory(&rt.device), weights, 0);
     let mut progress = TerminalProgress::new(quiet, Some(interrupt.clone()));
     let bars = LoadBars::new(quiet);
