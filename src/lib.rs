@@ -1,6 +1,8 @@
 //! Würstchen v2 text-to-image (arXiv 2306.00637) and its successor Stable Cascade on candle,
 //! loading diffusers-format weights and computing what diffusers 0.42.1 computes.
 
+#[cfg(unix)]
+pub mod blocks;
 pub mod cascade;
 pub mod commands;
 pub mod config;

@@ -21,8 +21,9 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// mimalloc for small allocations and the system allocator for large ones, plus vectors that
-/// point into registered mappings (see the module docs).
+/// mimalloc for small allocations, the system allocator for larger ones and reused blocks for
+/// the largest (see `SMALL`), plus vectors that point into registered mappings (see the
+/// module docs).
 pub struct MappingAware;
 
 /// Set by the first allocation through [`MappingAware`]: it is the global allocator.
@@ -88,22 +89,38 @@ fn release(i: usize) {
 }
 
 /// Allocations smaller than this go to mimalloc, larger ones (tensors, file buffers) to the
-/// system allocator. Loading a tokenizer makes ~200k small strings and hash tables, which
-/// glibc's malloc serves and frees in 25-28 ms against mimalloc's 15-17 ms; the tensors stay
-/// with glibc, because sampling ran slower with mimalloc serving them as well.
+/// system allocator, and the largest ones to [`crate::blocks`]. Loading a tokenizer makes
+/// ~200k small strings and hash tables, which glibc's malloc serves and frees in 25-28 ms
+/// against mimalloc's 15-17 ms; the tensors stay with glibc, because sampling ran slower with
+/// mimalloc serving them as well.
 const SMALL: usize = 64 << 10;
+
+/// Which allocator serves an allocation of `size` bytes: 0 mimalloc, 1 the system's,
+/// 2 the reused blocks.
+fn class(size: usize) -> u8 {
+    #[cfg(unix)]
+    let large = size >= crate::blocks::LARGE;
+    #[cfg(not(unix))]
+    let large = false;
+    match size {
+        _ if size < SMALL => 0,
+        _ if large => 2,
+        _ => 1,
+    }
+}
 
 /// The allocator for an allocation of `size` bytes that is not in a mapping.
 fn serves(size: usize) -> &'static dyn GlobalAlloc {
-    if size < SMALL {
-        &mimalloc::MiMalloc
-    } else {
-        &System
+    match class(size) {
+        0 => &mimalloc::MiMalloc,
+        #[cfg(unix)]
+        2 => &crate::blocks::Blocks,
+        _ => &System,
     }
 }
 
 // SAFETY: every allocation comes from the allocator `serves` picks for its size, and is freed
-// or resized by the same one (a resize across `SMALL` moves it); a pointer into a registered
+// or resized by the same one (a resize to another allocator's sizes moves it); a pointer into a registered
 // mapping was never allocated and is only counted when freed (and copied out of when
 // reallocated).
 unsafe impl GlobalAlloc for MappingAware {
@@ -127,7 +144,7 @@ unsafe impl GlobalAlloc for MappingAware {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let slot = slot_of(ptr);
-        if slot.is_none() && (layout.size() < SMALL) == (new_size < SMALL) {
+        if slot.is_none() && class(layout.size()) == class(new_size) {
             return serves(new_size).realloc(ptr, layout, new_size);
         }
         let new = self.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
