@@ -155,47 +155,70 @@ fn product(a: &Operand, b: &Operand, (m, k, n): (usize, usize, usize), epi: &Epi
         } else {
             (0..m, start..end)
         };
-        // SAFETY: `dst` has room for m * n elements; this tile covers rows x cols of it,
-        // which no other tile touches, and writes every element before `set_len` below.
-        unsafe {
-            let tile = out.ptr().add(rows.start * n + cols.start);
-            let row = |r: usize| std::slice::from_raw_parts_mut(tile.add(r * n), cols.len());
-            let added = |r: usize| epi.add.map(|add| &add[(rows.start + r) * n..][cols.clone()]);
-            for r in 0..rows.len() {
-                match (epi.bias.map(|b| &b[cols.clone()]), added(r)) {
-                    (Some(b), Some(t)) => row(r)
-                        .iter_mut()
-                        .zip(b.iter().zip(t))
-                        .for_each(|(o, (b, t))| *o = b + t),
-                    (Some(b), None) => row(r).copy_from_slice(b),
-                    (None, Some(t)) => row(r).copy_from_slice(t),
-                    (None, None) => break,
-                }
-            }
-            let a = Operand {
-                data: &a.data[rows.start * a.rs..],
-                ..*a
-            };
-            let b = Operand {
-                data: &b.data[cols.start * b.cs..],
-                ..*b
-            };
-            gemm_tile(
-                tile,
-                n,
-                epi.bias.is_some() || epi.add.is_some(),
-                &a,
-                &b,
-                (rows.len(), k, cols.len()),
-            );
-            if epi.gelu {
-                (0..rows.len()).for_each(|r| super::gelu::gelu_in_place(row(r)));
-            }
+        // A tall tile in chunks of rows, so that each chunk's output stays in cache from its
+        // bias through gemm's passes over k to the GELU (at least 512 rows, so that
+        // repacking `b` for each chunk costs a few per cent at most).
+        let chunk = (CHUNK_BYTES / (4 * cols.len())).max(512);
+        for first in rows.clone().step_by(chunk) {
+            let rows = first..rows.end.min(first + chunk);
+            // SAFETY: `dst` has room for m * n elements; this chunk covers rows x cols of it,
+            // which no other tile touches, and writes every element before `set_len` below.
+            unsafe { product_chunk(out, a, b, (n, k), (rows, cols.clone()), epi) };
         }
     });
     // SAFETY: every element was written by its tile.
     unsafe { dst.set_len(m * n) };
     dst
+}
+
+/// Output bytes per chunk of a tall tile: a few MiB, which the caches hold.
+const CHUNK_BYTES: usize = 4 << 20;
+
+/// One chunk of a tile of [`product`]: `rows` x `cols` of the (m, n) output at `out`.
+///
+/// # Safety
+/// `out` must have room for the (m, n) output; no other thread may touch this chunk.
+unsafe fn product_chunk(
+    out: Out,
+    a: &Operand,
+    b: &Operand,
+    (n, k): (usize, usize),
+    (rows, cols): (std::ops::Range<usize>, std::ops::Range<usize>),
+    epi: &Epilogue,
+) {
+    let tile = out.ptr().add(rows.start * n + cols.start);
+    let row = |r: usize| std::slice::from_raw_parts_mut(tile.add(r * n), cols.len());
+    let added = |r: usize| epi.add.map(|add| &add[(rows.start + r) * n..][cols.clone()]);
+    for r in 0..rows.len() {
+        match (epi.bias.map(|b| &b[cols.clone()]), added(r)) {
+            (Some(b), Some(t)) => row(r)
+                .iter_mut()
+                .zip(b.iter().zip(t))
+                .for_each(|(o, (b, t))| *o = b + t),
+            (Some(b), None) => row(r).copy_from_slice(b),
+            (None, Some(t)) => row(r).copy_from_slice(t),
+            (None, None) => break,
+        }
+    }
+    let a = Operand {
+        data: &a.data[rows.start * a.rs..],
+        ..*a
+    };
+    let b = Operand {
+        data: &b.data[cols.start * b.cs..],
+        ..*b
+    };
+    gemm_tile(
+        tile,
+        n,
+        epi.bias.is_some() || epi.add.is_some(),
+        &a,
+        &b,
+        (rows.len(), k, cols.len()),
+    );
+    if epi.gelu {
+        (0..rows.len()).for_each(|r| super::gelu::gelu_in_place(row(r)));
+    }
 }
 
 /// One single-threaded gemm call: `dst (m, n, row stride dst_rs) (+)= a @ b`.
@@ -381,7 +404,8 @@ mod tests {
     #[test]
     fn the_epilogue_adds_then_applies_gelu() -> Result<()> {
         let dev = Device::Cpu;
-        for (m, k, n) in [(40, 24, 300), (300, 24, 40)] {
+        // wide, tall, and tall enough for tiles of several row chunks (the last one partial)
+        for (m, k, n) in [(40, 24, 300), (300, 24, 40), (2300, 8, 2048)] {
             let x = Tensor::randn(0f32, 1., (2, m / 2, k), &dev)?;
             let w = Tensor::randn(0f32, 1., (n, k), &dev)?;
             let b = Tensor::randn(0f32, 1., n, &dev)?;
