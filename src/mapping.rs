@@ -120,9 +120,9 @@ fn serves(size: usize) -> &'static dyn GlobalAlloc {
 }
 
 // SAFETY: every allocation comes from the allocator `serves` picks for its size, and is freed
-// or resized by the same one (a resize to another allocator's sizes moves it); a pointer into a registered
-// mapping was never allocated and is only counted when freed (and copied out of when
-// reallocated).
+// or resized by the same one (a resize into another allocator's sizes moves it); a pointer
+// into a registered mapping was never allocated and is only counted when freed (and copied
+// out of when reallocated).
 unsafe impl GlobalAlloc for MappingAware {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if !INSTALLED.load(Ordering::Relaxed) {

@@ -158,7 +158,7 @@ fn product(a: &Operand, b: &Operand, (m, k, n): (usize, usize, usize), epi: &Epi
         // A tall tile in chunks of rows, so that each chunk's output stays in cache from its
         // bias through gemm's passes over k to the GELU (at least 512 rows, so that
         // repacking `b` for each chunk costs a few per cent at most).
-        let chunk = (CHUNK_BYTES / (4 * cols.len())).max(512);
+        let chunk = (CHUNK_BYTES / (4 * cols.len().max(1))).max(512);
         for first in rows.clone().step_by(chunk) {
             let rows = first..rows.end.min(first + chunk);
             // SAFETY: `dst` has room for m * n elements; this chunk covers rows x cols of it,
