@@ -308,10 +308,8 @@ fn parse_tokenizer_json(text: &str) -> Parsed<Tables> {
     let vocab = vocab.map_err(|e| format!("model.vocab: expected {{token: id}}: {e}"))?;
     // A missing `normalized` is `tokenizers`' default, true.
     let added = file.added_tokens.iter().map(|t| {
-        (
-            t.id,
-            t.token.token(false).normalized(t.token.normalized.unwrap_or(true)),
-        )
+        let normalized = t.token.normalized.unwrap_or(true);
+        (t.id, t.token.token(false).normalized(normalized))
     });
     Ok((vocab, merges?, added.collect()))
 }

@@ -129,8 +129,12 @@ pub(super) fn resolve_settings(
         let id = vocab.get(token).copied();
         id.ok_or_else(|| format!("{what} token {token:?} is not in the vocabulary"))
     };
-    id_of("unk", &unk)?;
-    let (bos_id, eos_id, pad_id) = (id_of("bos", &bos)?, id_of("eos", &eos)?, id_of("pad", &pad)?);
+    let (bos_id, eos_id, _, pad_id) = (
+        id_of("bos", &bos)?,
+        id_of("eos", &eos)?,
+        id_of("unk", &unk)?,
+        id_of("pad", &pad)?,
+    );
     Ok(Settings {
         bos: (bos, bos_id),
         eos: (eos, eos_id),
