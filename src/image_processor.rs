@@ -549,8 +549,7 @@ pub fn read_rgb8(path: &Path) -> anyhow::Result<(Vec<u8>, usize, usize)> {
 /// A JPEG through zune-jpeg, grayscale and CMYK converted to RGB. PIL decodes with
 /// libjpeg-turbo, whose IDCT and chroma upsampling differ from zune-jpeg's: the pixels agree
 /// to a few levels (up to 7, 0.6 on average, on the fixtures' noisy 4:2:0 photo), not
-/// exactly as a PNG's do. EXIF
-/// orientation is ignored, as `PIL.Image.open` ignores it.
+/// exactly as a PNG's do. EXIF orientation is ignored, as `PIL.Image.open` ignores it.
 fn read_jpeg(path: &Path, bytes: &[u8]) -> anyhow::Result<(Vec<u8>, usize, usize)> {
     use zune_jpeg::zune_core::{colorspace::ColorSpace, options::DecoderOptions};
     let invalid =
@@ -719,20 +718,27 @@ mod tests {
         assert_eq!(digest, meta[&format!("{key}.sha256")]);
     }
 
-    #[test]
-    fn png_decoding_matches_pil_and_convert_to_rgb() {
+    /// `check(name, decoded, expected)` for each `{prefix}/{stem}` RGB8 tensor of the fixture
+    /// and `decode/{stem}.{ext}` decoded; how many there were.
+    fn check_decoded(prefix: &str, ext: &str, check: impl Fn(&str, &[u8], &[u8])) -> usize {
         let bytes = std::fs::read(fixture_dir().join("expected.safetensors")).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let mut checked = 0;
         for (name, view) in st.tensors() {
-            let Some(stem) = name.strip_prefix("decode/") else {
+            let Some(stem) = name.strip_prefix(prefix).and_then(|n| n.strip_prefix('/')) else {
                 continue;
             };
-            let (rgb, w, h) = read_rgb8(&fixture_dir().join(format!("decode/{stem}.png"))).unwrap();
+            let (rgb, w, h) = read_rgb8(&fixture_dir().join(format!("decode/{stem}.{ext}"))).unwrap();
             assert_eq!(view.shape(), [h, w, 3], "{name}");
-            assert_eq!(rgb, view.data(), "{name}");
+            check(&name, &rgb, view.data());
             checked += 1;
         }
+        checked
+    }
+
+    #[test]
+    fn png_decoding_matches_pil_and_convert_to_rgb() {
+        let checked = check_decoded("decode", "png", |name, rgb, want| assert_eq!(rgb, want, "{name}"));
         assert_eq!(checked, 14);
         // the fixture's RGBA input has alpha 0 (-> white) and partial alpha
         let (rgb, _, _) = read_rgb8(&fixture_dir().join("rgba_64x64.png")).unwrap();
@@ -743,21 +749,12 @@ mod tests {
     /// IDCT and upsampling are not zune-jpeg's), both chroma layouts.
     #[test]
     fn jpeg_decoding_is_close_to_pil() {
-        let bytes = std::fs::read(fixture_dir().join("expected.safetensors")).unwrap();
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        let mut checked = 0;
-        for (name, view) in st.tensors() {
-            let Some(stem) = name.strip_prefix("jpeg/") else {
-                continue;
-            };
-            let (rgb, w, h) = read_rgb8(&fixture_dir().join(format!("decode/{stem}.jpg"))).unwrap();
-            assert_eq!(view.shape(), [h, w, 3], "{name}");
-            let diff: Vec<u8> = rgb.iter().zip(view.data()).map(|(a, b)| a.abs_diff(*b)).collect();
+        let checked = check_decoded("jpeg", "jpg", |name, rgb, want| {
+            let diff: Vec<u8> = rgb.iter().zip(want).map(|(a, b)| a.abs_diff(*b)).collect();
             let max = diff.iter().copied().max().unwrap_or(0);
             let mean = diff.iter().map(|&d| f64::from(d)).sum::<f64>() / diff.len() as f64;
             assert!(max <= 8 && mean <= 1.0, "{name}: max {max}, mean {mean}");
-            checked += 1;
-        }
+        });
         assert_eq!(checked, 2);
     }
 

@@ -63,12 +63,11 @@ pub struct ClipTokenizer {
 
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let vocab_size = self.tokenizer.get_vocab_size(true);
-        let (max_len, pad_id) = (self.max_len, self.pad_id);
-        write!(
-            f,
-            "ClipTokenizer {{ vocab_size: {vocab_size}, max_len: {max_len}, pad_id: {pad_id} }}"
-        )
+        f.debug_struct("ClipTokenizer")
+            .field("vocab_size", &self.tokenizer.get_vocab_size(true))
+            .field("max_len", &self.max_len)
+            .field("pad_id", &self.pad_id)
+            .finish()
     }
 }
 

@@ -45,6 +45,14 @@ fn reference(tiny: &str) -> (Reference, Vec<Vec<u32>>, Vec<Vec<u32>>) {
     (meta, ids, mask)
 }
 
+/// A temporary model folder and its empty `tokenizer/` folder.
+fn tokenizer_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let tok_dir = dir.path().join("tokenizer");
+    std::fs::create_dir(&tok_dir).unwrap();
+    (dir, tok_dir)
+}
+
 fn load(dir: impl Into<PathBuf>) -> Result<ClipTokenizer> {
     ClipTokenizer::load(&LocalDir::new(dir), "tokenizer")
 }
@@ -141,9 +149,7 @@ fn clip_tokenizer_json_matches_fixture() {
 /// with id 0, and `model_max_length` 1e30 means "unset" (77 here).
 #[test]
 fn config_overrides_as_transformers() {
-    let dir = tempfile::tempdir().unwrap();
-    let tok_dir = dir.path().join("tokenizer");
-    std::fs::create_dir(&tok_dir).unwrap();
+    let (dir, tok_dir) = tokenizer_dir();
     std::fs::copy(
         fixtures().join("tokenizer-json/tokenizer.json"),
         tok_dir.join("tokenizer.json"),
@@ -240,9 +246,7 @@ fn assert_bad_file(dir: &Path, file: &str) {
 
 #[test]
 fn corrupt_files_are_bad_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let tok_dir = dir.path().join("tokenizer");
-    std::fs::create_dir(&tok_dir).unwrap();
+    let (dir, tok_dir) = tokenizer_dir();
 
     // tokenizer.json: cut in half; then valid JSON but not a tokenizer.
     let full = std::fs::read_to_string(fixtures().join("tokenizer-json/tokenizer.json")).unwrap();
@@ -282,9 +286,7 @@ fn corrupt_files_are_bad_file() {
 /// the same tokens.
 #[test]
 fn legacy_merges_tokenize_the_same() {
-    let dir = tempfile::tempdir().unwrap();
-    let tok_dir = dir.path().join("tokenizer");
-    std::fs::create_dir(&tok_dir).unwrap();
+    let (dir, tok_dir) = tokenizer_dir();
     let fixture = std::fs::read_to_string(fixtures().join("tokenizer-json/tokenizer.json")).unwrap();
     let mut json: Value = serde_json::from_str(&fixture).unwrap();
     let joined = |m: &Value| Value::from(format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()));
