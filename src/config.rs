@@ -21,11 +21,9 @@ pub fn read_json<T: serde::de::DeserializeOwned>(
     component: &str,
     rel_path: &str,
 ) -> anyhow::Result<T> {
-    let (path, text) = src
-        .read_text(component, rel_path)?
-        .ok_or_else(|| src.missing(component, rel_path))?;
-    let parsed = serde_json::from_str(&text);
-    Ok(parsed.map_err(|e| ModelError::bad_file(component, &path, format!("invalid JSON for this component: {e}")))?)
+    let parse = |text: &str| serde_json::from_str(text).map_err(|e| format!("invalid JSON for this component: {e}"));
+    let parsed = crate::hub::read_parsed(src, component, rel_path, parse)?;
+    Ok(parsed.ok_or_else(|| src.missing(component, rel_path))?.1)
 }
 
 /// `model_index.json` of a prior pipeline (WuerstchenPriorPipeline's registered config).

@@ -47,6 +47,22 @@ pub trait FileSource: Send + Sync {
     }
 }
 
+/// `component`'s file `rel_path` in `src` with its text parsed by `parse`, and its path;
+/// `None` when the source does not have it. A file that cannot be read as text, or whose text
+/// `parse` rejects (its message says why), is the component's bad file.
+pub fn read_parsed<T>(
+    src: &dyn FileSource,
+    component: &str,
+    rel_path: &str,
+    parse: impl FnOnce(&str) -> std::result::Result<T, String>,
+) -> Result<Option<(PathBuf, T)>> {
+    let Some((path, text)) = src.read_text(component, rel_path)? else {
+        return Ok(None);
+    };
+    let value = parse(&text).map_err(|m| ModelError::bad_file(component, &path, m))?;
+    Ok(Some((path, value)))
+}
+
 /// A local folder with the Hub layout.
 #[derive(Debug, Clone)]
 pub struct LocalDir {

@@ -29,7 +29,7 @@ use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::ModelError;
-use crate::hub::FileSource;
+use crate::hub::{read_parsed, FileSource};
 use special_tokens::{model_max_length, resolve_settings, Settings, TokenDict, TokenizerConfig};
 
 /// The BPE model's word-end marker (`CLIPTokenizer.__init__`: `end_of_word_suffix="</w>"`).
@@ -229,14 +229,7 @@ impl Folder<'_> {
 
     /// File `name` parsed with `parse`, and its path; `None` if the folder has no such file.
     fn parse<T>(&self, name: &str, parse: impl FnOnce(&str) -> Parsed<T>) -> Result<Option<(PathBuf, T)>> {
-        let Some((path, text)) = self
-            .src
-            .read_text(self.component, &format!("{}/{name}", self.component))?
-        else {
-            return Ok(None);
-        };
-        let value = parse(&text).map_err(|m| self.bad(&path, m))?;
-        Ok(Some((path, value)))
+        read_parsed(self.src, self.component, &format!("{}/{name}", self.component), parse)
     }
 }
 
