@@ -270,10 +270,11 @@ pub(crate) fn sample(
     noise: &mut BatchNoise,
     progress: &mut dyn Progress,
     stage: &str,
-    model: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    model: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Sync,
 ) -> Result<Tensor> {
     let mut latents = noise.draw(item, &rt.device)?;
     let n = latents.dim(0)?;
+    let model = |x: &Tensor, r: &Tensor| crate::ops::on_cpu_workers(&rt.device, || model(x, r));
     let mut net = crate::graph::StepReplay::new(&rt.device, model);
     progress.start(stage, timesteps.len().saturating_sub(1));
     for pair in timesteps.windows(2) {
@@ -690,8 +691,8 @@ pub(crate) fn decode_images(
 ) -> Result<Vec<Result<Tensor>>> {
     let finite = split_finite(&latents, counts, "decoder")?;
     progress.start("vqgan", 1);
-    let images = vqgan
-        .decode(&(latents * vqgan.scale_factor())?.to_dtype(rt.dtype)?)?
+    let latents = (latents * vqgan.scale_factor())?.to_dtype(rt.dtype)?;
+    let images = crate::ops::on_cpu_workers(&rt.device, || vqgan.decode(&latents))?
         .to_dtype(DType::F32)?
         .clamp(0f32, 1f32)?;
     progress.step();

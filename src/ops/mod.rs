@@ -64,6 +64,18 @@ pub(crate) fn cpu_kernel(x: &Tensor) -> bool {
     x.device().is_cpu() && !GENERIC_FORMS.with(|g| g.get())
 }
 
+/// Runs `f` on a thread of rayon's pool when `device` is the CPU. A network's kernels are
+/// hundreds of short parallel regions: started from a pool thread, each is split with the
+/// other threads, which steal their share; started from outside the pool, each is sent in and
+/// this thread sleeps until it is done, a wake-up of two threads per region.
+pub fn on_cpu_workers<R: Send>(device: &candle_core::Device, f: impl FnOnce() -> R + Send) -> R {
+    if device.is_cpu() {
+        rayon::scope(|_| f())
+    } else {
+        f()
+    }
+}
+
 /// Whether an op with a CUDA kernel beside its CPU one (`cuda`) takes its own kernels on `x`:
 /// on the CPU as [`cpu_kernel`], on CUDA when the fused kernels are switched on.
 pub(crate) fn own_kernel(x: &Tensor) -> bool {
@@ -212,6 +224,13 @@ pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 mod tests {
     use super::*;
     use candle_core::{Device, IndexOp};
+
+    #[test]
+    fn cpu_work_runs_on_a_pool_thread() {
+        assert_eq!(rayon::current_thread_index(), None, "the test starts outside the pool");
+        let on_pool = on_cpu_workers(&Device::Cpu, || rayon::current_thread_index().is_some());
+        assert!(on_pool, "CPU kernels must start their regions from a pool thread");
+    }
 
     #[test]
     fn pixel_shuffles_match_torch_channel_order() -> Result<()> {
