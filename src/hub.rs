@@ -34,17 +34,6 @@ pub trait FileSource: Send + Sync {
         self.get(rel_path)?
             .ok_or_else(|| self.missing(component, rel_path).into())
     }
-
-    /// The file's path and text, `None` when the source does not have it; a file that cannot
-    /// be read as text is `component`'s bad file.
-    fn read_text(&self, component: &str, rel_path: &str) -> Result<Option<(PathBuf, String)>> {
-        let Some(path) = self.get(rel_path)? else {
-            return Ok(None);
-        };
-        let text = std::fs::read_to_string(&path);
-        let text = text.map_err(|e| ModelError::bad_file(component, &path, format!("cannot read: {e}")))?;
-        Ok(Some((path, text)))
-    }
 }
 
 /// `component`'s file `rel_path` in `src` with its text parsed by `parse`, and its path;
@@ -56,10 +45,12 @@ pub fn read_parsed<T>(
     rel_path: &str,
     parse: impl FnOnce(&str) -> std::result::Result<T, String>,
 ) -> Result<Option<(PathBuf, T)>> {
-    let Some((path, text)) = src.read_text(component, rel_path)? else {
+    let Some(path) = src.get(rel_path)? else {
         return Ok(None);
     };
-    let value = parse(&text).map_err(|m| ModelError::bad_file(component, &path, m))?;
+    let bad = |message| ModelError::bad_file(component, &path, message);
+    let text = std::fs::read_to_string(&path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let value = parse(&text).map_err(bad)?;
     Ok(Some((path, value)))
 }
 
