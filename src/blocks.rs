@@ -4,9 +4,11 @@
 //! glibc serves every allocation above its largest mmap threshold (32 MiB) with a fresh
 //! `mmap` and unmaps it on free, so each op whose output is that large paid the kernel for
 //! zeroed pages: at 1024x1536 the VQGAN's outputs are 150-600 MB each, and page faults and
-//! page clearing were ~15% of its time. The sampling loop and the VQGAN's blocks allocate the
-//! same sizes over and over, so a freed block is kept and handed to the next allocation of
-//! its size. A bounded store (see [`KEEP_BYTES`]): beyond it the oldest blocks are unmapped.
+//! page clearing were ~15% of its time. So a freed block is kept, and the next large
+//! allocation takes its pages: a block of its length (the sampling loop and the VQGAN's blocks
+//! allocate the same sizes over and over), else part of a longer one or a shorter one extended
+//! (a single image meets most sizes only once). A bounded store (see [`KEEP_BYTES`]): beyond it
+//! the oldest blocks are unmapped.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Mutex;
@@ -18,15 +20,17 @@ pub const LARGE: usize = 32 << 20;
 /// Block lengths are rounded up to this, so that sizes a few elements apart share blocks.
 const GRANULE: usize = 2 << 20;
 
-/// The most freed bytes kept for reuse: this, or twice the largest block freed so far (at
-/// 1024x1536 the VQGAN's blocks make outputs of 151 and 604 MB, its last level 1.2 GB ones).
-/// The process's peak memory is at most that much above what it would be without the store
-/// (measured: +0.37 GiB for the mid model at 1024x1024, +1.1 GiB for the published sizes at
-/// 1024x1536; at 256x256 none in f32, +0.15 GiB in bf16).
+/// The most freed bytes kept for reuse: this, or twice the most bytes of blocks in use at
+/// once so far (weights converted at load count too), whichever is more. An allocation takes
+/// kept pages first, so the store grows only by what it cannot serve; the cap decides how
+/// much of a peak's memory stays held after it. With a cap of twice the largest block, the VQGAN at 1024x1536
+/// unmapped 12.8 GiB of blocks in two decodes and faulted them in again; at the peak in use
+/// (~2.6 GB) still 1.7 GiB, because splitting and extending leaves the kept bytes in pieces;
+/// at twice the peak none, with the same peak RSS (4.0 GB).
 const KEEP_BYTES: usize = 512 << 20;
 
 /// The most freed blocks kept for reuse.
-const KEEP_BLOCKS: usize = 16;
+const KEEP_BLOCKS: usize = 32;
 
 /// A freed block: its address and length (0 for an empty slot), and when it was freed.
 #[derive(Clone, Copy)]
@@ -42,22 +46,32 @@ const EMPTY: Free = Free {
     freed: 0,
 };
 
+impl Free {
+    /// What is left of the block once its first `len` bytes are taken.
+    fn after(self, len: usize) -> Free {
+        match self.len - len {
+            0 => EMPTY,
+            rest => Free {
+                addr: self.addr + len,
+                len: rest,
+                ..self
+            },
+        }
+    }
+}
+
 struct Kept {
     blocks: [Free; KEEP_BLOCKS],
     bytes: usize,
-    /// The largest block freed so far.
-    largest: usize,
+    /// Bytes of blocks in use, and the most so far.
+    live: usize,
+    peak_live: usize,
     /// Counts frees, to find the oldest block.
     clock: u64,
 }
 
 /// A fixed array: the allocator must not allocate.
-static KEPT: Mutex<Kept> = Mutex::new(Kept {
-    blocks: [EMPTY; KEEP_BLOCKS],
-    bytes: 0,
-    largest: 0,
-    clock: 0,
-});
+static KEPT: Mutex<Kept> = Mutex::new(Kept::new());
 
 fn kept() -> std::sync::MutexGuard<'static, Kept> {
     KEPT.lock().unwrap_or_else(|e| e.into_inner())
@@ -74,46 +88,92 @@ fn served(layout: &Layout) -> bool {
     layout.align() <= 4096
 }
 
-/// A kept block of exactly `len` bytes, taken out of the store.
-fn take(len: usize) -> Option<*mut u8> {
-    let mut kept = kept();
-    let slot = kept.blocks.iter_mut().find(|b| b.len == len)?;
-    let addr = slot.addr;
-    *slot = EMPTY;
-    kept.bytes -= len;
-    Some(addr as *mut u8)
-}
+impl Kept {
+    const fn new() -> Self {
+        Kept {
+            blocks: [EMPTY; KEEP_BLOCKS],
+            bytes: 0,
+            live: 0,
+            peak_live: 0,
+            clock: 0,
+        }
+    }
 
-/// Keeps the block for reuse, unmapping the oldest ones while over the limits.
-fn keep(addr: usize, len: usize) {
-    let mut evicted = Evicted::default();
-    {
-        let mut kept = kept();
-        kept.clock += 1;
+    /// Counts `len` more bytes in use, and returns a kept block for them, taken out of the
+    /// store: one of exactly that length; else the front of the shortest longer one, whose
+    /// rest stays kept; else the longest one, extended with `mremap`. Any kept block's pages
+    /// are already faulted in, which a fresh mapping's are not, and a single image meets most
+    /// of its sizes only once. (Moving further blocks' pages into the extension would save
+    /// more faults, but leaves a block spanning several kernel mappings, which `mremap` then
+    /// refuses to extend.)
+    fn take(&mut self, len: usize) -> Option<*mut u8> {
+        self.live += len;
+        self.peak_live = self.peak_live.max(self.live);
+        let slot = self
+            .blocks
+            .iter_mut()
+            .filter(|b| b.len != 0)
+            .min_by_key(|b| match b.len.cmp(&len) {
+                std::cmp::Ordering::Equal => (0, 0),
+                std::cmp::Ordering::Greater => (1, b.len),
+                std::cmp::Ordering::Less => (2, usize::MAX - b.len),
+            })?;
+        let first = *slot;
+        if first.len >= len {
+            *slot = first.after(len);
+            self.bytes -= len;
+            return Some(first.addr as *mut u8);
+        }
+        // SAFETY: the block is a mapping that nothing refers to; `mremap` extends it (moving it
+        // and its pages if need be) with pages not yet faulted in, or fails and leaves it as it was.
+        let grown = unsafe { libc::mremap(first.addr as *mut libc::c_void, first.len, len, libc::MREMAP_MAYMOVE) };
+        if grown == libc::MAP_FAILED {
+            return None;
+        }
+        *slot = EMPTY;
+        self.bytes -= first.len;
+        Some(grown.cast())
+    }
+
+    /// Counts `len` bytes in use that `take` counted but could not serve (a fresh mapping
+    /// failed).
+    fn not_mapped(&mut self, len: usize) {
+        self.live -= len;
+    }
+
+    /// Keeps the block for reuse; returns the oldest ones beyond the limits, for the caller
+    /// to unmap once the lock is released.
+    fn keep(&mut self, addr: usize, len: usize) -> Evicted {
+        let mut evicted = Evicted::default();
+        self.clock += 1;
         let block = Free {
             addr,
             len,
-            freed: kept.clock,
+            freed: self.clock,
         };
         // an empty slot, else the oldest block's
-        let slot = kept
+        let slot = self
             .blocks
             .iter_mut()
             .min_by_key(|b| (b.len != 0, b.freed))
             .expect("KEEP_BLOCKS > 0");
         let old = std::mem::replace(slot, block);
-        kept.bytes = kept.bytes + len - old.len;
+        self.bytes = self.bytes + len - old.len;
         evicted.push(old);
-        kept.largest = kept.largest.max(len);
-        let cap = KEEP_BYTES.max(kept.largest * 2);
-        while kept.bytes > cap {
-            evicted.push(kept.evict_oldest());
+        self.live = self.live.saturating_sub(len);
+        let cap = self.cap();
+        while self.bytes > cap {
+            let oldest = self.evict_oldest();
+            evicted.push(oldest);
         }
+        evicted
     }
-    evicted.unmap();
-}
 
-impl Kept {
+    /// The most bytes kept (see [`KEEP_BYTES`]).
+    fn cap(&self) -> usize {
+        KEEP_BYTES.max(2 * self.peak_live)
+    }
+
     /// Empties the slot of the oldest kept block and returns the block (EMPTY if none).
     fn evict_oldest(&mut self) -> Free {
         let oldest = self.blocks.iter_mut().filter(|b| b.len != 0).min_by_key(|b| b.freed);
@@ -124,32 +184,48 @@ impl Kept {
 }
 
 /// Blocks taken out of the store, unmapped after its lock is released.
-#[derive(Default)]
 struct Evicted {
-    blocks: [Option<Free>; KEEP_BLOCKS + 1],
+    blocks: [Free; KEEP_BLOCKS + 1],
     n: usize,
+}
+
+impl Default for Evicted {
+    fn default() -> Self {
+        Evicted {
+            blocks: [EMPTY; KEEP_BLOCKS + 1],
+            n: 0,
+        }
+    }
 }
 
 impl Evicted {
     fn push(&mut self, block: Free) {
         if block.len != 0 {
-            self.blocks[self.n] = Some(block);
+            self.blocks[self.n] = block;
             self.n += 1;
         }
     }
 
     fn unmap(self) {
-        for b in self.blocks.into_iter().flatten() {
+        for b in &self.blocks[..self.n] {
             unmap(b.addr, b.len);
         }
     }
 }
 
-/// A new block of `len` bytes: a kept one of that length, else a fresh mapping.
+/// A new block of `len` bytes and whether it was kept before: from the store, else a fresh
+/// mapping.
 fn block(len: usize) -> (*mut u8, bool) {
-    match take(len) {
+    let taken = kept().take(len);
+    match taken {
         Some(ptr) => (ptr, true),
-        None => (map(len), false),
+        None => {
+            let ptr = map(len);
+            if ptr.is_null() {
+                kept().not_mapped(len);
+            }
+            (ptr, false)
+        }
     }
 }
 
@@ -202,7 +278,8 @@ unsafe impl GlobalAlloc for Blocks {
         if !served(&layout) {
             return System.dealloc(ptr, layout);
         }
-        keep(ptr as usize, block_len(layout.size()));
+        let evicted = kept().keep(ptr as usize, block_len(layout.size()));
+        evicted.unmap();
     }
 
     /// Only between two large sizes: [`crate::mapping::MappingAware`] moves an allocation
@@ -227,44 +304,113 @@ unsafe impl GlobalAlloc for Blocks {
 mod tests {
     use super::*;
 
+    const G: usize = GRANULE;
+
+    /// A fresh block of `len` bytes, filled with `byte`.
+    fn filled(len: usize, byte: u8) -> usize {
+        let addr = map(len);
+        assert!(!addr.is_null());
+        unsafe { addr.write_bytes(byte, len) };
+        addr as usize
+    }
+
+    fn bytes_at(addr: *mut u8, len: usize) -> &'static [u8] {
+        unsafe { std::slice::from_raw_parts(addr, len) }
+    }
+
     /// A freed block comes back for the next allocation of its length, zeroed where asked.
     #[test]
     fn freed_blocks_are_reused() {
-        // an odd length, which no other test's allocations share
-        let layout = Layout::from_size_align(LARGE + 7 * GRANULE + 12345, 64).unwrap();
+        let layout = Layout::from_size_align(LARGE + 7 * G + 12345, 64).unwrap();
         unsafe {
             let a = Blocks.alloc(layout);
             assert!(!a.is_null());
             a.write_bytes(7, layout.size());
             Blocks.dealloc(a, layout);
+            // (another test's allocation may take the freed block first: the zeroing holds either way)
             let b = Blocks.alloc_zeroed(layout);
-            assert_eq!(b, a, "the freed block is reused");
-            assert!(std::slice::from_raw_parts(b, layout.size()).iter().all(|&x| x == 0));
+            assert!(bytes_at(b, layout.size()).iter().all(|&x| x == 0));
             Blocks.dealloc(b, layout);
+        }
+        let mut store = Kept::new();
+        let a = filled(20 * G, 1);
+        assert!(store.keep(a, 20 * G).n == 0);
+        assert_eq!(
+            store.take(20 * G),
+            Some(a as *mut u8),
+            "the same length: the same block"
+        );
+        assert_eq!(store.bytes, 0);
+        unmap(a, 20 * G);
+    }
+
+    /// Without a block of its length, an allocation takes the front of the shortest longer
+    /// block (the rest stays kept), else extends the longest shorter one: the pages already
+    /// faulted in serve it.
+    #[test]
+    fn other_lengths_take_kept_pages() {
+        let mut store = Kept::new();
+        let (short, long, longer) = (filled(16 * G, 1), filled(40 * G, 2), filled(64 * G, 3));
+        for (addr, len) in [(short, 16 * G), (longer, 64 * G), (long, 40 * G)] {
+            store.keep(addr, len);
+        }
+        let front = store.take(24 * G).unwrap();
+        assert_eq!(front as usize, long, "the shortest longer block");
+        assert!(bytes_at(front, 24 * G).iter().all(|&x| x == 2));
+        assert!(store.blocks.iter().any(|b| b.addr == long + 24 * G && b.len == 16 * G));
+        assert_eq!(store.bytes, (16 + 16 + 64) * G);
+
+        // longer than every kept block: the longest one, extended, keeps its contents
+        let grown = store.take(80 * G).unwrap();
+        let grown_bytes = bytes_at(grown, 80 * G);
+        assert!(grown_bytes[..64 * G].iter().all(|&x| x == 3));
+        assert!(grown_bytes[64 * G..].iter().all(|&x| x == 0), "the extension is fresh");
+        assert_eq!(store.bytes, 32 * G);
+        assert!(store.blocks.iter().all(|b| b.len == 0 || b.len == 16 * G));
+
+        unmap(grown as usize, 80 * G);
+        unmap(front as usize, 24 * G);
+        for b in store.blocks.iter().filter(|b| b.len != 0) {
+            unmap(b.addr, b.len);
+        }
+    }
+
+    /// What a peak in use frees is kept whole, even beyond `KEEP_BYTES`.
+    #[test]
+    fn a_peak_is_kept_whole() {
+        let mut store = Kept::new();
+        let len = 50 * G;
+        let blocks: Vec<usize> = (0..8)
+            .map(|_| {
+                assert_eq!(store.take(len), None, "nothing kept yet");
+                filled(len, 0)
+            })
+            .collect();
+        assert!(8 * len > KEEP_BYTES);
+        for &b in &blocks {
+            assert_eq!(store.keep(b, len).n, 0, "nothing unmapped");
+        }
+        assert_eq!(store.bytes, 8 * len);
+        for b in store.blocks.iter().filter(|b| b.len != 0) {
+            unmap(b.addr, b.len);
         }
     }
 
     /// Freeing more blocks than the store holds unmaps the oldest: it stays within its limits.
     #[test]
     fn the_store_stays_bounded() {
-        let layouts: Vec<Layout> = (0..KEEP_BLOCKS + 4)
-            .map(|i| Layout::from_size_align(LARGE + (9 + i) * GRANULE, 64).unwrap())
-            .collect();
-        unsafe {
-            let blocks: Vec<*mut u8> = layouts.iter().map(|&l| Blocks.alloc(l)).collect();
-            for (&b, &l) in blocks.iter().zip(&layouts) {
-                Blocks.dealloc(b, l);
-            }
+        let mut store = Kept::new();
+        let lens: Vec<usize> = (0..KEEP_BLOCKS + 4).map(|i| LARGE + (9 + i) * G).collect();
+        for &len in &lens {
+            store.keep(filled(len, 0), len).unmap();
         }
-        let kept = kept();
-        let held = kept.blocks.iter().filter(|b| b.len != 0).map(|b| b.len).sum::<usize>();
-        assert_eq!(held, kept.bytes);
-        assert!(
-            kept.bytes <= KEEP_BYTES.max(kept.largest * 2),
-            "{} bytes kept",
-            kept.bytes
-        );
-        let newest = block_len(layouts.last().unwrap().size());
-        assert!(kept.blocks.iter().any(|b| b.len == newest), "the newest block is kept");
+        let held = store.blocks.iter().filter(|b| b.len != 0).map(|b| b.len).sum::<usize>();
+        assert_eq!(held, store.bytes);
+        assert!(store.bytes <= store.cap(), "{} bytes kept", store.bytes);
+        let newest = *lens.last().unwrap();
+        assert!(store.blocks.iter().any(|b| b.len == newest), "the newest block is kept");
+        for b in store.blocks.iter().filter(|b| b.len != 0) {
+            unmap(b.addr, b.len);
+        }
     }
 }
