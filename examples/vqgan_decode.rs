@@ -33,12 +33,7 @@ fn main() -> Result<()> {
     let dir = std::path::Path::new(args.first().context("usage: vqgan_decode DECODER_DIR [WIDTH HEIGHT]")?);
     let size = |i: usize, default: usize| args.get(i).map_or(Ok(default), |s| s.parse());
     let (width, height) = (size(1, 1024)?, size(2, 1536)?);
-    // the same allocator settings as the binary's `main`
-    // SAFETY: mallopt only changes allocator tunables; no other thread exists yet.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-    }
+    wuerstchen::mapping::keep_freed_memory(); // as the binary's `main` does
     let cfg: VqganConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("vqgan/config.json"))?)?;
     let weights = Weights::open("vqgan", &[dir.join("vqgan/diffusion_pytorch_model.safetensors")])?;
     let vqgan = PaellaVqDecoder::new(&cfg, weights.var_builder(DType::F32, &Device::Cpu))?;

@@ -12,7 +12,7 @@ mod cli;
 static ALLOCATOR: wuerstchen::mapping::MappingAware = wuerstchen::mapping::MappingAware;
 
 fn main() -> ExitCode {
-    keep_freed_memory();
+    wuerstchen::mapping::keep_freed_memory();
     park_idle_workers();
     match cli::run(cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -23,18 +23,6 @@ fn main() -> ExitCode {
             }
             exit_code(&err)
         }
-    }
-}
-
-/// Every tensor op allocates its output; glibc serves allocations above 128 KiB with fresh
-/// `mmap`s, so each op paid for zeroed pages from the kernel (a tenth of the CPU time at
-/// mid size). Keeping freed blocks in the heap lets the next op reuse them.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tunables; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
 }
 

@@ -26,6 +26,19 @@ use std::sync::Mutex;
 /// module docs).
 pub struct MappingAware;
 
+/// Every tensor op allocates its output; glibc serves allocations above 128 KiB with fresh
+/// `mmap`s, so each op paid for zeroed pages from the kernel (a tenth of the CPU time at
+/// mid size). Keeping freed blocks in the heap lets the next op reuse them (the largest,
+/// from 32 MiB on, are [`crate::blocks`]'). The binary calls this first thing in `main`.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; call it before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 /// Set by the first allocation through [`MappingAware`]: it is the global allocator.
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
