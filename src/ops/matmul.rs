@@ -91,10 +91,10 @@ struct Product {
 }
 
 /// A 2-D operand: its elements from the storage offset on, and its row and column strides.
-struct Operand<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
+pub(super) struct Operand<'a> {
+    pub(super) data: &'a [f32],
+    pub(super) rs: usize,
+    pub(super) cs: usize,
 }
 
 impl<'a> Operand<'a> {
@@ -115,14 +115,14 @@ impl<'a> Operand<'a> {
 
 /// A pointer that tiles of one output share; each tile writes only its own elements.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(super) struct Out(pub(super) *mut f32);
 // SAFETY: the tiles are disjoint (see `product`).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
     /// The pointer, through a method so that a closure captures the whole (`Send`) struct.
-    fn ptr(self) -> *mut f32 {
+    pub(super) fn ptr(self) -> *mut f32 {
         self.0
     }
 }
@@ -226,7 +226,7 @@ unsafe fn product_chunk(
 /// # Safety
 /// `dst` must have room for the (m, n) tile at row stride `dst_rs`, initialised if
 /// `read_dst`; `a` and `b` must cover their (m, k) and (k, n) elements at their strides.
-unsafe fn gemm_tile(
+pub(super) unsafe fn gemm_tile(
     dst: *mut f32,
     dst_rs: usize,
     read_dst: bool,

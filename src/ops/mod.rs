@@ -33,7 +33,7 @@ pub use grn::{global_response_norm, global_response_norm_generic};
 pub use matmul::{linear, linear_then, matmul, Then};
 pub use softmax::scaled_softmax_last_dim;
 
-pub(crate) use math::exp_nonpositive;
+pub(crate) use math::{exp_nonpositive, vectorized_fn};
 pub use norm::{layer_norm, layer_norm_generic};
 pub use resize::{bilinear_weights, resize_bicubic_antialias, resize_bilinear_nhwc, resize_weights};
 

@@ -5,7 +5,7 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{exp_nonpositive, slice_of};
+use super::{exp_nonpositive, slice_of, vectorized_fn};
 
 /// `softmax(scale * x)` along the last dimension, computed in f32 (the result is f32).
 pub fn scaled_softmax_last_dim(x: &Tensor, scale: f64) -> Result<Tensor> {
@@ -22,6 +22,7 @@ struct SoftmaxCpu {
 }
 
 /// Eight-lane max and sum of a row (independent lanes vectorise; one running value would not).
+#[inline(always)]
 fn max_and_sum(x: &[f32]) -> (f32, f32) {
     let mut mx = [f32::NEG_INFINITY; 8];
     let mut sum = [0f32; 8];
@@ -37,20 +38,33 @@ fn max_and_sum(x: &[f32]) -> (f32, f32) {
     (m, rest.iter().chain(&sum).sum())
 }
 
-fn softmax_row(x: &[f32], out: &mut [f32], scale: f32) {
-    let (max, sum_x) = max_and_sum(x);
+/// `softmax(scale * row)` in place.
+#[inline(always)]
+fn softmax_row(row: &mut [f32], scale: f32) {
+    let (max, sum_x) = max_and_sum(row);
     // a NaN would vanish in the max and the clamped exp: keep it visible (NaN sums stay NaN)
     if sum_x.is_nan() {
-        out.fill(f32::NAN);
+        row.fill(f32::NAN);
         return;
     }
     let shift = max * scale;
-    for (o, v) in out.iter_mut().zip(x) {
-        *o = exp_nonpositive(v * scale - shift);
+    for v in row.iter_mut() {
+        *v = exp_nonpositive(*v * scale - shift);
     }
-    let (_, total) = max_and_sum(out);
+    let (_, total) = max_and_sum(row);
     let inv = 1.0 / total;
-    out.iter_mut().for_each(|v| *v *= inv);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+vectorized_fn! {
+    /// `softmax(scale * row)` in place for each row of `dim` elements of `rows`.
+    pub(super) fn softmax_rows(rows: &mut [f32], dim: usize, scale: f32) {
+        for row in rows.chunks_exact_mut(dim) {
+            softmax_row(row, scale);
+        }
+    }
 }
 
 impl CustomOp1 for SoftmaxCpu {
@@ -65,15 +79,10 @@ impl CustomOp1 for SoftmaxCpu {
         let x = slice_of(x, l)?;
         let dim = l.shape().dim(D::Minus1)?.max(1);
         let scale = self.scale;
-        let mut out = vec![0f32; x.len()];
+        let mut out = x.to_vec();
         let rows = (16384 / dim).max(1);
         out.par_chunks_mut(rows * dim)
-            .zip(x.par_chunks(rows * dim))
-            .for_each(|(o, x)| {
-                for (o, x) in o.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-                    softmax_row(x, o, scale);
-                }
-            });
+            .for_each(|rows| softmax_rows(rows, dim, scale));
         Ok((candle_core::WithDType::to_cpu_storage_owned(out), l.shape().clone()))
     }
 }
