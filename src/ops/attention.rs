@@ -100,7 +100,7 @@ pub fn attention_with_budget(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bud
             .apply_op3_no_bwd(&k, &v, &FusedAttention { scale: scale as f32 })?
             .reshape((b, h, lq, d));
     }
-    if super::cpu_kernel(q) && [q, k, v].iter().all(|t| t.dtype() == DType::F32) {
+    if super::cpu_kernel(q) && [q, k, v].iter().all(|t| t.dtype() == DType::F32) && lk > 0 && d > 0 {
         let (q, k, v) = (
             q.reshape((bh, lq, d))?.contiguous()?,
             k.reshape((bh, lk, d))?.contiguous()?,
@@ -214,7 +214,8 @@ impl CustomOp3 for CpuAttention {
     }
 }
 
-/// Attention through the fused CUDA kernel (`ops::cuda`); the CPU has the blocked path.
+/// Attention through the fused CUDA kernel (`ops::cuda`); the CPU has [`CpuAttention`] for f32
+/// and the blocked path for the half types.
 #[cfg(feature = "cuda")]
 struct FusedAttention {
     scale: f32,
