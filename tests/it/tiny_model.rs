@@ -289,6 +289,6 @@ fn bench_memory_estimate_covers_the_measured_cpu_peak() {
     // CPU kernels (the GRN's copy and square and its chained temporaries, the softmax's scaled
     // copy) and a whole block of attention scores (the CPU's f32 kernel holds 8 MiB per
     // thread), so it may exceed what the CPU holds, but not by more than those: 4x (3.2x
-    // measured here once the CPU's attention was fused, 2.3x before).
+    // measured here once the CPU's attention was fused).
     assert!(activations <= 4 * growth, "the estimate is far above what the CPU used");
 }
