@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Runs `wuerstchen bench` and benches/diffusers_cpu.py alternately on the same model folders,
 sizes, steps and thread counts, and prints the min and median of each tool's per-stage
-medians. Alternating and taking minima copes with noisy shared machines.
+medians. Alternating and taking minima copes with noisy shared machines. Several
+`--wuerstchen` binaries (say, builds before and after a change) alternate with diffusers in
+each round, each named by its path.
 
     wuerstchen tiny-model --size mid --out /tmp/mid
     python benches/compare_cpu.py --root /tmp/mid --size 512 --threads 1 2 --rounds 3 \\
@@ -29,18 +31,19 @@ def main():
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--wuerstchen", default="wuerstchen")
+    ap.add_argument("--wuerstchen", nargs="+", default=["wuerstchen"])
     args = ap.parse_args()
     results = {}
     for t in args.threads:
         env = dict(os.environ, RAYON_NUM_THREADS=str(t), OMP_NUM_THREADS=str(t))
-        ours_cmd = [args.wuerstchen, "bench", "-q", "--device", "cpu", "--prior", f"{args.root}/prior",
+        ours_args = ["bench", "-q", "--device", "cpu", "--prior", f"{args.root}/prior",
                     "--decoder", f"{args.root}/decoder", "--width", str(args.size), "--height", str(args.size),
                     "--runs", "1"]
         theirs_cmd = [sys.executable, os.path.join(HERE, "diffusers_cpu.py"), "--root", args.root, "--width",
                       str(args.size), "--height", str(args.size), "--threads", str(t), "--runs", "1"]
+        tools = [(name if len(args.wuerstchen) > 1 else "wuerstchen", [name] + ours_args) for name in args.wuerstchen]
         for _ in range(args.rounds):
-            for name, cmd in (("wuerstchen", ours_cmd), ("diffusers", theirs_cmd)):
+            for name, cmd in tools + [("diffusers", theirs_cmd)]:
                 r = run(cmd, env)["median_s"]
                 for stage, v in r.items():
                     results.setdefault((t, name, stage), []).append(v)

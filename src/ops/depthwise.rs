@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::{run_float3, Float32, FloatKernel3};
+use super::{run_float3, vectorized_fn, Float32, FloatKernel3};
 
 /// How pixels outside the image are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +96,7 @@ struct DepthwiseKernel {
 }
 
 /// Index `i + d` into `0..n`, or the edge pixel (Replicate) / nothing (Zeros).
+#[inline(always)]
 fn source_index(i: usize, d: isize, n: usize, padding: Padding) -> Option<usize> {
     let j = i as isize + d;
     if (0..n as isize).contains(&j) {
@@ -116,21 +117,56 @@ fn depthwise_cpu<T: Float32>(
     k: usize,
     padding: Padding,
 ) -> Vec<T> {
-    let pad = k as isize / 2;
     let weight: Vec<f32> = weight.iter().map(|v| v.f32()).collect();
     let bias: Vec<f32> = bias.iter().map(|v| v.f32()).collect();
     let row_len = w * c;
     let mut out = vec![T::from_f32(0.0); n * h * row_len];
+    let conv = Conv { h, w, c, k, padding };
     out.par_chunks_mut(row_len).enumerate().for_each(|(row, out_row)| {
         let (b, y) = (row / h, row % h);
-        let mut acc: Vec<f32> = bias.iter().copied().cycle().take(row_len).collect();
+        let image = &x[b * h * row_len..][..h * row_len];
+        let mut acc = vec![0f32; row_len];
         let mut src = vec![0f32; row_len];
+        output_row(out_row, image, y, &weight, &bias, &mut acc, &mut src, conv);
+    });
+    out
+}
+
+/// The sizes of one depthwise convolution.
+#[derive(Clone, Copy)]
+struct Conv {
+    h: usize,
+    w: usize,
+    c: usize,
+    k: usize,
+    padding: Padding,
+}
+
+vectorized_fn! {
+    /// Output row `y` of one `image` (h rows of w * c): each tap's weights multiply all
+    /// channels of a pixel at once. `acc` and `src` are scratch rows.
+    #[allow(clippy::too_many_arguments)]
+    fn output_row<T: Float32>(
+        out_row: &mut [T],
+        image: &[T],
+        y: usize,
+        weight: &[f32],
+        bias: &[f32],
+        acc: &mut [f32],
+        src: &mut [f32],
+        conv: Conv,
+    ) {
+        let Conv { h, w, c, k, padding } = conv;
+        let pad = k as isize / 2;
+        let row_len = w * c;
+        for px in acc.chunks_exact_mut(c) {
+            px.copy_from_slice(bias);
+        }
         for ky in 0..k {
             let Some(iy) = source_index(y, ky as isize - pad, h, padding) else {
                 continue;
             };
-            let start = (b * h + iy) * row_len;
-            for (s, v) in src.iter_mut().zip(&x[start..start + row_len]) {
+            for (s, v) in src.iter_mut().zip(&image[iy * row_len..][..row_len]) {
                 *s = v.f32();
             }
             for kx in 0..k {
@@ -147,11 +183,10 @@ fn depthwise_cpu<T: Float32>(
                 }
             }
         }
-        for (o, a) in out_row.iter_mut().zip(&acc) {
+        for (o, a) in out_row.iter_mut().zip(acc.iter()) {
             *o = T::from_f32(*a);
         }
-    });
-    out
+    }
 }
 
 impl FloatKernel3 for DepthwiseShape {

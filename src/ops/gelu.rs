@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{exp_nonpositive, run_float1, Float32, FloatKernel1};
+use super::{exp_nonpositive, run_float1, vectorized_fn, Float32, FloatKernel1};
 
 /// GELU with the erf form (torch's `nn.GELU()`), any device.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
@@ -35,10 +35,21 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf)
 }
 
-/// GELU over a slice in place (the matrix product's epilogue).
-pub(super) fn gelu_in_place(xs: &mut [f32]) {
-    for x in xs {
-        *x = gelu(*x);
+vectorized_fn! {
+    /// GELU over a slice in place (the matrix product's epilogue).
+    pub(super) fn gelu_in_place(xs: &mut [f32]) {
+        for x in xs {
+            *x = gelu(*x);
+        }
+    }
+}
+
+vectorized_fn! {
+    /// `out[i] = gelu(x[i])`.
+    fn gelu_into<T: Float32>(out: &mut [T], x: &[T]) {
+        for (o, x) in out.iter_mut().zip(x) {
+            *o = T::from_f32(gelu(x.f32()));
+        }
     }
 }
 
@@ -46,11 +57,9 @@ struct GeluCpu;
 
 fn gelu_slice<T: Float32>(x: &[T]) -> Vec<T> {
     let mut out = vec![T::from_f32(0.0); x.len()];
-    out.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(o, x)| {
-        for (o, x) in o.iter_mut().zip(x) {
-            *o = T::from_f32(gelu(x.f32()));
-        }
-    });
+    out.par_chunks_mut(16384)
+        .zip(x.par_chunks(16384))
+        .for_each(|(o, x)| gelu_into(o, x));
     out
 }
 

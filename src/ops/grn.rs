@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{run_float3, Float32, FloatKernel3};
+use super::{run_float3, vectorized_fn, Float32, FloatKernel3};
 
 /// `x`: (N, H, W, C); `gamma`, `beta`: C values (any shape with C elements). Per image and
 /// channel, `n = |x|_2 over H, W` divided by the mean of `n` over the channels (+1e-6), then
@@ -58,12 +58,7 @@ fn grn<T: Float32>(x: &[T], gamma: &[T], beta: &[T], c: usize, n: usize) -> Vec<
             .par_chunks(rows * c)
             .map(|block| {
                 let mut acc = vec![0f32; c];
-                for px in block.chunks_exact(c) {
-                    for (a, v) in acc.iter_mut().zip(px) {
-                        let v = v.f32();
-                        *a += v * v;
-                    }
-                }
+                add_squares(&mut acc, block);
                 acc
             })
             .collect();
@@ -76,16 +71,34 @@ fn grn<T: Float32>(x: &[T], gamma: &[T], beta: &[T], c: usize, n: usize) -> Vec<
         let stand: Vec<f32> = agg.iter().map(|a| a / (mean + 1e-6)).collect();
         dst.par_chunks_mut(rows * c)
             .zip(img.par_chunks(rows * c))
-            .for_each(|(o, i)| {
-                for (o, i) in o.chunks_exact_mut(c).zip(i.chunks_exact(c)) {
-                    for ((((o, i), s), g), b) in o.iter_mut().zip(i).zip(&stand).zip(&gamma).zip(&beta) {
-                        let v = i.f32();
-                        *o = T::from_f32(g * (v * s) + b + v);
-                    }
-                }
-            });
+            .for_each(|(o, i)| respond(o, i, &stand, &gamma, &beta));
     }
     out
+}
+
+vectorized_fn! {
+    /// `acc[ch] += x^2` over the pixels (rows of `acc.len()` channels) of `block`.
+    fn add_squares<T: Float32>(acc: &mut [f32], block: &[T]) {
+        for px in block.chunks_exact(acc.len()) {
+            for (a, v) in acc.iter_mut().zip(px) {
+                let v = v.f32();
+                *a += v * v;
+            }
+        }
+    }
+}
+
+vectorized_fn! {
+    /// `out = gamma * (x * stand) + beta + x` per pixel (rows of `stand.len()` channels).
+    fn respond<T: Float32>(out: &mut [T], x: &[T], stand: &[f32], gamma: &[f32], beta: &[f32]) {
+        let c = stand.len();
+        for (o, i) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            for ((((o, i), s), g), b) in o.iter_mut().zip(i).zip(stand).zip(gamma).zip(beta) {
+                let v = i.f32();
+                *o = T::from_f32(g * (v * s) + b + v);
+            }
+        }
+    }
 }
 
 impl FloatKernel3 for GrnKernel {

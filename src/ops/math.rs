@@ -13,22 +13,27 @@ pub(crate) fn has_avx2_fma() -> bool {
 /// body calls must inline into it (`#[inline(always)]` helpers, plain loops rather than
 /// closures), or it runs at the baseline. The same numbers either way: Rust never fuses a
 /// separate multiply and add into an FMA, and the kernels' reductions fix their own order.
+/// Type parameters (one bound each) and a return type may be given.
 macro_rules! vectorized_fn {
-    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    (
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident $(<$($g:ident: $bound:path),+>)? ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?
+        $body:block
+    ) => {
         $(#[$attr])*
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            fn body $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             if $crate::ops::math::has_avx2_fma() {
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    body($($arg),*)
+                unsafe fn avx2 $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
+                    body $(::<$($g),+>)? ($($arg),*)
                 }
                 // SAFETY: the CPU has both features.
-                return unsafe { avx2($($arg),*) };
+                return unsafe { avx2 $(::<$($g),+>)? ($($arg),*) };
             }
-            body($($arg),*)
+            body $(::<$($g),+>)? ($($arg),*)
         }
     };
 }

@@ -61,7 +61,12 @@ pub fn with_generic_forms<R>(f: impl FnOnce() -> R) -> R {
 
 /// Whether an op on `x` takes its CPU kernel (on the CPU, unless generic forms are forced).
 pub(crate) fn cpu_kernel(x: &Tensor) -> bool {
-    x.device().is_cpu() && !GENERIC_FORMS.with(|g| g.get())
+    x.device().is_cpu() && !generic_forms()
+}
+
+/// Whether [`with_generic_forms`] is in force on this thread.
+fn generic_forms() -> bool {
+    GENERIC_FORMS.with(|g| g.get())
 }
 
 /// Runs `f` on a thread of rayon's pool when `device` is the CPU. A network's kernels are
@@ -79,13 +84,13 @@ pub fn on_cpu_workers<R: Send>(device: &candle_core::Device, f: impl FnOnce() ->
 /// Whether an op with a CUDA kernel beside its CPU one (`cuda`) takes its own kernels on `x`:
 /// on the CPU as [`cpu_kernel`], on CUDA when the fused kernels are switched on.
 pub(crate) fn own_kernel(x: &Tensor) -> bool {
-    cpu_kernel(x) || (x.device().is_cuda() && cuda::enabled() && !GENERIC_FORMS.with(|g| g.get()))
+    cpu_kernel(x) || (x.device().is_cuda() && cuda::enabled() && !generic_forms())
 }
 
 /// Whether attention on CUDA takes the fused kernel (switched on, generic forms not forced).
 #[cfg(feature = "cuda")]
 pub(crate) fn fused_attention() -> bool {
-    cuda::attention_enabled() && !GENERIC_FORMS.with(|g| g.get())
+    cuda::attention_enabled() && !generic_forms()
 }
 
 /// The float dtypes our CPU kernels take, all computed in f32.
@@ -95,27 +100,33 @@ pub(crate) trait Float32: WithDType + Copy + Send + Sync {
 }
 
 impl Float32 for f32 {
+    #[inline(always)]
     fn f32(self) -> f32 {
         self
     }
+    #[inline(always)]
     fn from_f32(v: f32) -> Self {
         v
     }
 }
 
 impl Float32 for f16 {
+    #[inline(always)]
     fn f32(self) -> f32 {
         self.to_f32()
     }
+    #[inline(always)]
     fn from_f32(v: f32) -> Self {
         f16::from_f32(v)
     }
 }
 
 impl Float32 for bf16 {
+    #[inline(always)]
     fn f32(self) -> f32 {
         self.to_f32()
     }
+    #[inline(always)]
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
     }

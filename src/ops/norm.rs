@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{run_float1, run_float3, Float32, FloatKernel1, FloatKernel3};
+use super::{run_float1, run_float3, vectorized_fn, Float32, FloatKernel1, FloatKernel3};
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension; `affine` is
 /// `(weight, bias)` or `None` (torch's `elementwise_affine=False`).
@@ -42,6 +42,7 @@ struct LayerNormKernel {
 
 /// Sum with eight independent accumulators, so the loop vectorises (a single running sum is
 /// a serial dependency the compiler may not reorder).
+#[inline(always)]
 fn sum8(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = xs.chunks_exact(8);
@@ -54,37 +55,49 @@ fn sum8(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().map(|x| f(*x)).sum::<f32>()
 }
 
+vectorized_fn! {
+    /// Normalises each row of `dim` elements of `src` into `dst`; `row` is scratch of `dim`.
+    fn normalize_rows<T: Float32>(
+        dst: &mut [T],
+        src: &[T],
+        row: &mut [f32],
+        eps: f32,
+        affine: Option<(&[f32], &[f32])>,
+    ) {
+        let dim = row.len();
+        for (dst, src) in dst.chunks_mut(dim).zip(src.chunks(dim)) {
+            for (r, s) in row.iter_mut().zip(src) {
+                *r = s.f32();
+            }
+            let mean = sum8(row, |v| v) / dim as f32;
+            let var = sum8(row, |v| (v - mean) * (v - mean)) / dim as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            match affine {
+                None => {
+                    for (d, r) in dst.iter_mut().zip(row.iter()) {
+                        *d = T::from_f32((r - mean) * rstd);
+                    }
+                }
+                Some((w, b)) => {
+                    for (((d, r), w), b) in dst.iter_mut().zip(row.iter()).zip(w).zip(b) {
+                        *d = T::from_f32((r - mean) * rstd * w + b);
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn layer_norm_rows<T: Float32>(x: &[T], dim: usize, eps: f32, affine: Option<(&[T], &[T])>) -> Vec<T> {
     let affine: Option<(Vec<f32>, Vec<f32>)> =
         affine.map(|(w, b)| (w.iter().map(|v| v.f32()).collect(), b.iter().map(|v| v.f32()).collect()));
+    let affine = affine.as_ref().map(|(w, b)| (w.as_slice(), b.as_slice()));
     let mut out = vec![T::from_f32(0.0); x.len()];
     // enough rows per task to amortise the scheduling
     let rows_per_task = (16384 / dim).max(1);
     out.par_chunks_mut(dim * rows_per_task)
         .zip(x.par_chunks(dim * rows_per_task))
-        .for_each(|(dst, src)| {
-            let mut row = vec![0f32; dim];
-            for (dst, src) in dst.chunks_mut(dim).zip(src.chunks(dim)) {
-                for (r, s) in row.iter_mut().zip(src) {
-                    *r = s.f32();
-                }
-                let mean = sum8(&row, |v| v) / dim as f32;
-                let var = sum8(&row, |v| (v - mean) * (v - mean)) / dim as f32;
-                let rstd = 1.0 / (var + eps).sqrt();
-                match &affine {
-                    None => {
-                        for (d, r) in dst.iter_mut().zip(&row) {
-                            *d = T::from_f32((r - mean) * rstd);
-                        }
-                    }
-                    Some((w, b)) => {
-                        for (((d, r), w), b) in dst.iter_mut().zip(&row).zip(w).zip(b) {
-                            *d = T::from_f32((r - mean) * rstd * w + b);
-                        }
-                    }
-                }
-            }
-        });
+        .for_each(|(dst, src)| normalize_rows(dst, src, &mut vec![0f32; dim], eps, affine));
     out
 }
 
