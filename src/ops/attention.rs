@@ -190,7 +190,7 @@ impl CustomOp3 for CpuAttention {
             // SAFETY: `scores` has room for the (n, lk) product, which gemm writes whole; the
             // operands cover their elements.
             unsafe {
-                gemm_tile(scores.as_mut_ptr(), lk, false, &q_rows, &k_t, (n, d, lk));
+                gemm_tile(scores.as_mut_ptr(), (lk, 1), false, &q_rows, &k_t, (n, d, lk));
                 scores.set_len(n * lk);
             }
             softmax_rows(&mut scores, lk, scale);
@@ -206,7 +206,7 @@ impl CustomOp3 for CpuAttention {
             };
             // SAFETY: this task writes only rows r0..r0 + n of head h of the (bh, lq, d)
             // output, every element of them.
-            unsafe { gemm_tile(out.ptr().add((h * lq + r0) * d), d, false, &p, &v_h, (n, lk, d)) };
+            unsafe { gemm_tile(out.ptr().add((h * lq + r0) * d), (d, 1), false, &p, &v_h, (n, lk, d)) };
         });
         // SAFETY: the tasks cover every row of every head.
         unsafe { dst.set_len(bh * lq * d) };
