@@ -21,37 +21,51 @@ struct SoftmaxCpu {
     scale: f32,
 }
 
-/// Eight-lane max and sum of a row (independent lanes vectorise; one running value would not).
+/// The max of a row, and whether it holds a NaN (which `f32::max` skips). 32 independent lanes
+/// vectorise into four registers; a comparison rather than `f32::max`, whose NaN rule kept the
+/// loop scalar. Neither result depends on the order: the lanes are free.
 #[inline(always)]
-fn max_and_sum(x: &[f32]) -> (f32, f32) {
-    let mut mx = [f32::NEG_INFINITY; 8];
-    let mut sum = [0f32; 8];
-    let chunks = x.chunks_exact(8);
+fn max_and_nan(x: &[f32]) -> (f32, bool) {
+    const LANES: usize = 32;
+    let mut mx = [f32::NEG_INFINITY; LANES];
+    let mut sum = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
-        for i in 0..8 {
-            mx[i] = mx[i].max(c[i]);
+        for i in 0..LANES {
+            mx[i] = if c[i] > mx[i] { c[i] } else { mx[i] };
             sum[i] += c[i];
         }
     }
     let m = rest.iter().chain(&mx).fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-    (m, rest.iter().chain(&sum).sum())
+    // a NaN anywhere makes its lane's sum NaN
+    (m, rest.iter().chain(&sum).sum::<f32>().is_nan())
 }
 
 /// `softmax(scale * row)` in place.
 #[inline(always)]
 fn softmax_row(row: &mut [f32], scale: f32) {
-    let (max, sum_x) = max_and_sum(row);
-    // a NaN would vanish in the max and the clamped exp: keep it visible (NaN sums stay NaN)
-    if sum_x.is_nan() {
+    let (max, has_nan) = max_and_nan(row);
+    // a NaN would vanish in the max and the clamped exp: keep it visible
+    if has_nan {
         row.fill(f32::NAN);
         return;
     }
     let shift = max * scale;
-    for v in row.iter_mut() {
+    // the exponentials and their eight-lane sum in one pass
+    let mut sum = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            c[i] = exp_nonpositive(c[i] * scale - shift);
+            sum[i] += c[i];
+        }
+    }
+    let rest = chunks.into_remainder();
+    for v in rest.iter_mut() {
         *v = exp_nonpositive(*v * scale - shift);
     }
-    let (_, total) = max_and_sum(row);
+    let total: f32 = rest.iter().chain(&sum).sum();
     let inv = 1.0 / total;
     for v in row.iter_mut() {
         *v *= inv;
@@ -106,6 +120,13 @@ mod tests {
         v[3] = f32::NAN;
         let y = scaled_softmax_last_dim(&Tensor::from_vec(v, (2, 4), &dev)?, 1.0)?.to_vec2::<f32>()?;
         assert!(y[0].iter().all(|v| v.is_nan()) && y[1].iter().all(|v| *v == 0.25));
+        // a NaN among the vectorised lanes of a longer row, and one in its remainder
+        for at in [40, 70] {
+            let mut v = vec![1f32; 77];
+            v[at] = f32::NAN;
+            let y = scaled_softmax_last_dim(&Tensor::from_vec(v, 77, &dev)?, 1.0)?.to_vec1::<f32>()?;
+            assert!(y.iter().all(|v| v.is_nan()), "NaN at {at}");
+        }
         Ok(())
     }
 }
