@@ -9,6 +9,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Result, Tensor};
 use wuerstchen::ops::{self, Padding};
 
+/// The binary's allocator, so that each op's output reuses freed memory as in `wuerstchen`
+/// instead of timing fresh pages.
+#[global_allocator]
+static ALLOCATOR: wuerstchen::mapping::MappingAware = wuerstchen::mapping::MappingAware;
+
 fn time<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     f()?; // warm-up
     let t = Instant::now();
@@ -19,6 +24,7 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
+    wuerstchen::mapping::keep_freed_memory();
     let real = std::env::args().any(|a| a == "--real");
     let dev = Device::Cpu;
     let shapes: &[(usize, usize, usize)] = if real {
