@@ -212,13 +212,13 @@ unsafe fn product_chunk(
         ..*b
     };
     if m < SHORT_TILE_ROWS {
-        // (c, r) at c * m + r
-        let mut t: Vec<f32> = vec![0.0; m * w];
+        // element (r, c) at c * m + r
+        let mut col_major: Vec<f32> = vec![0.0; m * w];
         if read_dst {
             for r in 0..m {
                 let added = added(r);
                 for c in 0..w {
-                    t[c * m + r] = match (bias, added) {
+                    col_major[c * m + r] = match (bias, added) {
                         (Some(b), Some(t)) => b[c] + t[c],
                         (Some(b), None) => b[c],
                         (None, Some(t)) => t[c],
@@ -227,10 +227,10 @@ unsafe fn product_chunk(
                 }
             }
         }
-        gemm_tile(t.as_mut_ptr(), (1, m), read_dst, &a, &b, (m, k, w));
+        gemm_tile(col_major.as_mut_ptr(), (1, m), read_dst, &a, &b, (m, k, w));
         for r in 0..m {
             for (c, o) in row(r).iter_mut().enumerate() {
-                *o = t[c * m + r];
+                *o = col_major[c * m + r];
             }
         }
     } else {
@@ -252,8 +252,8 @@ unsafe fn product_chunk(
     }
 }
 
-/// One single-threaded gemm call: `dst (m, n) (+)= a @ b`, `dst` at (row, column) strides
-/// `dst_strides`.
+/// One single-threaded gemm call: `dst (m, n) (+)= a @ b`, `dst` at row and column strides
+/// `(dst_rs, dst_cs)`.
 ///
 /// # Safety
 /// `dst` must have room for the (m, n) tile at its strides, initialised if `read_dst`; `a`
