@@ -137,6 +137,12 @@ pub fn attention_with_budget(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bud
 /// took 1.17-1.22 s, with 8 MiB 1.01-1.24 s (and the same numbers as unfused).
 const CPU_SCORE_BYTES: usize = 8 << 20;
 
+/// Query rows per task of [`CpuAttention`] over `lq` queries and `lk` keys: about
+/// `CPU_SCORE_BYTES` of scores, at least 16 rows.
+fn cpu_task_rows(lq: usize, lk: usize) -> usize {
+    (CPU_SCORE_BYTES / (4 * lk.max(1))).clamp(16, lq.max(16))
+}
+
 /// Attention on the CPU in f32 for (heads, L, D) contiguous operands: one task per head and
 /// block of query rows, each computing its rows' scores, their softmax and the product with
 /// `v` while the scores are in cache. Unfused, every layer's scores went through memory three
@@ -166,7 +172,7 @@ impl CustomOp3 for CpuAttention {
         };
         let (q, k, v) = (slice_of(q, l1)?, slice_of(k, l2)?, slice_of(v, l3)?);
         let ((bh, lq, d), (_, lk, _)) = (l1.shape().dims3()?, l2.shape().dims3()?);
-        let rows = (CPU_SCORE_BYTES / (4 * lk.max(1))).clamp(16, lq.max(16));
+        let rows = cpu_task_rows(lq, lk);
         let mut dst: Vec<f32> = Vec::with_capacity(bh * lq * d);
         let out = Out(dst.as_mut_ptr());
         let tasks: Vec<(usize, usize)> = (0..bh)
@@ -333,7 +339,7 @@ mod tests {
     fn cpu_kernel_splits_rows_exactly() -> Result<()> {
         let dev = Device::Cpu;
         let (b, h, lq, lk, d) = (1, 2, 100, 40_000, 8);
-        assert!(lq > CPU_SCORE_BYTES / (4 * lk), "more than one task per head");
+        assert!(lq > cpu_task_rows(lq, lk), "more than one task per head");
         let q = Tensor::randn(0f32, 1., (b, h, lq, d), &dev)?;
         let k = Tensor::randn(0f32, 1., (b, h, lk, d), &dev)?;
         let v = Tensor::randn(0f32, 1., (b, h, lk, d), &dev)?;
