@@ -30,12 +30,20 @@ pub struct MappingAware;
 /// `mmap`s, so each op paid for zeroed pages from the kernel (a tenth of the CPU time at
 /// mid size). Keeping freed blocks in the heap lets the next op reuse them (the largest,
 /// from 32 MiB on, are [`crate::blocks`]'). The binary calls this first thing in `main`.
+///
+/// One arena: a worker thread's own arena grows in 64 MiB heaps, and glibc unmaps a grown heap
+/// as soon as it is empty, whatever the trim threshold. The decoder's activations at
+/// 1024x1536 (31.5 MB each) each took such a heap and gave it back: ~70 heaps mapped and
+/// unmapped per decode, their pages faulted in afresh. In the main arena freed memory stays
+/// until the trim threshold. Only allocations of 64 KiB and more reach glibc (see `SMALL`), so the
+/// threads rarely meet at its lock.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tunables; call it before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
