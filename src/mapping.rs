@@ -35,8 +35,8 @@ pub struct MappingAware;
 /// as soon as it is empty, whatever the trim threshold. The decoder's activations at
 /// 1024x1536 (31.5 MB each) each took such a heap and gave it back: ~70 heaps mapped and
 /// unmapped per decode, their pages faulted in afresh. In the main arena freed memory stays
-/// until the trim threshold. Only allocations of 64 KiB and more reach glibc (see `SMALL`), so the
-/// threads rarely meet at its lock.
+/// until the trim threshold. Only allocations of 64 KiB and more reach glibc (see `SMALL`),
+/// so the threads rarely meet at its lock.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tunables; call it before any other thread exists.
