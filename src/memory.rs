@@ -1,7 +1,8 @@
 //! How much device memory a run needs at its worst moment: the weights (from the file sizes,
 //! [`weight_bytes`]) plus the activations alive at once, counted from the configs and the
 //! request ([`peak_activation_bytes`]). The count walks the model code (src/models/) on the
-//! device-generic path of src/ops/, which keeps more f32 temporaries than the CPU kernels, and
+//! device-generic path of src/ops/, which keeps more f32 temporaries than the CPU kernels
+//! (attention excepted: where the CPU's f32 kernel runs it, its score buffers are counted), and
 //! takes the large tensors only: per-channel statistics, timestep embeddings, the text
 //! encoders' own layers (77 tokens) and the stems and up/downsamplers (each smaller than the
 //! blocks beside them) are left out.
@@ -12,7 +13,7 @@ use crate::config::{
     BlockKind, ClipTextConfig, DecoderConfig, DecoderPipelineConfig, PriorConfig, PriorPipelineConfig, VqganConfig,
 };
 use crate::hub::FileSource;
-use crate::ops::chunk_plan;
+use crate::ops::{chunk_plan, cpu_task_rows};
 use crate::pipeline::{DecoderConfigs, PriorConfigs};
 
 /// What a run asks for, as far as its memory goes.
@@ -27,11 +28,15 @@ pub struct RunShapes {
     pub dtype: DType,
     /// bytes one attention block's scores may take (`ops::attention_budget()`)
     pub attention_budget: usize,
+    /// `Some(threads)` where attention runs as the CPU's f32 kernel, which holds one task's
+    /// scores per thread (`ops::cpu_task_rows`) instead of a block of the budget's size.
+    pub cpu_attention_threads: Option<usize>,
 }
 
 impl RunShapes {
-    /// The shapes of `req` in `dtype`, with the current attention budget.
-    pub fn of(req: &crate::request::GenerateRequest, dtype: DType) -> Self {
+    /// The shapes of `req` in `dtype` on `device`, with the current attention budget and, on
+    /// the CPU, rayon's thread count.
+    pub fn of(req: &crate::request::GenerateRequest, dtype: DType, device: &candle_core::Device) -> Self {
         Self {
             width: req.width,
             height: req.height,
@@ -40,6 +45,7 @@ impl RunShapes {
             decoder_guidance: req.decoder_guidance,
             dtype,
             attention_budget: crate::ops::attention_budget(),
+            cpu_attention_threads: (device.is_cpu() && dtype == DType::F32).then(rayon::current_num_threads),
         }
     }
 }
@@ -132,9 +138,7 @@ pub fn stage_peaks(run: &RunShapes, m: &ModelShapes) -> StagePeaks {
     let lds = m.decoder_pipeline.latent_dim_scale;
     let (lh, lw) = ((ph * lds) as u64, (pw * lds) as u64);
     let (ph, pw) = (ph as u64, pw as u64);
-    let attn = |b: u64, tokens: u64, text: u64, c: u64, heads: u64| {
-        attn_block(b, tokens, text, c, heads, run.dtype, run.attention_budget)
-    };
+    let attn = |b: u64, tokens: u64, text: u64, c: u64, heads: u64| attn_block(b, tokens, text, c, heads, run);
 
     // Stage C, the prior, at batch b over ph*pw tokens of c channels
     let p = &m.prior;
@@ -243,15 +247,32 @@ fn res_block(rows: u64, c: u64, s: u64) -> u64 {
 
 /// An AttnBlock (common.rs): `b` images of `tokens` tokens with `c` channels in `heads` heads,
 /// attending to themselves and `text` tokens, its input included.
-fn attn_block(b: u64, tokens: u64, text: u64, c: u64, heads: u64, dtype: DType, budget: usize) -> u64 {
-    let s = dtype.size_in_bytes() as u64;
+fn attn_block(b: u64, tokens: u64, text: u64, c: u64, heads: u64, run: &RunShapes) -> u64 {
+    let s = run.dtype.size_in_bytes() as u64;
     let keys = tokens + text;
     let one = b * tokens * c * s;
     // the input, its norm (the tokens) and the queries; keys and values over image and text
     let held = 3 * one + 2 * b * keys * c * s;
-    // one block of scores (ops::attention's chunk_plan), while the finished rows accumulate
-    let plan = chunk_plan((b * heads) as usize, tokens as usize, keys as usize, dtype, budget);
-    let scores = plan.elements(keys as usize) as u64 * score_bytes(dtype) + one;
+    // the scores in flight while the output accumulates: on the CPU's f32 kernel one task's
+    // rows per thread, elsewhere one block (ops::attention's chunk_plan)
+    let in_flight = match run.cpu_attention_threads {
+        Some(threads) => {
+            let rows = cpu_task_rows(tokens as usize, keys as usize) as u64;
+            let tasks = b * heads * tokens.div_ceil(rows);
+            tasks.min(threads as u64) * rows.min(tokens) * keys * 4
+        }
+        None => {
+            let plan = chunk_plan(
+                (b * heads) as usize,
+                tokens as usize,
+                keys as usize,
+                run.dtype,
+                run.attention_budget,
+            );
+            plan.elements(keys as usize) as u64 * score_bytes(run.dtype)
+        }
+    };
+    let scores = in_flight + one;
     // afterwards: the output, and to_out's product and bias sum
     held + scores.max(3 * one)
 }
@@ -288,6 +309,7 @@ mod tests {
             decoder_guidance,
             dtype: DType::BF16,
             attention_budget: 1 << 30,
+            cpu_attention_threads: None,
         }
     }
 
@@ -326,6 +348,31 @@ mod tests {
             ..base
         };
         assert!(peak_activation_bytes(&f32_run, &m) as f64 > 1.5 * one);
+    }
+
+    #[test]
+    fn the_cpu_attention_kernel_holds_one_task_of_scores_per_thread() {
+        let generic = RunShapes {
+            dtype: DType::F32,
+            ..run(1024, 1, 4.0, 0.0)
+        };
+        let cpu = |threads| RunShapes {
+            cpu_attention_threads: Some(threads),
+            ..generic
+        };
+        // the published decoder's level-1 attention at 1024x1024: 10 heads over 4096 tokens
+        // and the text; the generic path holds a block sized by the 1 GiB budget (~640 MB of
+        // f32 scores and their temporaries), the CPU's kernel one task of ~8 MiB per thread
+        let attn = |r: &RunShapes| attn_block(1, 4096, 77, 640, 10, r);
+        assert!(attn(&cpu(2)) + (500 << 20) < attn(&generic));
+        // (past the few threads whose scores are less than the block's output afterwards)
+        let per_thread = attn(&cpu(9)) - attn(&cpu(8));
+        assert!((7 << 20..=9 << 20).contains(&per_thread), "{per_thread}");
+        // never more tasks in flight than there are
+        assert_eq!(attn(&cpu(100_000)), attn(&cpu(1_000_000)));
+        // the prior's peak at 1024x1024 is its attention: the CPU's count is lower
+        let m = published();
+        assert!(stage_peaks(&cpu(2), &m).prior < stage_peaks(&generic, &m).prior);
     }
 
     #[test]

@@ -173,7 +173,7 @@ pub fn run(mut plan: BenchPlan, quiet: bool) -> Result<()> {
             let (d, decoder_s) = timed(&rt, || load_decoder(decoder, decoder_cfg, &rt, &bars))?;
             // the estimate `generate` weighs against free device memory, for comparison with the peaks
             let shapes = crate::memory::ModelShapes::new(prior_cfg, decoder_cfg);
-            let run = crate::memory::RunShapes::of(req, rt.dtype);
+            let run = crate::memory::RunShapes::of(req, rt.dtype, &rt.device);
             let run = crate::memory::RunShapes {
                 num_images: run.num_images * plan.batch_size,
                 ..run

@@ -145,7 +145,7 @@ pub(super) fn staged(asked: bool, available: Option<u64>, weights: u64, activati
 /// The peak activations of the run's most demanding job when a batch holds `images` images.
 fn batch_activations(jobs: &[PlannedJob], rt: &Runtime, shapes: &ModelShapes, images: usize) -> u64 {
     let peak = |p: &PlannedJob| {
-        let run = RunShapes::of(&p.job.req, rt.dtype);
+        let run = RunShapes::of(&p.job.req, rt.dtype, &rt.device);
         let run = RunShapes {
             num_images: run.num_images.max(images),
             ..run
@@ -519,6 +519,7 @@ mod tests {
             decoder_guidance: 0.0,
             dtype: candle_core::DType::F32,
             attention_budget: 1 << 30,
+            cpu_attention_threads: Some(2),
         };
         let activations = memory::peak_activation_bytes(&run, &crate::tiny::published_shapes());
         let available = |gib| crate::pipeline::mem_available(&meminfo(gib));

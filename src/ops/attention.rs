@@ -138,8 +138,8 @@ pub fn attention_with_budget(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bud
 const CPU_SCORE_BYTES: usize = 8 << 20;
 
 /// Query rows per task of [`CpuAttention`] over `lq` queries and `lk` keys: about
-/// `CPU_SCORE_BYTES` of scores, at least 16 rows.
-fn cpu_task_rows(lq: usize, lk: usize) -> usize {
+/// `CPU_SCORE_BYTES` of scores, at least 16 rows. Each thread holds one task's scores.
+pub fn cpu_task_rows(lq: usize, lk: usize) -> usize {
     (CPU_SCORE_BYTES / (4 * lk.max(1))).clamp(16, lq.max(16))
 }
 

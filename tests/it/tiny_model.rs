@@ -243,6 +243,8 @@ fn bench_memory_estimate_covers_the_measured_cpu_peak() {
             .env("HOME", tmp.path())
             .env("HF_HUB_OFFLINE", "1")
             .env("RUST_BACKTRACE", "0")
+            // the CPU's attention holds scores per thread: the same count on every machine
+            .env("RAYON_NUM_THREADS", "2")
             .args([
                 "bench", "--quiet", "--device", "cpu", "--dtype", "f32", "--warmup", "0", "--runs", "1",
             ])
@@ -285,10 +287,11 @@ fn bench_memory_estimate_covers_the_measured_cpu_peak() {
         mib(growth)
     );
     assert!(estimate >= growth, "the estimate misses memory the CPU used");
-    // The estimate is for the device-generic path, which keeps more f32 temporaries than the
-    // CPU kernels (the GRN's copy and square and its chained temporaries, the softmax's scaled
-    // copy) and a whole block of attention scores (the CPU's f32 kernel holds 8 MiB per
-    // thread), so it may exceed what the CPU holds, but not by more than those: 4x (3.2x
-    // measured here once the CPU's attention was fused).
-    assert!(activations <= 4 * growth, "the estimate is far above what the CPU used");
+    // Apart from attention the estimate counts the device-generic path, which keeps more f32
+    // temporaries than the CPU kernels (the GRN's copy and square and its chained temporaries),
+    // so it may exceed what the CPU holds, but not by more than those: 1.5x (1.24x measured).
+    assert!(
+        2 * activations <= 3 * growth,
+        "the estimate is far above what the CPU used"
+    );
 }
