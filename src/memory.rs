@@ -13,7 +13,7 @@ use crate::config::{
     BlockKind, ClipTextConfig, DecoderConfig, DecoderPipelineConfig, PriorConfig, PriorPipelineConfig, VqganConfig,
 };
 use crate::hub::FileSource;
-use crate::ops::{chunk_plan, cpu_task_rows};
+use crate::ops::{chunk_plan, cpu_attention_kernel, cpu_task_rows};
 use crate::pipeline::{DecoderConfigs, PriorConfigs};
 
 /// What a run asks for, as far as its memory goes.
@@ -45,7 +45,7 @@ impl RunShapes {
             decoder_guidance: req.decoder_guidance,
             dtype,
             attention_budget: crate::ops::attention_budget(),
-            cpu_attention_threads: (device.is_cpu() && dtype == DType::F32).then(rayon::current_num_threads),
+            cpu_attention_threads: cpu_attention_kernel(device, dtype).then(rayon::current_num_threads),
         }
     }
 }

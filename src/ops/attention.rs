@@ -100,7 +100,8 @@ pub fn attention_with_budget(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bud
             .apply_op3_no_bwd(&k, &v, &FusedAttention { scale: scale as f32 })?
             .reshape((b, h, lq, d));
     }
-    if super::cpu_kernel(q) && [q, k, v].iter().all(|t| t.dtype() == DType::F32) && lk > 0 && d > 0 {
+    if cpu_attention_kernel(q.device(), q.dtype()) && [k, v].iter().all(|t| t.dtype() == DType::F32) && lk > 0 && d > 0
+    {
         let (q, k, v) = (
             q.reshape((bh, lq, d))?.contiguous()?,
             k.reshape((bh, lk, d))?.contiguous()?,
@@ -136,6 +137,12 @@ pub fn attention_with_budget(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bud
 /// per task repack `k` more often: with 2 MiB the decoder's largest attention at 1024x1536
 /// took 1.17-1.22 s, with 8 MiB 1.01-1.24 s (and the same numbers as unfused).
 const CPU_SCORE_BYTES: usize = 8 << 20;
+
+/// Whether attention on `device` in `dtype` runs as [`CpuAttention`]: f32 on the CPU, unless
+/// generic forms are forced. The memory estimate counts its scores by the same rule.
+pub fn cpu_attention_kernel(device: &candle_core::Device, dtype: DType) -> bool {
+    device.is_cpu() && !super::generic_forms() && dtype == DType::F32
+}
 
 /// Query rows per task of [`CpuAttention`] over `lq` queries and `lk` keys: about
 /// `CPU_SCORE_BYTES` of scores, at least 16 rows. Each thread holds one task's scores.
