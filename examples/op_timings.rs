@@ -2,6 +2,10 @@
 //! real models (decoder level 1 at 1024x1024: 64x64x640 would take long on a laptop CPU, so
 //! the shapes are scaled down by default; pass `--real` for the real ones).
 //!
+//! The matrix products are the prior's linear layers at 256x256 and 1024x1536 with guidance
+//! (72 and 1728 rows), in GFLOP/s, to hold against torch's rate on the same shapes
+//! (`benches/cpu_ceiling.py`).
+//!
 //!     cargo run --release --example op_timings [-- --real]
 
 use std::time::Instant;
@@ -83,6 +87,22 @@ fn main() -> Result<()> {
         let ours = time(10, || ops::gelu_erf(&x))?;
         let candle = time(10, || x.gelu_erf())?;
         println!("{:<18} {ours:>14.2} {candle:>14.2}", format!("{h}x{w}x{}", 4 * c));
+    }
+    println!(
+        "{:<18} {:>14} {:>14}",
+        "linear m x k -> n", "ours GFLOP/s", "candle GFLOP/s"
+    );
+    let c = if real { 1536 } else { 384 };
+    for m in [72, 1728] {
+        for (k, n) in [(c, 4 * c), (4 * c, c), (c, c)] {
+            let x = Tensor::randn(0f32, 1., (m, k), &dev)?;
+            let w = Tensor::randn(0f32, 1., (n, k), &dev)?;
+            let runs = (2e10 / (2 * m * n * k) as f64).clamp(1.0, 50.0) as usize;
+            let gflops = |ms: f64| 2.0 * (m * n * k) as f64 / ms / 1e6;
+            let ours = gflops(time(runs, || ops::linear(&x, &w, None))?);
+            let candle = gflops(time(runs, || x.matmul(&w.t()?))?);
+            println!("{:<18} {ours:>14.1} {candle:>14.1}", format!("{m} x {k} -> {n}"));
+        }
     }
     Ok(())
 }
