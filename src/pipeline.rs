@@ -469,8 +469,12 @@ impl PriorPipeline {
             .iter()
             .map(|p| (p.prompt.as_str(), p.negative_prompt.as_str(), p.num_images))
             .collect();
+        let started = std::time::Instant::now();
         let text = self.text_encoder.conditioning(&requests, guidance.is_some())?;
+        let encoded = started.elapsed().as_secs_f64();
         let cond = self.prior.condition(&text)?;
+        let conditioned = started.elapsed().as_secs_f64() - encoded;
+        tracing::debug!("prior: text encoded in {encoded:.3}s, its keys and values in {conditioned:.3}s");
         let (h, w) = self.latent_size(p.height, p.width);
         let latents = sample(
             &[self.prior_config.c_in, h, w],
@@ -656,7 +660,9 @@ impl DecoderPipeline {
             .zip(&counts)
             .map(|(p, &n)| (p.prompt.as_str(), p.negative_prompt.as_str(), n))
             .collect();
+        let started = std::time::Instant::now();
         let text = self.text_encoder.conditioning(&requests, guidance.is_some())?;
+        let encoded = started.elapsed().as_secs_f64();
         // the unconditional half sees zeros instead of the image embeddings
         let effnet = match guidance {
             Some(_) => Tensor::cat(&[&embeddings, &embeddings.zeros_like()?], 0)?,
@@ -664,6 +670,8 @@ impl DecoderPipeline {
         };
         let size = self.latent_size(h, w);
         let cond = self.decoder.condition(&effnet, &text, size)?;
+        let conditioned = started.elapsed().as_secs_f64() - encoded;
+        tracing::debug!("decoder: text encoded in {encoded:.3}s, the conditioning in {conditioned:.3}s");
         let latents = sample(
             &[self.decoder_config.c_in, size.0, size.1],
             &p.timesteps,
