@@ -7,9 +7,9 @@ rate torch reaches here, for comparison with `wuerstchen bench`'s ms per step:
 
 The work is counted by torch's `FlopCounterMode` on the models built from their config.json
 (matrix products, convolutions and attention: 2 FLOP per multiply-add; elementwise ops are
-not counted). The rate is the best of several runs of the prior's largest product shape.
-A stage cannot run faster than its work at that rate, so a target below
-`work / rate` is out of reach on this machine whatever the kernels.
+not counted). The rate is the best of 20 runs of the prior's largest product. With matrix
+products no faster than torch's, a stage cannot take less than its work at that rate, so a
+target below `work / rate` needs a faster product kernel than torch's on this machine.
 Prints one JSON object. Needs the pinned stack of tests/fixtures/requirements.txt.
 """
 
