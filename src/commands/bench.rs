@@ -254,6 +254,7 @@ pub fn run(mut plan: BenchPlan, quiet: bool) -> Result<()> {
         "warmup": plan.warmup,
         "runs": plan.runs,
         "threads": candle_core::utils::get_num_threads(),
+        "cpu_matmul": crate::ops::blas::kernel_name(),
         "load_s": { "prior": round3(load_prior_s), "decoder": round3(load_decoder_s) },
         "model_file_bytes": file_bytes,
         "page_cache_read_s": round3(read_s),

@@ -1,5 +1,6 @@
 //! f32 matrix products on the CPU, `a @ b (+ bias)`, split into one tile per thread, each a
-//! single-threaded call of the `gemm` crate (the kernel candle's matmul calls too).
+//! single-threaded call of the `gemm` crate (the kernel candle's matmul calls too) or of the
+//! system's OpenBLAS (see [`super::blas`]).
 //!
 //! Why not candle's matmul: it hands the whole product to gemm's own threading, which for
 //! the prior's shapes (288 rows at 512x512 with guidance, 384 -> 1536 columns) ran no faster
@@ -252,8 +253,9 @@ unsafe fn product_chunk(
     }
 }
 
-/// One single-threaded gemm call: `dst (m, n) (+)= a @ b`, `dst` at row and column strides
-/// `(dst_rs, dst_cs)`.
+/// One single-threaded product `dst (m, n) (+)= a @ b`, `dst` at row and column strides
+/// `(dst_rs, dst_cs)`: through the system's CBLAS where [`super::blas`] loaded one (and it can
+/// read these layouts), else the `gemm` crate.
 ///
 /// # Safety
 /// `dst` must have room for the (m, n) tile at its strides, initialised if `read_dst`; `a`
@@ -266,6 +268,11 @@ pub(super) unsafe fn gemm_tile(
     b: &Operand,
     (m, k, n): (usize, usize, usize),
 ) {
+    if let Some(blas) = super::blas::get() {
+        if blas.gemm(dst, (dst_rs, dst_cs), read_dst, a, b, (m, k, n)) {
+            return;
+        }
+    }
     gemm::gemm(
         m,
         n,
