@@ -1,6 +1,6 @@
 //! f32 matrix products on the CPU, `a @ b (+ bias)`, split into one tile per thread, each a
-//! single-threaded call of the `gemm` crate (the kernel candle's matmul calls too) or of the
-//! system's OpenBLAS (see [`super::blas`]).
+//! single-threaded call of the `gemm` crate (the kernel candle's matmul calls too) or, on
+//! request, of a system CBLAS library such as OpenBLAS (see [`super::blas`]).
 //!
 //! Why not candle's matmul: it hands the whole product to gemm's own threading, which for
 //! the prior's shapes (288 rows at 512x512 with guidance, 384 -> 1536 columns) ran no faster
@@ -254,8 +254,8 @@ unsafe fn product_chunk(
 }
 
 /// One single-threaded product `dst (m, n) (+)= a @ b`, `dst` at row and column strides
-/// `(dst_rs, dst_cs)`: through the system's CBLAS where [`super::blas`] loaded one (and it can
-/// read these layouts), else the `gemm` crate.
+/// `(dst_rs, dst_cs)`: through the CBLAS library [`super::blas`] loaded, if any (and where it
+/// can read these layouts), else the `gemm` crate.
 ///
 /// # Safety
 /// `dst` must have room for the (m, n) tile at its strides, initialised if `read_dst`; `a`

@@ -1,8 +1,8 @@
 //! Tensor operations the models need beyond candle's: a depthwise convolution that is one
 //! pass (candle runs grouped convolutions as one convolution per group), a layer norm with
 //! two-pass float32 statistics, a vectorised multi-threaded GELU, f32 matrix products tiled
-//! one per thread with fused epilogues (each tile through the `gemm` crate, or a system
-//! OpenBLAS where there is one: [`blas`]), and torch's antialiased bicubic resize.
+//! one per thread with fused epilogues (each tile through the `gemm` crate, or on request a
+//! system CBLAS library: [`blas`]), and torch's antialiased bicubic resize.
 //!
 //! Each op has a fast CPU kernel (candle custom op) and a device-generic form built from
 //! candle tensor ops, used on other devices; tests and `wuerstchen selftest` check that the
