@@ -94,16 +94,19 @@ impl Blas {
         b: &Operand,
         (m, k, n): (usize, usize, usize),
     ) -> bool {
+        if m == 0 || n == 0 || k == 0 {
+            return false;
+        }
         // CBLAS writes row-major here: a column-major `dst` is the transposed product
         // `dst^T = b^T a^T`, which swaps the operands and their strides.
         let (a, b, m, n, ldc) = if dst_cs == 1 {
-            ((a.rs, a.cs, a.data), (b.rs, b.cs, b.data), m, n, dst_rs)
+            (*a, *b, m, n, dst_rs)
         } else if dst_rs == 1 {
-            ((b.cs, b.rs, b.data), (a.cs, a.rs, a.data), n, m, dst_cs)
+            (b.transposed(), a.transposed(), n, m, dst_cs)
         } else {
             return false;
         };
-        let (Some((ta, lda)), Some((tb, ldb))) = (layout(a.0, a.1, m, k), layout(b.0, b.1, k, n)) else {
+        let (Some((ta, lda)), Some((tb, ldb))) = (layout(a.rs, a.cs, m, k), layout(b.rs, b.cs, k, n)) else {
             return false;
         };
         if m > 1 && ldc < n {
@@ -116,9 +119,6 @@ impl Blas {
         else {
             return false;
         };
-        if m == 0 || n == 0 || k == 0 {
-            return false;
-        }
         let beta = if read_dst { 1.0 } else { 0.0 };
         (self.sgemm)(
             ROW_MAJOR,
@@ -128,9 +128,9 @@ impl Blas {
             ni,
             ki,
             1.0,
-            a.2.as_ptr(),
+            a.data.as_ptr(),
             lda,
-            b.2.as_ptr(),
+            b.data.as_ptr(),
             ldb,
             beta,
             dst,
@@ -155,11 +155,16 @@ fn layout(rs: usize, cs: usize, r: usize, c: usize) -> Option<(c_int, usize)> {
     }
 }
 
+/// The library [`ENV`] asks for, if any (unset, empty and `off` ask for none).
+pub fn requested() -> Option<String> {
+    std::env::var(ENV).ok().filter(|v| !v.is_empty() && v != "off")
+}
+
 /// The library [`ENV`] names, loaded once per process; `None`: the `gemm` crate's kernel.
 pub fn get() -> Option<&'static Blas> {
     static BLAS: OnceLock<Option<Blas>> = OnceLock::new();
     BLAS.get_or_init(|| {
-        let name = std::env::var(ENV).ok().filter(|v| !v.is_empty() && v != "off")?;
+        let name = requested()?;
         match Blas::open(&name) {
             Ok(blas) => {
                 tracing::debug!("f32 matrix products on the CPU through {name}");

@@ -92,6 +92,7 @@ struct Product {
 }
 
 /// A 2-D operand: its elements from the storage offset on, and its row and column strides.
+#[derive(Clone, Copy)]
 pub(super) struct Operand<'a> {
     pub(super) data: &'a [f32],
     pub(super) rs: usize,
@@ -99,6 +100,15 @@ pub(super) struct Operand<'a> {
 }
 
 impl<'a> Operand<'a> {
+    /// The transposed matrix: the same elements, the strides swapped.
+    pub(super) fn transposed(self) -> Self {
+        Operand {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
     fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(Self, usize, usize)> {
         let CpuStorage::F32(data) = s else {
             candle_core::bail!("matmul: {what} is {:?}, the tiled kernel takes f32", s.dtype());

@@ -45,7 +45,7 @@ fn generate_writes_a_png_of_the_requested_size_and_the_same_seed_gives_the_same_
     // and the same bytes whatever the number of threads; with a BLAS library chosen
     // (WUERSTCHEN_BLAS), whose sums follow the tiles' shapes, within a unit
     let single = run("single.png", Some("1"));
-    if std::env::var("WUERSTCHEN_BLAS").is_ok_and(|v| !v.is_empty() && v != "off") {
+    if wuerstchen::ops::blas::requested().is_some() {
         let (one, all) = (read_png(&single).2, read_png(&a).2);
         let worst = one.iter().zip(&all).map(|(x, y)| x.abs_diff(*y)).max();
         assert!(worst <= Some(1), "1 thread vs default: {worst:?}");
