@@ -13,7 +13,7 @@ use crate::config::{
     BlockKind, ClipTextConfig, DecoderConfig, DecoderPipelineConfig, PriorConfig, PriorPipelineConfig, VqganConfig,
 };
 use crate::hub::FileSource;
-use crate::ops::{chunk_plan, cpu_attention_kernel, cpu_task_rows};
+use crate::ops::{chunk_plan, cpu_attention_kernel, cpu_task};
 use crate::pipeline::{DecoderConfigs, PriorConfigs};
 
 /// What a run asks for, as far as its memory goes.
@@ -29,7 +29,7 @@ pub struct RunShapes {
     /// bytes one attention block's scores may take (`ops::attention_budget()`)
     pub attention_budget: usize,
     /// `Some(threads)` where attention runs as the CPU's f32 kernel, which holds one task's
-    /// scores per thread (`ops::cpu_task_rows`) instead of a block of the budget's size.
+    /// scores per thread (`ops::cpu_task`) instead of a block of the budget's size.
     pub cpu_attention_threads: Option<usize>,
 }
 
@@ -257,9 +257,9 @@ fn attn_block(b: u64, tokens: u64, text: u64, c: u64, heads: u64, run: &RunShape
     // rows per thread, elsewhere one block (ops::attention's chunk_plan)
     let in_flight = match run.cpu_attention_threads {
         Some(threads) => {
-            let rows = cpu_task_rows(tokens as usize, keys as usize) as u64;
-            let tasks = b * heads * tokens.div_ceil(rows);
-            tasks.min(threads as u64) * rows.min(tokens) * keys * 4
+            let (rows, bytes) = cpu_task(tokens as usize, keys as usize);
+            let tasks = b * heads * tokens.div_ceil(rows as u64);
+            tasks.min(threads as u64) * bytes as u64
         }
         None => {
             let plan = chunk_plan(
@@ -362,12 +362,14 @@ mod tests {
         };
         // the published decoder's level-1 attention at 1024x1024: 10 heads over 4096 tokens
         // and the text; the generic path holds a block sized by the 1 GiB budget (~640 MB of
-        // f32 scores and their temporaries), the CPU's kernel one task of ~8 MiB per thread
+        // f32 scores and their temporaries), the CPU's kernel one task of 256 x 512 scores
+        // (512 KiB) per thread
         let attn = |r: &RunShapes| attn_block(1, 4096, 77, 640, 10, r);
         assert!(attn(&cpu(2)) + (500 << 20) < attn(&generic));
-        // (past the few threads whose scores are less than the block's output afterwards)
-        let per_thread = attn(&cpu(9)) - attn(&cpu(8));
-        assert!((7 << 20..=9 << 20).contains(&per_thread), "{per_thread}");
+        // (past the threads whose scores together are less than the block's output
+        // afterwards: 41 of them here)
+        let per_thread = attn(&cpu(61)) - attn(&cpu(60));
+        assert_eq!(per_thread, 256 * 512 * 4);
         // never more tasks in flight than there are
         assert_eq!(attn(&cpu(100_000)), attn(&cpu(1_000_000)));
         // the prior's peak at 1024x1024 is its attention: the CPU's count is lower

@@ -3,8 +3,9 @@
 //! with decoder guidance the whole scores of one layer would take ~10 GB, and past 2^31
 //! elements candle's CUDA softmax (32-bit indexing) would compute garbage. Each block's rows
 //! are computed exactly as they would be unblocked: the logits go to f32 before the scale and
-//! softmax, whatever the storage dtype. On the CPU in f32 one kernel does a block of rows of one
-//! head from end to end while its scores are in cache ([`CpuAttention`]).
+//! softmax, whatever the storage dtype. On the CPU in f32 one kernel goes through a block of
+//! rows of one head and the keys in blocks, flash-style, while their scores are in cache
+//! ([`CpuAttention`]); its online softmax sums in another order than a whole row's.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -12,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D
 use rayon::prelude::*;
 
 use super::matmul::{gemm_tile, Operand, Out};
-use super::softmax::softmax_rows;
+use super::softmax::{softmax_block, RunningRow};
 use super::{scaled_softmax_last_dim, slice_of};
 
 /// Default memory for one block's scores and their temporaries.
@@ -132,11 +133,12 @@ pub fn attention_with_budget(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bud
     Tensor::cat(&per_heads, 0)?.reshape((b, h, lq, d))
 }
 
-/// Bytes of scores one task of [`CpuAttention`] computes: its rows stay in the last-level
-/// cache from the product with `k` through the softmax to the product with `v`. Fewer rows
-/// per task repack `k` more often: with 2 MiB the decoder's largest attention at 1024x1536
-/// took 1.17-1.22 s, with 8 MiB 1.01-1.24 s (and the same numbers as unfused).
-const CPU_SCORE_BYTES: usize = 8 << 20;
+/// Query rows and keys per block of [`CpuAttention`] (torch's CPU flash attention takes 256
+/// and 512 for long sequences): 512 KiB of scores, which stay in a core's L2 cache with the
+/// block's keys, values and output rows from the product with `k` through the softmax to the
+/// product with `v`.
+const CPU_QUERY_BLOCK: usize = 256;
+const CPU_KEY_BLOCK: usize = 512;
 
 /// Whether attention on `device` in `dtype` runs as [`CpuAttention`]: f32 on the CPU, unless
 /// generic forms are forced. The memory estimate counts its scores by the same rule.
@@ -144,18 +146,20 @@ pub fn cpu_attention_kernel(device: &candle_core::Device, dtype: DType) -> bool 
     device.is_cpu() && !super::generic_forms() && dtype == DType::F32
 }
 
-/// Query rows per task of [`CpuAttention`] over `lq` queries and `lk` keys: about
-/// `CPU_SCORE_BYTES` of scores, at least 16 rows. Each thread holds one task's scores.
-pub fn cpu_task_rows(lq: usize, lk: usize) -> usize {
-    (CPU_SCORE_BYTES / (4 * lk.max(1))).clamp(16, lq.max(16))
+/// Query rows per task of [`CpuAttention`] over `lq` queries, and the bytes of scores the
+/// task holds over `lk` keys. Each thread holds one task's scores.
+pub fn cpu_task(lq: usize, lk: usize) -> (usize, usize) {
+    let rows = CPU_QUERY_BLOCK.min(lq.max(1));
+    (rows, rows * CPU_KEY_BLOCK.min(lk.max(1)) * 4)
 }
 
-/// Attention on the CPU in f32 for (heads, L, D) contiguous operands: one task per head and
-/// block of query rows, each computing its rows' scores, their softmax and the product with
-/// `v` while the scores are in cache. Unfused, every layer's scores went through memory three
-/// times (written, softmaxed, read), 1.5 GB per decoder attention layer at 1024x1536. Each
-/// row is computed whole, as unblocked: the scores and softmax are the same numbers; only the
-/// product with `v` may sum in another grouping (gemm blocks its long k by its row count).
+/// Attention on the CPU in f32 for (heads, L, D) contiguous operands, flash-style: one task
+/// per head and block of query rows, which goes through the keys in blocks, each block's
+/// scores, softmax and product with `v` done while they are in cache. The softmax is online:
+/// each row keeps its running max and sum, its output accumulates the block products
+/// (rescaled where the max rises) and is divided by the sum at the end. Whole rows of scores
+/// (8 MiB per task) left the L2 cache; the three passes of a row softmax over them were a
+/// fifth of the decoder's largest attention at 1024x1536.
 struct CpuAttention {
     scale: f32,
 }
@@ -179,7 +183,7 @@ impl CustomOp3 for CpuAttention {
         };
         let (q, k, v) = (slice_of(q, l1)?, slice_of(k, l2)?, slice_of(v, l3)?);
         let ((bh, lq, d), (_, lk, _)) = (l1.shape().dims3()?, l2.shape().dims3()?);
-        let rows = cpu_task_rows(lq, lk);
+        let (rows, _) = cpu_task(lq, lk);
         let mut dst: Vec<f32> = Vec::with_capacity(bh * lq * d);
         let out = Out(dst.as_mut_ptr());
         let tasks: Vec<(usize, usize)> = (0..bh)
@@ -188,38 +192,56 @@ impl CustomOp3 for CpuAttention {
         let scale = self.scale;
         tasks.into_par_iter().for_each(|(h, r0)| {
             let n = rows.min(lq - r0);
+            // SAFETY: this task alone writes rows r0..r0 + n of head h of the (bh, lq, d)
+            // output; zeroed here before they are read.
+            let acc = unsafe {
+                let at = out.ptr().add((h * lq + r0) * d);
+                std::ptr::write_bytes(at, 0, n * d);
+                std::slice::from_raw_parts_mut(at, n * d)
+            };
             let q_rows = Operand {
                 data: &q[(h * lq + r0) * d..],
                 rs: d,
                 cs: 1,
             };
-            // k^T: (d, lk) at k's (lk, d) layout
-            let k_t = Operand {
-                data: &k[h * lk * d..],
-                rs: 1,
-                cs: d,
-            };
-            let mut scores: Vec<f32> = Vec::with_capacity(n * lk);
-            // SAFETY: `scores` has room for the (n, lk) product, which gemm writes whole; the
-            // operands cover their elements.
-            unsafe {
-                gemm_tile(scores.as_mut_ptr(), (lk, 1), false, &q_rows, &k_t, (n, d, lk));
-                scores.set_len(n * lk);
+            let mut states = vec![RunningRow::START; n];
+            let mut scores: Vec<f32> = Vec::with_capacity(n * CPU_KEY_BLOCK.min(lk));
+            for j0 in (0..lk).step_by(CPU_KEY_BLOCK) {
+                let kb = CPU_KEY_BLOCK.min(lk - j0);
+                // k^T: (d, kb) at k's (lk, d) layout
+                let k_t = Operand {
+                    data: &k[(h * lk + j0) * d..],
+                    rs: 1,
+                    cs: d,
+                };
+                // SAFETY: `scores` has room for the (n, kb) product, which gemm writes whole;
+                // the operands cover their elements.
+                unsafe {
+                    gemm_tile(scores.as_mut_ptr(), (kb, 1), false, &q_rows, &k_t, (n, d, kb));
+                    scores.set_len(n * kb);
+                }
+                softmax_block(&mut scores, kb, scale, &mut states, acc, d);
+                let p = Operand {
+                    data: &scores,
+                    rs: kb,
+                    cs: 1,
+                };
+                let v_block = Operand {
+                    data: &v[(h * lk + j0) * d..],
+                    rs: d,
+                    cs: 1,
+                };
+                // SAFETY: `acc` holds the (n, d) rows, initialised.
+                unsafe { gemm_tile(acc.as_mut_ptr(), (d, 1), true, &p, &v_block, (n, kb, d)) };
             }
-            softmax_rows(&mut scores, lk, scale);
-            let p = Operand {
-                data: &scores,
-                rs: lk,
-                cs: 1,
-            };
-            let v_h = Operand {
-                data: &v[h * lk * d..],
-                rs: d,
-                cs: 1,
-            };
-            // SAFETY: this task writes only rows r0..r0 + n of head h of the (bh, lq, d)
-            // output, every element of them.
-            unsafe { gemm_tile(out.ptr().add((h * lq + r0) * d), (d, 1), false, &p, &v_h, (n, lk, d)) };
+            for (row, state) in acc.chunks_exact_mut(d).zip(&states) {
+                if state.nan {
+                    row.fill(f32::NAN);
+                } else {
+                    let inv = 1.0 / state.sum;
+                    row.iter_mut().for_each(|v| *v *= inv);
+                }
+            }
         });
         // SAFETY: the tasks cover every row of every head.
         unsafe { dst.set_len(bh * lq * d) };
@@ -341,19 +363,46 @@ mod tests {
         Ok(())
     }
 
-    /// Keys long enough that the CPU kernel splits each head's query rows into several tasks.
+    /// Queries and keys long enough that the CPU kernel splits each head into several tasks
+    /// and each task's keys into several blocks, with logits that grow along the keys so that
+    /// every block raises the rows' running max (and rescales what they accumulated).
     #[test]
-    fn cpu_kernel_splits_rows_exactly() -> Result<()> {
+    fn cpu_kernel_matches_a_whole_softmax_over_blocks() -> Result<()> {
         let dev = Device::Cpu;
-        let (b, h, lq, lk, d) = (1, 2, 100, 40_000, 8);
-        assert!(lq > cpu_task_rows(lq, lk), "more than one task per head");
-        let q = Tensor::randn(0f32, 1., (b, h, lq, d), &dev)?;
-        let k = Tensor::randn(0f32, 1., (b, h, lk, d), &dev)?;
+        let (b, h, lq, lk, d) = (1, 2, 300, 1300, 8);
+        assert!(
+            lq > cpu_task(lq, lk).0 && lk > CPU_KEY_BLOCK,
+            "several tasks and key blocks"
+        );
+        let q = (Tensor::randn(0f32, 1., (b, h, lq, d), &dev)?.abs()? + 0.5)?;
+        let rising = Tensor::arange(0f32, lk as f32, &dev)?
+            .affine(4.0 / lk as f64, 0.0)?
+            .reshape((1, 1, lk, 1))?;
+        let k = Tensor::randn(0f32, 1., (b, h, lk, d), &dev)?.broadcast_add(&rising)?;
         let v = Tensor::randn(0f32, 1., (b, h, lk, d), &dev)?;
         let scale = (d as f64).powf(-0.5);
         let ours = attention(&q, &k, &v, scale)?;
         let want = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?.matmul(&v)?;
         assert!(rel_err(&ours, &want) < 1e-6);
+        Ok(())
+    }
+
+    /// A NaN among one query row's scores makes that row NaN, as in a whole softmax, and
+    /// leaves the others.
+    #[test]
+    fn cpu_kernel_keeps_a_nan_in_its_row() -> Result<()> {
+        let dev = Device::Cpu;
+        let (lq, lk, d) = (5, 1100, 4);
+        let mut qv = vec![0.5f32; lq * d];
+        qv[2 * d + 1] = f32::NAN;
+        let q = Tensor::from_vec(qv, (1, 1, lq, d), &dev)?;
+        let k = Tensor::randn(0f32, 1., (1, 1, lk, d), &dev)?;
+        let v = Tensor::randn(0f32, 1., (1, 1, lk, d), &dev)?;
+        let out = attention(&q, &k, &v, 0.5)?.reshape((lq, d))?.to_vec2::<f32>()?;
+        for (i, row) in out.iter().enumerate() {
+            assert_eq!(row.iter().all(|x| x.is_nan()), i == 2, "row {i}: {row:?}");
+            assert!(i == 2 || row.iter().all(|x| x.is_finite()), "row {i}: {row:?}");
+        }
         Ok(())
     }
 }

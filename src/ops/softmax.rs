@@ -51,32 +51,80 @@ fn softmax_row(row: &mut [f32], scale: f32) {
         row.fill(f32::NAN);
         return;
     }
-    let shift = max * scale;
-    // the exponentials and their eight-lane sum in one pass
-    let mut sum = [0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
-    for c in &mut chunks {
-        for i in 0..8 {
-            c[i] = exp_nonpositive(c[i] * scale - shift);
-            sum[i] += c[i];
-        }
-    }
-    let rest = chunks.into_remainder();
-    for v in rest.iter_mut() {
-        *v = exp_nonpositive(*v * scale - shift);
-    }
-    let total: f32 = rest.iter().chain(&sum).sum();
-    let inv = 1.0 / total;
+    let inv = 1.0 / exp_and_sum(row, scale, max * scale);
     for v in row.iter_mut() {
         *v *= inv;
     }
 }
 
+/// `exp(scale * x - shift)` in place for each x of `row` (`shift` at least the largest
+/// `scale * x`), and their sum: in one pass, summed in 32 lanes. The exponential is a chain
+/// of ~20 dependent operations; four registers of lanes give the core four chains to overlap
+/// (a (256, 512) softmax on one thread: 1.6 ns per element with one register, 1.4 with four).
+#[inline(always)]
+fn exp_and_sum(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+    const LANES: usize = 32;
+    let mut sum = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            c[i] = exp_nonpositive(c[i] * scale - shift);
+            sum[i] += c[i];
+        }
+    }
+    for (v, s) in chunks.into_remainder().iter_mut().zip(&mut sum) {
+        *v = exp_nonpositive(*v * scale - shift);
+        *s += *v;
+    }
+    sum.iter().sum()
+}
+
 vectorized_fn! {
     /// `softmax(scale * row)` in place for each row of `dim` elements of `rows`.
-    pub(super) fn softmax_rows(rows: &mut [f32], dim: usize, scale: f32) {
+    fn softmax_rows(rows: &mut [f32], dim: usize, scale: f32) {
         for row in rows.chunks_exact_mut(dim) {
             softmax_row(row, scale);
+        }
+    }
+}
+
+/// Where a row's softmax stands after some blocks of its logits (the online softmax of
+/// flash attention): the largest scaled logit so far, the sum of the exponentials relative to
+/// it, and whether a NaN was among them.
+#[derive(Clone, Copy)]
+pub(super) struct RunningRow {
+    pub(super) max: f32,
+    pub(super) sum: f32,
+    pub(super) nan: bool,
+}
+
+impl RunningRow {
+    pub(super) const START: Self = Self {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+        nan: false,
+    };
+}
+
+vectorized_fn! {
+    /// One block of columns of an online softmax: each row of `dim` logits in `block` becomes
+    /// `exp(scale * x - max)` against its row's running max, raised first to this block's where
+    /// it is larger; then the row's running sum and its `d` accumulated outputs in `acc` (the
+    /// exponentials of the earlier blocks times the values) are rescaled to the new max.
+    pub(super) fn softmax_block(block: &mut [f32], dim: usize, scale: f32, rows: &mut [RunningRow], acc: &mut [f32], d: usize) {
+        for ((row, state), acc) in block.chunks_exact_mut(dim).zip(rows.iter_mut()).zip(acc.chunks_exact_mut(d)) {
+            let (max, has_nan) = max_and_nan(row);
+            state.nan |= has_nan;
+            let shift = state.max.max(max * scale);
+            if shift > state.max && state.max > f32::NEG_INFINITY {
+                let alpha = exp_nonpositive(state.max - shift);
+                state.sum *= alpha;
+                for v in acc.iter_mut() {
+                    *v *= alpha;
+                }
+            }
+            state.max = shift;
+            state.sum += exp_and_sum(row, scale, shift);
         }
     }
 }
