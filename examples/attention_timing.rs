@@ -1,7 +1,8 @@
 //! Times `ops::attention` on the CPU at the published models' largest shapes (1024x1536): the
 //! decoder's level-1 and level-2 attention (10 heads x 6144 queries x 6221 keys, 20 x 1536 x
-//! 1613) and the prior's (48 heads with guidance x 864 x 941); milliseconds per call (mean of
-//! 3 after a warm-up), the output's sum and a hash of its bits, to tell changed numbers apart.
+//! 1613) and the prior's (48 heads with guidance x 864 x 941), then a short one: the mid
+//! model's prior at 1024x1024 (12 x 576 x 653); milliseconds per call (mean of 3 after a
+//! warm-up), the output's sum and a hash of its bits, to tell changed numbers apart.
 //!
 //!     RAYON_NUM_THREADS=2 cargo run --release --example attention_timing
 
@@ -16,7 +17,12 @@ static ALLOCATOR: wuerstchen::mapping::MappingAware = wuerstchen::mapping::Mappi
 fn main() -> Result<()> {
     wuerstchen::mapping::keep_freed_memory();
     let dev = Device::Cpu;
-    for (bh, lq, lk, d) in [(10, 6144, 6221, 64), (20, 1536, 1613, 64), (48, 864, 941, 64)] {
+    for (bh, lq, lk, d) in [
+        (10, 6144, 6221, 64),
+        (20, 1536, 1613, 64),
+        (48, 864, 941, 64),
+        (12, 576, 653, 64),
+    ] {
         // smooth, repeatable operands
         let operand = |l: usize, step: f64| -> Result<Tensor> {
             let t = Tensor::arange(0u32, (bh * l * d) as u32, &dev)?.to_dtype(DType::F32)?;

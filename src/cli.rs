@@ -474,7 +474,7 @@ pub struct RuntimeArgs {
     pub device: Option<DeviceSpec>,
     /// Memory one attention layer's scores may take (512M, 2G; a bare number is MiB):
     /// attention runs in blocks of query rows that fit, with the same numbers (f32 on the CPU
-    /// holds only 8 MiB of scores per thread, whatever the budget)
+    /// holds only 512 KiB of scores per thread, whatever the budget)
     #[arg(long, value_name = "SIZE", default_value = "1G")]
     pub attention_budget: String,
     /// Hold only one stage's weights at a time (a batch runs all priors, then all decodes);
