@@ -253,8 +253,8 @@ fn attn_block(b: u64, tokens: u64, text: u64, c: u64, heads: u64, run: &RunShape
     let one = b * tokens * c * s;
     // the input, its norm (the tokens) and the queries; keys and values over image and text
     let held = 3 * one + 2 * b * keys * c * s;
-    // the scores in flight while the output accumulates: on the CPU's f32 kernel one task's
-    // rows per thread, elsewhere one block (ops::attention's chunk_plan)
+    // the scores in flight while the output accumulates: on the CPU's f32 kernel one task's block
+    // of scores per thread, elsewhere one block (ops::attention's chunk_plan)
     let in_flight = match run.cpu_attention_threads {
         Some(threads) => {
             let (rows, bytes) = cpu_task(tokens as usize, keys as usize);
