@@ -183,7 +183,7 @@ impl CustomOp3 for CpuAttention {
         };
         let (q, k, v) = (slice_of(q, l1)?, slice_of(k, l2)?, slice_of(v, l3)?);
         let ((bh, lq, d), (_, lk, _)) = (l1.shape().dims3()?, l2.shape().dims3()?);
-        let (rows, _) = cpu_task(lq, lk);
+        let (rows, score_bytes) = cpu_task(lq, lk);
         let mut dst: Vec<f32> = Vec::with_capacity(bh * lq * d);
         let out = Out(dst.as_mut_ptr());
         let tasks: Vec<(usize, usize)> = (0..bh)
@@ -205,7 +205,7 @@ impl CustomOp3 for CpuAttention {
                 cs: 1,
             };
             let mut states = vec![RunningRow::START; n];
-            let mut scores: Vec<f32> = Vec::with_capacity(n * CPU_KEY_BLOCK.min(lk));
+            let mut scores: Vec<f32> = Vec::with_capacity(score_bytes / 4);
             for j0 in (0..lk).step_by(CPU_KEY_BLOCK) {
                 let kb = CPU_KEY_BLOCK.min(lk - j0);
                 // k^T: (d, kb) at k's (lk, d) layout
@@ -235,12 +235,7 @@ impl CustomOp3 for CpuAttention {
                 unsafe { gemm_tile(acc.as_mut_ptr(), (d, 1), true, &p, &v_block, (n, kb, d)) };
             }
             for (row, state) in acc.chunks_exact_mut(d).zip(&states) {
-                if state.nan {
-                    row.fill(f32::NAN);
-                } else {
-                    let inv = 1.0 / state.sum;
-                    row.iter_mut().for_each(|v| *v *= inv);
-                }
+                state.finish(row);
             }
         });
         // SAFETY: the tasks cover every row of every head.

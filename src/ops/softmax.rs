@@ -104,6 +104,17 @@ impl RunningRow {
         sum: 0.0,
         nan: false,
     };
+
+    /// Divides the row's accumulated outputs by its sum: the softmax-weighted values. NaN
+    /// throughout where a NaN was among its logits, as in a whole softmax.
+    pub(super) fn finish(&self, out: &mut [f32]) {
+        if self.nan {
+            out.fill(f32::NAN);
+        } else {
+            let inv = 1.0 / self.sum;
+            out.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
 }
 
 vectorized_fn! {
