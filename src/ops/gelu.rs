@@ -28,9 +28,9 @@ fn gelu(x: f32) -> f32 {
     const A5: f32 = 1.061_405_4;
     let z = x * std::f32::consts::FRAC_1_SQRT_2;
     let a = z.abs();
-    let t = 1.0 / (P * a + 1.0);
-    let r = (((A5 * t + A4) * t + A3) * t + A2) * t + A1;
-    let erf_abs = 1.0 - r * t * exp_nonpositive(-a * a);
+    let t = 1.0 / P.mul_add(a, 1.0);
+    let r = A5.mul_add(t, A4).mul_add(t, A3).mul_add(t, A2).mul_add(t, A1);
+    let erf_abs = (-r * t).mul_add(exp_nonpositive(-a * a), 1.0);
     let erf = erf_abs.copysign(z);
     0.5 * x * (1.0 + erf)
 }

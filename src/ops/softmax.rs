@@ -68,12 +68,12 @@ fn exp_and_sum(row: &mut [f32], scale: f32, shift: f32) -> f32 {
     let mut chunks = row.chunks_exact_mut(LANES);
     for c in &mut chunks {
         for i in 0..LANES {
-            c[i] = exp_nonpositive(c[i] * scale - shift);
+            c[i] = exp_nonpositive(c[i].mul_add(scale, -shift));
             sum[i] += c[i];
         }
     }
     for (v, s) in chunks.into_remainder().iter_mut().zip(&mut sum) {
-        *v = exp_nonpositive(*v * scale - shift);
+        *v = exp_nonpositive(v.mul_add(scale, -shift));
         *s += *v;
     }
     sum.iter().sum()
