@@ -8,6 +8,9 @@
         --width 512 --height 512 --device cpu
 
 Prints one JSON object (same keys as `wuerstchen bench`: median seconds per stage, ms per step).
+A pipeline's stage time includes its text encoder; `prior_loop` and `decoder_loop` are the
+sampling loops alone (from the network's first call to the last step's end), which is what
+`wuerstchen bench` times as its stages.
 Needs the pinned stack of tests/fixtures/requirements.txt.
 """
 
@@ -17,6 +20,26 @@ import statistics
 import time
 
 import torch
+
+
+class LoopClock:
+    """The time from a network's first call to the last step's end (a pipeline callback)."""
+
+    def __init__(self, net):
+        self.first = self.last = None
+        net.register_forward_pre_hook(self.called)
+
+    def called(self, _module, _args):
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def step_end(self, _pipe, _step, _t, kwargs):
+        self.last = time.perf_counter()
+        return kwargs
+
+    def take(self):
+        t, self.first, self.last = self.last - self.first, None, None
+        return t
 
 
 def main():
@@ -50,6 +73,7 @@ def main():
     t_decoder = time.perf_counter() - t0
     for p in (prior, decoder):
         p.set_progress_bar_config(disable=True)
+    prior_loop, decoder_loop = LoopClock(prior.prior), LoopClock(decoder.decoder)
     timesteps = None if args.prior_steps else list(w.DEFAULT_STAGE_C_TIMESTEPS)
     prior_steps = args.prior_steps or len(w.DEFAULT_STAGE_C_TIMESTEPS) - 1
 
@@ -59,17 +83,19 @@ def main():
         t0 = time.perf_counter()
         emb = prior(prompt="a photo of a cat", width=args.width, height=args.height,
                     num_inference_steps=prior_steps, timesteps=timesteps, guidance_scale=args.prior_guidance,
-                    generator=g, output_type="pt").image_embeddings
+                    generator=g, output_type="pt", callback_on_step_end=prior_loop.step_end).image_embeddings
         t1 = time.perf_counter()
         # the decoder pipeline's own timing includes the VQGAN; time it apart with output_type="latent"
         lat = decoder(image_embeddings=emb, prompt="a photo of a cat", num_inference_steps=args.decoder_steps,
-                      guidance_scale=0.0, generator=g, output_type="latent").images
+                      guidance_scale=0.0, generator=g, output_type="latent",
+                      callback_on_step_end=decoder_loop.step_end).images
         t2 = time.perf_counter()
         img = decoder.vqgan.decode(lat * decoder.vqgan.config.scale_factor).sample.clamp(0, 1)
         t3 = time.perf_counter()
+        loops = (prior_loop.take(), decoder_loop.take())
         if i >= args.warmup:
-            runs.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
-    med = [statistics.median(r[k] for r in runs) for k in range(4)]
+            runs.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2) + loops)
+    med = [statistics.median(r[k] for r in runs) for k in range(6)]
     print(json.dumps({
         "tool": f"diffusers {__import__('diffusers').__version__}, torch {torch.__version__}",
         "threads": torch.get_num_threads(),
@@ -77,7 +103,7 @@ def main():
         "import_s": round(t_import, 3),
         "load_s": {"prior": round(t_prior, 3), "decoder": round(t_decoder, 3)},
         "median_s": {"total": round(med[0], 3), "prior": round(med[1], 3), "decoder": round(med[2], 3),
-                     "vqgan": round(med[3], 3)},
+                     "vqgan": round(med[3], 3), "prior_loop": round(med[4], 3), "decoder_loop": round(med[5], 3)},
         "prior_ms_per_step": round(med[1] * 1000 / prior_steps, 3),
         "decoder_ms_per_step": round(med[2] * 1000 / args.decoder_steps, 3),
         "image_mean": float(img.mean()),
