@@ -42,9 +42,9 @@ macro_rules! vectorized_fn {
 pub(crate) use vectorized_fn;
 
 /// `exp(x)` for x <= 0 (what GELU and a max-shifted softmax need): Cephes' expf range reduction and polynomial
-/// (relative error ~1e-7), with no branch and no libm call (`floor` is one on baseline x86-64)
-/// so that it vectorises. Its multiply-adds are FMAs: the chain is ~12 operations instead of
-/// ~20, and each rounds once.
+/// (relative error ~1e-7), with no branch and no `floor` (a libm call on baseline x86-64) so
+/// that it vectorises. Its multiply-adds are FMAs: the chain is ~12 operations instead of ~20,
+/// each rounding once (in a `vectorized_fn!` body on a CPU without FMA, libm's `fmaf`).
 #[inline(always)]
 pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
