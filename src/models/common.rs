@@ -298,15 +298,23 @@ impl Attention {
     /// (N, Lq, C). Equal to diffusers' `attention(x, encoder_hidden_states=cat([x, cond]))`
     /// and `attention(x, encoder_hidden_states=cond)`.
     pub fn forward(&self, x: &Tensor, cond: &CondKv, self_attn: bool) -> Result<Tensor> {
-        let d = x.dim(2)? / self.heads;
-        let q = self.to_q.forward(x)?;
+        let (n, lq, c) = x.dims3()?;
+        let d = c / self.heads;
+        let heads = |t: Tensor| {
+            let l = t.dim(1)?;
+            t.reshape((n, l, self.heads, d))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(self.to_q.forward(x)?)?;
         let (k, v) = if self_attn {
             let k = Tensor::cat(&[&self.to_k.forward(x)?, &cond.k], 1)?;
             (k, Tensor::cat(&[&self.to_v.forward(x)?, &cond.v], 1)?)
         } else {
             (cond.k.clone(), cond.v.clone())
         };
-        let out = ops::attention_tokens(&q, &k, &v, self.heads, (d as f64).powf(-0.5))?;
+        let (k, v) = (heads(k)?, heads(v)?);
+        let out = ops::attention(&q, &k, &v, (d as f64).powf(-0.5))?
+            .transpose(1, 2)?
+            .reshape((n, lq, c))?;
         self.to_out.forward(&out)
     }
 }

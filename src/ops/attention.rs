@@ -101,16 +101,14 @@ pub fn attention_with_budget(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bud
             .apply_op3_no_bwd(&k, &v, &FusedAttention { scale: scale as f32 })?
             .reshape((b, h, lq, d));
     }
-    if takes_cpu_kernel(q, k, v) {
+    if cpu_attention_kernel(q.device(), q.dtype()) && [k, v].iter().all(|t| t.dtype() == DType::F32) && lk > 0 && d > 0
+    {
         let (q, k, v) = (
             q.reshape((bh, lq, d))?.contiguous()?,
             k.reshape((bh, lk, d))?.contiguous()?,
             v.reshape((bh, lk, d))?.contiguous()?,
         );
-        let op = CpuAttention {
-            scale: scale as f32,
-            heads: 1,
-        };
+        let op = CpuAttention { scale: scale as f32 };
         return q.apply_op3_no_bwd(&k, &v, &op)?.reshape((b, h, lq, d));
     }
     let plan = chunk_plan(bh, lq, lk, q.dtype(), budget);
@@ -135,41 +133,6 @@ pub fn attention_with_budget(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bud
     Tensor::cat(&per_heads, 0)?.reshape((b, h, lq, d))
 }
 
-/// Attention over tokens whose channels hold the heads side by side (diffusers' `Attention`
-/// before its heads are split off): `q` (N, Lq, C), `k` and `v` (N, Lk, C), C = heads x D, each
-/// head attending with its own D columns -> (N, Lq, C), the heads side by side again. Equal to
-/// splitting the heads, [`attention`], and merging them. The CPU's f32 kernel reads each head's
-/// columns in place and writes them so; splitting and merging would copy q, k, v and the output
-/// once each (single-threaded copies).
-pub fn attention_tokens(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    let (n, lq, c) = q.dims3()?;
-    if heads == 0 || c % heads != 0 {
-        candle_core::bail!("attention: {c} channels do not split into {heads} heads");
-    }
-    if takes_cpu_kernel(q, k, v) {
-        let op = CpuAttention {
-            scale: scale as f32,
-            heads,
-        };
-        return q
-            .contiguous()?
-            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
-    }
-    let split = |t: &Tensor| -> Result<Tensor> {
-        let l = t.dim(1)?;
-        t.reshape((n, l, heads, c / heads))?.transpose(1, 2)?.contiguous()
-    };
-    attention(&split(q)?, &split(k)?, &split(v)?, scale)?
-        .transpose(1, 2)?
-        .reshape((n, lq, c))
-}
-
-/// Whether `q`, `k`, `v` (keys along dimension -2 of `k`) take [`CpuAttention`].
-fn takes_cpu_kernel(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    let (lk, width) = (k.dim(D::Minus2).unwrap_or(0), q.dim(D::Minus1).unwrap_or(0));
-    cpu_attention_kernel(q.device(), q.dtype()) && [k, v].iter().all(|t| t.dtype() == DType::F32) && lk > 0 && width > 0
-}
-
 /// Query rows and keys per block of [`CpuAttention`] (torch's CPU flash attention takes 256
 /// and 512 for long sequences): 512 KiB of scores, which stay in a core's L2 cache with the
 /// block's keys, values and output rows from the product with `k` through the softmax to the
@@ -190,17 +153,15 @@ pub fn cpu_task(lq: usize, lk: usize) -> (usize, usize) {
     (rows, rows * CPU_KEY_BLOCK.min(lk.max(1)) * 4)
 }
 
-/// Attention on the CPU in f32 for contiguous (N, L, C) operands whose C channels hold `heads`
-/// heads side by side (one head: C = D), flash-style: one task per sequence, head and block of
-/// query rows, which goes through the keys in blocks, each block's scores, softmax and product
-/// with `v` done while they are in cache. The softmax is online: each row keeps its running max
-/// and sum, its output accumulates the block products (rescaled where the max rises) and is
-/// divided by the sum at the end. A task holds 512 KiB of scores where whole rows took 8 MiB
-/// (128 MiB at 16 threads), at the same speed on two cores; the softmax's arithmetic, not its
-/// memory, is its cost.
+/// Attention on the CPU in f32 for (heads, L, D) contiguous operands, flash-style: one task
+/// per head and block of query rows, which goes through the keys in blocks, each block's
+/// scores, softmax and product with `v` done while they are in cache. The softmax is online:
+/// each row keeps its running max and sum, its output accumulates the block products
+/// (rescaled where the max rises) and is divided by the sum at the end. A task holds 512 KiB
+/// of scores where whole rows took 8 MiB (128 MiB at 16 threads), at the same speed on two
+/// cores; the softmax's arithmetic, not its memory, is its cost.
 struct CpuAttention {
     scale: f32,
-    heads: usize,
 }
 
 impl CustomOp3 for CpuAttention {
@@ -221,35 +182,37 @@ impl CustomOp3 for CpuAttention {
             candle_core::bail!("cpu-attention takes f32");
         };
         let (q, k, v) = (slice_of(q, l1)?, slice_of(k, l2)?, slice_of(v, l3)?);
-        let ((seqs, lq, c), (_, lk, _)) = (l1.shape().dims3()?, l2.shape().dims3()?);
-        let (heads, scale) = (self.heads, self.scale);
-        let d = c / heads;
+        let ((bh, lq, d), (_, lk, _)) = (l1.shape().dims3()?, l2.shape().dims3()?);
         let (rows, score_bytes) = cpu_task(lq, lk);
-        let mut dst: Vec<f32> = Vec::with_capacity(seqs * lq * c);
+        let mut dst: Vec<f32> = Vec::with_capacity(bh * lq * d);
         let out = Out(dst.as_mut_ptr());
-        let tasks: Vec<(usize, usize, usize)> = (0..seqs)
-            .flat_map(|s| (0..heads).flat_map(move |h| (0..lq).step_by(rows).map(move |r0| (s, h, r0))))
+        let tasks: Vec<(usize, usize)> = (0..bh)
+            .flat_map(|h| (0..lq).step_by(rows).map(move |r0| (h, r0)))
             .collect();
-        tasks.into_par_iter().for_each(|(s, h, r0)| {
+        let scale = self.scale;
+        tasks.into_par_iter().for_each(|(h, r0)| {
             let n = rows.min(lq - r0);
-            // the head's columns of rows r0.. of sequence s, and of its keys and values
-            let col = h * d;
+            // SAFETY: this task alone writes rows r0..r0 + n of head h of the (bh, lq, d)
+            // output; zeroed here before they are read.
+            let acc = unsafe {
+                let at = out.ptr().add((h * lq + r0) * d);
+                std::ptr::write_bytes(at, 0, n * d);
+                std::slice::from_raw_parts_mut(at, n * d)
+            };
             let q_rows = Operand {
-                data: &q[(s * lq + r0) * c + col..],
-                rs: c,
+                data: &q[(h * lq + r0) * d..],
+                rs: d,
                 cs: 1,
             };
-            let mut acc = vec![0f32; n * d];
             let mut states = vec![RunningRow::START; n];
             let mut scores: Vec<f32> = Vec::with_capacity(score_bytes / 4);
             for j0 in (0..lk).step_by(CPU_KEY_BLOCK) {
                 let kb = CPU_KEY_BLOCK.min(lk - j0);
-                let keys = (s * lk + j0) * c + col;
-                // k^T: (d, kb) at k's (lk, c) layout
+                // k^T: (d, kb) at k's (lk, d) layout
                 let k_t = Operand {
-                    data: &k[keys..],
+                    data: &k[(h * lk + j0) * d..],
                     rs: 1,
-                    cs: c,
+                    cs: d,
                 };
                 // SAFETY: `scores` has room for the (n, kb) product, which gemm writes whole;
                 // the operands cover their elements.
@@ -257,30 +220,27 @@ impl CustomOp3 for CpuAttention {
                     gemm_tile(scores.as_mut_ptr(), (kb, 1), false, &q_rows, &k_t, (n, d, kb));
                     scores.set_len(n * kb);
                 }
-                softmax_block(&mut scores, kb, scale, &mut states, &mut acc, d);
+                softmax_block(&mut scores, kb, scale, &mut states, acc, d);
                 let p = Operand {
                     data: &scores,
                     rs: kb,
                     cs: 1,
                 };
                 let v_block = Operand {
-                    data: &v[keys..],
-                    rs: c,
+                    data: &v[(h * lk + j0) * d..],
+                    rs: d,
                     cs: 1,
                 };
                 // SAFETY: `acc` holds the (n, d) rows, initialised.
                 unsafe { gemm_tile(acc.as_mut_ptr(), (d, 1), true, &p, &v_block, (n, kb, d)) };
             }
-            for (i, (row, state)) in acc.chunks_exact_mut(d).zip(&states).enumerate() {
+            for (row, state) in acc.chunks_exact_mut(d).zip(&states) {
                 state.finish(row);
-                // SAFETY: this task alone writes the head's d columns of rows r0..r0 + n of
-                // sequence s in the (seqs, lq, c) output.
-                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), out.ptr().add((s * lq + r0 + i) * c + col), d) };
             }
         });
-        // SAFETY: the tasks cover every head of every row of every sequence.
-        unsafe { dst.set_len(seqs * lq * c) };
-        Ok((CpuStorage::F32(dst), Shape::from((seqs, lq, c))))
+        // SAFETY: the tasks cover every row of every head.
+        unsafe { dst.set_len(bh * lq * d) };
+        Ok((CpuStorage::F32(dst), Shape::from((bh, lq, d))))
     }
 }
 
@@ -419,35 +379,6 @@ mod tests {
         let ours = attention(&q, &k, &v, scale)?;
         let want = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?.matmul(&v)?;
         assert!(rel_err(&ours, &want) < 1e-6);
-        Ok(())
-    }
-
-    /// Tokens with the heads side by side in their channels: the CPU kernel reads each head's
-    /// columns in place and must equal splitting the heads off, attending per head and merging
-    /// them; several sequences, tasks and key blocks.
-    #[test]
-    fn tokens_equal_split_heads() -> Result<()> {
-        let dev = Device::Cpu;
-        let (n, heads, lq, lk, d) = (2, 3, 300, 600, 8);
-        let c = heads * d;
-        let q = Tensor::randn(0f32, 1., (n, lq, c), &dev)?;
-        let k = Tensor::randn(0f32, 1., (n, lk, c), &dev)?;
-        let v = Tensor::randn(0f32, 1., (n, lk, c), &dev)?;
-        let scale = (d as f64).powf(-0.5);
-        let ours = attention_tokens(&q, &k, &v, heads, scale)?;
-        assert_eq!(ours.dims(), &[n, lq, c]);
-        let split = |t: &Tensor| t.reshape((n, t.dim(1)?, heads, d))?.transpose(1, 2)?.contiguous();
-        let (qs, ks, vs) = (split(&q)?, split(&k)?, split(&v)?);
-        let want = candle_nn::ops::softmax_last_dim(&(qs.matmul(&ks.t()?)? * scale)?)?
-            .matmul(&vs)?
-            .transpose(1, 2)?
-            .reshape((n, lq, c))?;
-        assert!(rel_err(&ours, &want) < 1e-6);
-        // the split path other devices take, and the head-split kernel: the same bits
-        let generic = crate::ops::with_generic_forms(|| attention_tokens(&q, &k, &v, heads, scale))?;
-        assert!(rel_err(&generic, &want) < 1e-6);
-        let per_head = attention(&qs, &ks, &vs, scale)?.transpose(1, 2)?.reshape((n, lq, c))?;
-        assert_eq!((&per_head - &ours)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         Ok(())
     }
 

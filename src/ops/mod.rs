@@ -24,8 +24,8 @@ pub(crate) mod resize;
 mod softmax;
 
 pub use attention::{
-    attention, attention_budget, attention_tokens, attention_with_budget, bytes_per_score, chunk_plan,
-    cpu_attention_kernel, cpu_task, set_attention_budget, ChunkPlan,
+    attention, attention_budget, attention_with_budget, bytes_per_score, chunk_plan, cpu_attention_kernel, cpu_task,
+    set_attention_budget, ChunkPlan,
 };
 pub use conv_transpose::ConvTranspose2d;
 pub use cuda::{attention_enabled as fused_cuda_attention, enabled as fused_cuda_kernels};
