@@ -151,16 +151,24 @@ fn product(a: &Operand, b: &Operand, (m, k, n): (usize, usize, usize), epi: &Epi
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
     let out = Out(dst.as_mut_ptr());
     let threads = rayon::current_num_threads().max(1);
-    // tiles along the larger output dimension, at least 16 rows or columns each
+    // tiles along the larger output dimension, at least 16 rows or columns each, and only
+    // tiles that gemm sums as it sums the whole product (see `gemm_general`), so that the
+    // numbers do not depend on the thread count
     let (along_rows, len) = if m >= n { (true, m) } else { (false, n) };
-    let tiles = threads.min(len.div_ceil(16)).max(1);
-    let per_tile = len.div_ceil(tiles);
-    (0..tiles).into_par_iter().for_each(|t| {
-        let start = t * per_tile;
-        let end = len.min(start + per_tile);
-        if start >= end {
-            return;
+    let general = |tiles: usize| {
+        let t = len / tiles; // the smallest tile
+        if along_rows {
+            gemm_general(t, n)
+        } else {
+            gemm_general(m, t)
         }
+    };
+    let mut tiles = threads.min(len.div_ceil(16)).max(1);
+    while tiles > 1 && !general(tiles) {
+        tiles -= 1;
+    }
+    (0..tiles).into_par_iter().for_each(|t| {
+        let (start, end) = (t * len / tiles, (t + 1) * len / tiles);
         let (rows, cols) = if along_rows {
             (start..end, 0..n)
         } else {
@@ -168,10 +176,11 @@ fn product(a: &Operand, b: &Operand, (m, k, n): (usize, usize, usize), epi: &Epi
         };
         // A tall tile in chunks of rows, so that each chunk's output stays in cache from its
         // bias through gemm's passes over k to the GELU (at least 512 rows, so that
-        // repacking `b` for each chunk costs a few per cent at most).
-        let chunk = (CHUNK_BYTES / (4 * cols.len().max(1))).max(512);
-        for first in rows.clone().step_by(chunk) {
-            let rows = first..rows.end.min(first + chunk);
+        // repacking `b` for each chunk costs a few per cent at most), all of about one size
+        // (none under 256 rows: gemm sums them as it sums the whole tile).
+        let chunks = rows.len().div_ceil((CHUNK_BYTES / (4 * cols.len().max(1))).max(512));
+        for c in 0..chunks {
+            let rows = rows.start + c * rows.len() / chunks..rows.start + (c + 1) * rows.len() / chunks;
             // SAFETY: `dst` has room for m * n elements; this chunk covers rows x cols of it,
             // which no other tile touches, and writes every element before `set_len` below.
             unsafe { product_chunk(out, a, b, (n, k), (rows, cols.clone()), epi) };
@@ -180,6 +189,16 @@ fn product(a: &Operand, b: &Operand, (m, k, n): (usize, usize, usize), epi: &Epi
     // SAFETY: every element was written by its tile.
     unsafe { dst.set_len(m * n) };
     dst
+}
+
+/// Whether gemm 0.19 multiplies an (m, n) output with its general, cache-blocked kernels,
+/// whose sums over k follow k alone (its blocks of k are set by k and the caches). Smaller
+/// outputs take paths that sum in other orders: a horizontal dot-product kernel up to 256
+/// elements, blocks of 512 along k up to 64 x 64, matrix-vector products for one row or
+/// column. So a tile of a general product must be general too, or the numbers would change
+/// with the tiles, which follow the thread count.
+fn gemm_general(m: usize, n: usize) -> bool {
+    m > 1 && n > 1 && m * n > 256 && (m > 64 || n > 64)
 }
 
 /// Output bytes per chunk of a tall tile: a few MiB, which the caches hold.
@@ -512,9 +531,37 @@ mod tests {
         let a = three.install(|| linear(&x, &w, None))?;
         let b = three.install(|| linear(&x, &w, None))?;
         assert_eq!(rel_err(&a, &b), 0.0);
-        // other tiles may block k differently: the same up to summation order
         let c = one.install(|| linear(&x, &w, None))?;
-        assert!(rel_err(&a, &c) < 1e-6);
+        assert_eq!(rel_err(&a, &c), 0.0);
+        Ok(())
+    }
+
+    /// Splitting a product into one tile per thread must not move a tile onto another of
+    /// gemm's paths: one row (the timestep mappers: gemm's matrix-vector product whole, its
+    /// horizontal kernel in halves), a short wide output with k over 512 (general whole, k in
+    /// blocks of 512 in 40 x 50 halves), tall tiles in chunks, and a product too small to split.
+    #[test]
+    fn the_same_bits_whatever_the_thread_count() -> Result<()> {
+        let dev = Device::Cpu;
+        for (m, k, n) in [
+            (1, 64, 512),
+            (40, 600, 100),
+            (129, 700, 64),
+            (20000, 600, 70),
+            (12, 900, 20),
+        ] {
+            let a = Tensor::randn(0f32, 1., (m, k), &dev)?;
+            let b = Tensor::randn(0f32, 1., (k, n), &dev)?;
+            let with = |threads: usize| -> Result<Vec<u32>> {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let c = pool.install(|| matmul(&a, &b))?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(c.iter().map(|v| v.to_bits()).collect())
+            };
+            let one = with(1)?;
+            for threads in [2, 3, 16] {
+                assert!(with(threads)? == one, "{m}x{k}x{n}: {threads} threads differ from 1");
+            }
+        }
         Ok(())
     }
 }
