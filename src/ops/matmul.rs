@@ -545,7 +545,8 @@ mod tests {
     /// Splitting a product into one tile per thread must not move a tile onto another of
     /// gemm's paths: one row (the timestep mappers: gemm's matrix-vector product whole, its
     /// horizontal kernel in halves), a short wide output with k over 512 (general whole, k in
-    /// blocks of 512 in 40 x 50 halves), tall tiles in chunks, and a product too small to split.
+    /// blocks of 512 in 40 x 50 halves), tall tiles in chunks, a product too small to split,
+    /// one whose halves take the short tiles' column-major path, and the prior's 72 rows.
     #[test]
     fn the_same_bits_whatever_the_thread_count() -> Result<()> {
         if super::super::blas::requested().is_some() {
@@ -558,6 +559,8 @@ mod tests {
             (129, 700, 64),
             (20000, 600, 70),
             (12, 900, 20),
+            (200, 300, 150),
+            (72, 1536, 3072),
         ] {
             let a = Tensor::randn(0f32, 1., (m, k), &dev)?;
             let b = Tensor::randn(0f32, 1., (k, n), &dev)?;
