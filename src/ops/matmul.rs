@@ -563,7 +563,8 @@ mod tests {
             (72, 1536, 3072),
         ] {
             let a = Tensor::randn(0f32, 1., (m, k), &dev)?;
-            let b = Tensor::randn(0f32, 1., (k, n), &dev)?;
+            // laid out as a linear layer's weight, (n, k)
+            let b = Tensor::randn(0f32, 1., (n, k), &dev)?.t()?;
             let with = |threads: usize| -> Result<Vec<u32>> {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let c = pool.install(|| matmul(&a, &b))?.flatten_all()?.to_vec1::<f32>()?;
