@@ -88,7 +88,10 @@ impl MapperMlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let then = ops::Then { add: None, gelu: true };
+        let then = ops::Then {
+            gelu: true,
+            ..Default::default()
+        };
         channel_norm(&self.project.forward(&self.expand.forward_then(x, then)?)?)
     }
 }

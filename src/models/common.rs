@@ -208,6 +208,7 @@ impl ResBlock {
             ops::Then {
                 add: skip_terms,
                 gelu: true,
+                residual: None,
             },
         )?;
         self.lin2.forward_then(
@@ -215,6 +216,7 @@ impl ResBlock {
             ops::Then {
                 add: Some(x),
                 gelu: false,
+                residual: None,
             },
         )
     }
@@ -249,10 +251,7 @@ impl TimestepBlock {
         for (i, mapper) in self.mappers.iter().enumerate().skip(1) {
             ab = (ab + mapper.forward(&r_embed.narrow(1, i * self.c_r, self.c_r)?)?)?;
         }
-        let n = ab.dim(0)?;
-        let a = ab.narrow(1, 0, self.c)?.reshape((n, 1, 1, self.c))?;
-        let b = ab.narrow(1, self.c, self.c)?.reshape((n, 1, 1, self.c))?;
-        x.broadcast_mul(&(a + 1.0)?)?.broadcast_add(&b)
+        ops::modulate(x, &ab.narrow(1, 0, self.c)?, &ab.narrow(1, self.c, self.c)?)
     }
 }
 
@@ -295,27 +294,32 @@ impl Attention {
     }
 
     /// `x`: (N, Lq, C) tokens attending to `[x, cond]` (`self_attn`) or to `cond` alone ->
-    /// (N, Lq, C). Equal to diffusers' `attention(x, encoder_hidden_states=cat([x, cond]))`
-    /// and `attention(x, encoder_hidden_states=cond)`.
-    pub fn forward(&self, x: &Tensor, cond: &CondKv, self_attn: bool) -> Result<Tensor> {
-        let (n, lq, c) = x.dims3()?;
-        let d = c / self.heads;
-        let heads = |t: Tensor| {
-            let l = t.dim(1)?;
-            t.reshape((n, l, self.heads, d))?.transpose(1, 2)?.contiguous()
-        };
-        let q = heads(self.to_q.forward(x)?)?;
+    /// `residual + attention`, (N, Lq, C). Equal to diffusers' `residual + attention(x,
+    /// encoder_hidden_states=cat([x, cond]))` and `residual + attention(x,
+    /// encoder_hidden_states=cond)`.
+    pub fn forward(&self, x: &Tensor, cond: &CondKv, self_attn: bool, residual: &Tensor) -> Result<Tensor> {
+        let d = x.dim(2)? / self.heads;
+        let q = ops::split_heads(&[&self.to_q.forward(x)?], self.heads)?;
         let (k, v) = if self_attn {
-            let k = Tensor::cat(&[&self.to_k.forward(x)?, &cond.k], 1)?;
-            (k, Tensor::cat(&[&self.to_v.forward(x)?, &cond.v], 1)?)
+            let (k, v) = (self.to_k.forward(x)?, self.to_v.forward(x)?);
+            (
+                ops::split_heads(&[&k, &cond.k], self.heads)?,
+                ops::split_heads(&[&v, &cond.v], self.heads)?,
+            )
         } else {
-            (cond.k.clone(), cond.v.clone())
+            (
+                ops::split_heads(&[&cond.k], self.heads)?,
+                ops::split_heads(&[&cond.v], self.heads)?,
+            )
         };
-        let (k, v) = (heads(k)?, heads(v)?);
-        let out = ops::attention(&q, &k, &v, (d as f64).powf(-0.5))?
-            .transpose(1, 2)?
-            .reshape((n, lq, c))?;
-        self.to_out.forward(&out)
+        let out = ops::merge_heads(&ops::attention(&q, &k, &v, (d as f64).powf(-0.5))?)?;
+        self.to_out.forward_then(
+            &out,
+            ops::Then {
+                residual: Some(residual),
+                ..Default::default()
+            },
+        )
     }
 }
 
@@ -352,10 +356,9 @@ impl AttnBlock {
     pub fn forward(&self, x: &Tensor, cond: &CondKv) -> Result<Tensor> {
         let (n, h, w, c) = x.dims4()?;
         let tokens = channel_norm(x)?.reshape((n, h * w, c))?;
-        x + self
-            .attention
-            .forward(&tokens, cond, self.self_attn)?
-            .reshape((n, h, w, c))?
+        self.attention
+            .forward(&tokens, cond, self.self_attn, &x.reshape((n, h * w, c))?)?
+            .reshape((n, h, w, c))
     }
 }
 

@@ -38,7 +38,10 @@ impl MixingResidualBlock {
         let t = channel_norm(x)?.affine(1.0 + g[0], g[1])?;
         let x = (x + (self.depthwise.forward(&t)? * g[2])?)?;
         let t = channel_norm(&x)?.affine(1.0 + g[3], g[4])?;
-        let gelu = crate::ops::Then { add: None, gelu: true };
+        let gelu = crate::ops::Then {
+            gelu: true,
+            ..Default::default()
+        };
         let mlp = self.lin2.forward(&self.lin1.forward_then(&t, gelu)?)?;
         x + (mlp * g[5])?
     }

@@ -47,32 +47,45 @@ fn grn<T: Float32>(x: &[T], gamma: &[T], beta: &[T], c: usize, n: usize) -> Vec<
     let per_image = x.len() / n.max(1);
     let gamma: Vec<f32> = gamma.iter().map(|v| v.f32()).collect();
     let beta: Vec<f32> = beta.iter().map(|v| v.f32()).collect();
-    // rows (pixels) per task, enough to amortise the scheduling
+    // rows (pixels) per task, enough to amortise the scheduling; every image's blocks in one
+    // parallel pass
     let rows = (16384 / c).max(1);
-    let mut out = vec![T::from_f32(0.0); x.len()];
-    for (img, dst) in x.chunks(per_image).zip(out.chunks_mut(per_image)) {
-        // partial sums per block of rows, added in block order: the same result whatever the
-        // thread count or scheduling (a parallel reduce would associate the sums differently
-        // from run to run, and the same seed must give the same image)
-        let partials: Vec<Vec<f32>> = img
-            .par_chunks(rows * c)
-            .map(|block| {
+    // partial sums per block of rows, added in block order: the same result whatever the
+    // thread count or scheduling (a parallel reduce would associate the sums differently
+    // from run to run, and the same seed must give the same image)
+    let partials: Vec<(usize, Vec<f32>)> = x
+        .par_chunks(per_image)
+        .enumerate()
+        .flat_map(|(i, img)| {
+            img.par_chunks(rows * c).map(move |block| {
                 let mut acc = vec![0f32; c];
                 add_squares(&mut acc, block);
-                acc
+                (i, acc)
             })
-            .collect();
-        let mut sumsq = vec![0f32; c];
-        for p in &partials {
+        })
+        .collect();
+    let mut stand = vec![0f32; n * c];
+    for (i, sumsq) in stand.chunks_exact_mut(c).enumerate() {
+        for (_, p) in partials.iter().filter(|(img, _)| *img == i) {
             sumsq.iter_mut().zip(p).for_each(|(s, v)| *s += v);
         }
-        let agg: Vec<f32> = sumsq.iter().map(|s| s.sqrt()).collect();
-        let mean = agg.iter().sum::<f32>() / c as f32;
-        let stand: Vec<f32> = agg.iter().map(|a| a / (mean + 1e-6)).collect();
-        dst.par_chunks_mut(rows * c)
-            .zip(img.par_chunks(rows * c))
-            .for_each(|(o, i)| respond(o, i, &stand, &gamma, &beta));
+        sumsq.iter_mut().for_each(|s| *s = s.sqrt());
+        let mean = sumsq.iter().sum::<f32>() / c as f32;
+        sumsq.iter_mut().for_each(|a| *a /= mean + 1e-6);
     }
+    let mut out: Vec<T> = Vec::with_capacity(x.len());
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(per_image)
+        .zip(x.par_chunks(per_image))
+        .zip(stand.par_chunks(c))
+        .flat_map(|((o, img), stand)| {
+            o.par_chunks_mut(rows * c)
+                .zip(img.par_chunks(rows * c))
+                .map(move |(o, i)| (o, i, stand))
+        })
+        .for_each(|(o, i, stand)| respond(o, i, stand, &gamma, &beta));
+    // SAFETY: `respond` wrote every element of the first x.len().
+    unsafe { out.set_len(x.len()) };
     out
 }
 
@@ -90,12 +103,12 @@ vectorized_fn! {
 
 vectorized_fn! {
     /// `out = gamma * (x * stand) + beta + x` per pixel (rows of `stand.len()` channels).
-    fn respond<T: Float32>(out: &mut [T], x: &[T], stand: &[f32], gamma: &[f32], beta: &[f32]) {
+    fn respond<T: Float32>(out: &mut [std::mem::MaybeUninit<T>], x: &[T], stand: &[f32], gamma: &[f32], beta: &[f32]) {
         let c = stand.len();
         for (o, i) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
             for ((((o, i), s), g), b) in o.iter_mut().zip(i).zip(stand).zip(gamma).zip(beta) {
                 let v = i.f32();
-                *o = T::from_f32(g * (v * s) + b + v);
+                o.write(T::from_f32(g * (v * s) + b + v));
             }
         }
     }

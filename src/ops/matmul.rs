@@ -27,11 +27,13 @@ pub struct Then<'a> {
     pub add: Option<&'a Tensor>,
     /// then the erf GELU
     pub gelu: bool,
+    /// then a term of the output's shape added last: a residual `x + f(x)`, in torch's order
+    pub residual: Option<&'a Tensor>,
 }
 
-/// `then(x @ w^T + bias)`: [`linear`] with a residual or skip term and a GELU fused in.
+/// `then(x @ w^T + bias)`: [`linear`] with a skip term, a GELU and a residual fused in.
 /// The CPU sums `(bias + add) + x w^T`, the other devices `(x w^T + bias) + add`: the same
-/// up to f32 rounding.
+/// up to f32 rounding. The residual is added last on every device, as torch adds it.
 pub fn linear_then(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, then: Then) -> Result<Tensor> {
     let dims = x.dims();
     let k = dims.last().copied().unwrap_or(1);
@@ -42,7 +44,7 @@ pub fn linear_then(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, then: Then) ->
         *last = n;
     }
     let x2 = x.reshape((rows, k))?;
-    let f32s = [Some(x), Some(w), bias, then.add]
+    let f32s = [Some(x), Some(w), bias, then.add, then.residual]
         .into_iter()
         .flatten()
         .all(|t| t.dtype() == DType::F32);
@@ -50,6 +52,7 @@ pub fn linear_then(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, then: Then) ->
         let op = Product {
             bias: bias.cloned(),
             gelu: then.gelu,
+            residual: then.residual.map(|r| r.reshape((rows, n))).transpose()?,
         };
         let wt = w.t()?;
         let y = match then.add {
@@ -69,6 +72,9 @@ pub fn linear_then(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, then: Then) ->
     if then.gelu {
         y = super::gelu_erf(&y)?;
     }
+    if let Some(residual) = then.residual {
+        y = (residual + y)?;
+    }
     Ok(y)
 }
 
@@ -84,11 +90,12 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// The product as a custom op: (a, b) or (a, b, add), 2-D operands with any strides, plus
-/// the bias and the GELU of [`Then`].
+/// the bias, the GELU and the residual of [`Then`].
 #[derive(Default)]
 struct Product {
     bias: Option<Tensor>,
     gelu: bool,
+    residual: Option<Tensor>,
 }
 
 /// A 2-D operand: its elements from the storage offset on, and its row and column strides.
@@ -139,14 +146,15 @@ impl Out {
 }
 
 /// How each output tile starts and ends: `bias` (n) and `add` (m, n, contiguous) summed into
-/// it before the product is added, then the GELU.
+/// it before the product is added, then the GELU, then `residual` (m, n, contiguous) added.
 struct Epilogue<'a> {
     bias: Option<&'a [f32]>,
     add: Option<&'a [f32]>,
     gelu: bool,
+    residual: Option<&'a [f32]>,
 }
 
-/// `gelu((bias + add) + a @ b)` into a new (m, n) row-major buffer.
+/// `residual + gelu((bias + add) + a @ b)` into a new (m, n) row-major buffer.
 fn product(a: &Operand, b: &Operand, (m, k, n): (usize, usize, usize), epi: &Epilogue) -> Vec<f32> {
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
     let out = Out(dst.as_mut_ptr());
@@ -280,6 +288,12 @@ unsafe fn product_chunk(
     if epi.gelu {
         (0..m).for_each(|r| super::gelu::gelu_in_place(row(r)));
     }
+    if let Some(residual) = epi.residual {
+        for r in 0..m {
+            let res = &residual[(rows.start + r) * n..][cols.clone()];
+            row(r).iter_mut().zip(res).for_each(|(o, x)| *o = x + *o);
+        }
+    }
 }
 
 /// One single-threaded product `dst (m, n) (+)= a @ b`, `dst` at row and column strides
@@ -387,24 +401,23 @@ impl Product {
             Some((s, l)) => candle_core::bail!("matmul: added term {:?} {:?} for ({m}, {n})", s.dtype(), l.dims()),
             None => None,
         };
-        let bias = match &self.bias {
-            Some(b) => Some(b.contiguous()?),
-            None => None,
-        };
-        let guard = bias.as_ref().map(|b| b.storage_and_layout());
-        let bias = match &guard {
+        let contiguous = |t: &Option<Tensor>| t.as_ref().map(|t| t.contiguous()).transpose();
+        let (bias, residual) = (contiguous(&self.bias)?, contiguous(&self.residual)?);
+        let guards = [&bias, &residual].map(|t| t.as_ref().map(|t| t.storage_and_layout()));
+        let f32s = |at: usize, len: usize, what: &str| match &guards[at] {
             Some((guard, l)) => match &**guard {
-                candle_core::Storage::Cpu(CpuStorage::F32(data)) if l.shape().elem_count() == n => {
-                    Some(super::slice_of(data, l)?)
+                candle_core::Storage::Cpu(CpuStorage::F32(data)) if l.shape().elem_count() == len => {
+                    super::slice_of(data, l).map(Some)
                 }
-                _ => candle_core::bail!("matmul: the bias is not {n} f32 values on the CPU"),
+                _ => candle_core::bail!("matmul: the {what} is not {len} f32 values on the CPU"),
             },
-            None => None,
+            None => Ok(None),
         };
         let epi = Epilogue {
-            bias,
+            bias: f32s(0, n, "bias")?,
             add,
             gelu: self.gelu,
+            residual: f32s(1, m * n, "residual")?,
         };
         let out = product(&a, &b, (m, k, n), &epi);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
@@ -479,10 +492,12 @@ mod tests {
             let b = Tensor::randn(0f32, 1., n, &dev)?;
             let add = Tensor::randn(0f32, 1., (2, m / 2, n), &dev)?;
             let plain = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
-            for (bias, add, gelu) in [
-                (Some(&b), Some(&add), true),
-                (None, Some(&add), false),
-                (Some(&b), None, true),
+            let res = Tensor::randn(0f32, 1., (2, m / 2, n), &dev)?;
+            for (bias, add, gelu, residual) in [
+                (Some(&b), Some(&add), true, None),
+                (None, Some(&add), false, Some(&res)),
+                (Some(&b), None, true, None),
+                (Some(&b), None, false, Some(&res)),
             ] {
                 let mut want = match bias {
                     Some(_) => plain.clone(),
@@ -494,8 +509,26 @@ mod tests {
                 if gelu {
                     want = want.gelu_erf()?;
                 }
-                let got = linear_then(&x, &w, bias, Then { add, gelu })?;
+                if let Some(residual) = residual {
+                    want = (residual + want)?;
+                }
+                let got = linear_then(&x, &w, bias, Then { add, gelu, residual })?;
                 assert_eq!(got.dims(), want.dims());
+                if let Some(residual) = residual {
+                    // added last, as the separate add would: the same bits
+                    let without = linear_then(
+                        &x,
+                        &w,
+                        bias,
+                        Then {
+                            add,
+                            gelu,
+                            residual: None,
+                        },
+                    )?;
+                    let separate = (residual + without)?.flatten_all()?.to_vec1::<f32>()?;
+                    assert_eq!(got.flatten_all()?.to_vec1::<f32>()?, separate);
+                }
                 let err = rel_err(&got, &want);
                 assert!(
                     err < 1e-6,
