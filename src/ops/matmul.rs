@@ -291,7 +291,7 @@ unsafe fn product_chunk(
     if let Some(residual) = epi.residual {
         for r in 0..m {
             let res = &residual[(rows.start + r) * n..][cols.clone()];
-            row(r).iter_mut().zip(res).for_each(|(o, x)| *o = x + *o);
+            row(r).iter_mut().zip(res).for_each(|(o, x)| *o += x);
         }
     }
 }
