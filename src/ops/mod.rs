@@ -2,7 +2,9 @@
 //! pass (candle runs grouped convolutions as one convolution per group), a layer norm with
 //! two-pass float32 statistics, a vectorised multi-threaded GELU, f32 matrix products tiled
 //! one per thread with fused epilogues (each tile through the `gemm` crate, or on request a
-//! system CBLAS library: [`blas`]), and torch's antialiased bicubic resize.
+//! system CBLAS library: [`blas`]), torch's antialiased bicubic resize, and the copies and
+//! elementwise passes of the attention and timestep blocks on rayon's threads (candle copies
+//! on one thread and runs its elementwise ops on a pool of its own).
 //!
 //! Each op has a fast CPU kernel (candle custom op) and a device-generic form built from
 //! candle tensor ops, used on other devices; tests and `wuerstchen selftest` check that the
