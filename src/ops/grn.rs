@@ -53,20 +53,21 @@ fn grn<T: Float32>(x: &[T], gamma: &[T], beta: &[T], c: usize, n: usize) -> Vec<
     // partial sums per block of rows, added in block order: the same result whatever the
     // thread count or scheduling (a parallel reduce would associate the sums differently
     // from run to run, and the same seed must give the same image)
-    let partials: Vec<(usize, Vec<f32>)> = x
+    let partials: Vec<Vec<f32>> = x
         .par_chunks(per_image)
-        .enumerate()
-        .flat_map(|(i, img)| {
-            img.par_chunks(rows * c).map(move |block| {
+        .flat_map(|img| {
+            img.par_chunks(rows * c).map(|block| {
                 let mut acc = vec![0f32; c];
                 add_squares(&mut acc, block);
-                (i, acc)
+                acc
             })
         })
         .collect();
+    // the partials come in image order, the same number of blocks for each image
+    let blocks_per_image = per_image.div_ceil(rows * c);
     let mut stand = vec![0f32; n * c];
-    for (i, sumsq) in stand.chunks_exact_mut(c).enumerate() {
-        for (_, p) in partials.iter().filter(|(img, _)| *img == i) {
+    for (sumsq, image_partials) in stand.chunks_exact_mut(c).zip(partials.chunks(blocks_per_image)) {
+        for p in image_partials {
             sumsq.iter_mut().zip(p).for_each(|(s, v)| *s += v);
         }
         sumsq.iter_mut().for_each(|s| *s = s.sqrt());
