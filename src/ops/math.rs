@@ -7,9 +7,17 @@ pub(crate) fn has_avx2_fma() -> bool {
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
-/// Defines a function whose body runs compiled for AVX2 and FMA where the CPU has them, else
-/// as it is. The crate is built for baseline x86-64 (SSE2, four lanes), so the loops the
-/// compiler vectorises in the body get twice the lanes where AVX2 is at hand. Everything the
+/// Whether the CPU has AVX-512F besides AVX2 and FMA (checked once).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| has_avx2_fma() && is_x86_feature_detected!("avx512f"))
+}
+
+/// Defines a function whose body runs compiled for AVX-512 where the CPU has it, else for AVX2
+/// and FMA where it has those, else as it is. The crate is built for baseline x86-64 (SSE2,
+/// four lanes), so the loops the compiler vectorises in the body get two or four times the
+/// lanes where the wider units are at hand. Everything the
 /// body calls must inline into it (`#[inline(always)]` helpers, plain loops rather than
 /// closures), or it runs at the baseline. The same numbers either way: Rust never fuses a
 /// separate multiply and add into an FMA, an explicit `mul_add` is exactly rounded on both
@@ -26,6 +34,15 @@ macro_rules! vectorized_fn {
         $vis fn $name $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn body $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            if $crate::ops::math::has_avx512() {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512 $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
+                    body $(::<$($g),+>)? ($($arg),*)
+                }
+                // SAFETY: the CPU has all three features.
+                return unsafe { avx512 $(::<$($g),+>)? ($($arg),*) };
+            }
             #[cfg(target_arch = "x86_64")]
             if $crate::ops::math::has_avx2_fma() {
                 #[target_feature(enable = "avx2,fma")]
