@@ -14,6 +14,19 @@ pub(crate) fn has_avx512() -> bool {
     *HAS.get_or_init(|| has_avx2_fma() && is_x86_feature_detected!("avx512f"))
 }
 
+/// Whether `vectorized_fn!` may run its body compiled for `tier` (2: AVX-512, 1: AVX2 and
+/// FMA). Always, except in unit tests, which lower the cap on a thread to compare the bodies.
+#[inline(always)]
+pub(crate) fn tier_allowed(tier: u8) -> bool {
+    #[cfg(test)]
+    return tests::WIDEST.with(|w| w.get() >= tier);
+    #[cfg(not(test))]
+    {
+        let _ = tier;
+        true
+    }
+}
+
 /// Defines a function whose body runs compiled for AVX-512 where the CPU has it, else for AVX2
 /// and FMA where it has those, else as it is. The crate is built for baseline x86-64 (SSE2,
 /// four lanes), so the loops the compiler vectorises in the body get two or four times the
@@ -35,7 +48,7 @@ macro_rules! vectorized_fn {
             #[inline(always)]
             fn body $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
-            if $crate::ops::math::has_avx512() {
+            if $crate::ops::math::has_avx512() && $crate::ops::math::tier_allowed(2) {
                 #[target_feature(enable = "avx512f,avx2,fma")]
                 unsafe fn avx512 $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
                     body $(::<$($g),+>)? ($($arg),*)
@@ -44,7 +57,7 @@ macro_rules! vectorized_fn {
                 return unsafe { avx512 $(::<$($g),+>)? ($($arg),*) };
             }
             #[cfg(target_arch = "x86_64")]
-            if $crate::ops::math::has_avx2_fma() {
+            if $crate::ops::math::has_avx2_fma() && $crate::ops::math::tier_allowed(1) {
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2 $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
                     body $(::<$($g),+>)? ($($arg),*)
@@ -85,8 +98,71 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use candle_core::{Device, Result, Tensor};
+
+    thread_local! {
+        /// The widest body `vectorized_fn!` may pick on this thread (see [`tier_allowed`]).
+        pub(crate) static WIDEST: std::cell::Cell<u8> = const { std::cell::Cell::new(2) };
+    }
+
+    /// Each kernel written with `vectorized_fn!`, run with its baseline, AVX2 and AVX-512
+    /// bodies (those this CPU has) on a one-thread pool whose thread is capped: the same bits.
+    #[test]
+    fn every_body_gives_the_same_bits() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 1., (2, 9, 11, 40), &dev)? * 3.0)?;
+        let c = Tensor::randn(0f32, 1., 40, &dev)?;
+        let c2 = Tensor::randn(0f32, 1., 40, &dev)?;
+        let taps = Tensor::randn(0f32, 1., (3, 3, 40), &dev)?;
+        let per_image = Tensor::randn(0f32, 1., (2, 40), &dev)?;
+        let w = Tensor::randn(0f32, 1., (24, 40), &dev)?;
+        let kernels = |x: &Tensor| -> Result<Vec<Tensor>> {
+            Ok(vec![
+                crate::ops::gelu_erf(x)?,
+                crate::ops::scaled_softmax_last_dim(x, 0.3)?,
+                crate::ops::layer_norm(x, 1e-6, Some((&c, &c2)))?,
+                crate::ops::global_response_norm(x, &c, &c2)?,
+                crate::ops::depthwise_conv2d(x, &taps, &c, crate::ops::Padding::Zeros)?,
+                crate::ops::modulate(x, &per_image, &c2.broadcast_as((2, 40))?.contiguous()?)?,
+                crate::ops::gelu_erf(&x.to_dtype(candle_core::DType::BF16)?)?,
+                crate::ops::layer_norm(&x.to_dtype(candle_core::DType::BF16)?, 1e-6, None)?,
+                crate::ops::linear_then(
+                    x,
+                    &w,
+                    None,
+                    crate::ops::Then {
+                        gelu: true,
+                        ..Default::default()
+                    },
+                )?,
+            ])
+        };
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let run = |tier: u8| -> Result<Vec<Vec<u32>>> {
+            pool.install(|| {
+                WIDEST.with(|w| w.set(tier));
+                let out = kernels(&x)?
+                    .iter()
+                    .map(|t| {
+                        let values = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        Ok(values.iter().map(|v| v.to_bits()).collect())
+                    })
+                    .collect::<Result<Vec<Vec<u32>>>>();
+                WIDEST.with(|w| w.set(2));
+                out
+            })
+        };
+        let widest = run(2)?;
+        for tier in [1, 0] {
+            let got = run(tier)?;
+            for (i, (a, b)) in widest.iter().zip(&got).enumerate() {
+                assert!(a == b, "kernel {i}: the body of tier {tier} differs from the widest");
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn exp_is_accurate_on_its_range() {
