@@ -1,30 +1,24 @@
 //! Branch-free f32 math that the compiler vectorises (no libm calls in the loop).
 
-/// Whether the CPU has AVX2 and FMA (checked once).
+/// The widest body `vectorized_fn!` runs on this CPU (checked once): 2 compiled for AVX-512F
+/// (with AVX2 and FMA), 1 for AVX2 and FMA, 0 as it is. Unit tests cap it per thread to
+/// compare the bodies.
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn has_avx2_fma() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
-
-/// Whether the CPU has AVX-512F besides AVX2 and FMA (checked once).
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn has_avx512() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| has_avx2_fma() && is_x86_feature_detected!("avx512f"))
-}
-
-/// Whether `vectorized_fn!` may run its body compiled for `tier` (2: AVX-512, 1: AVX2 and
-/// FMA). Always, except in unit tests, which lower the cap on a thread to compare the bodies.
-#[inline(always)]
-pub(crate) fn tier_allowed(tier: u8) -> bool {
+pub(crate) fn widest_tier() -> u8 {
+    static TIER: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    let tier = *TIER.get_or_init(|| {
+        match (
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            is_x86_feature_detected!("avx512f"),
+        ) {
+            (true, true) => 2,
+            (true, false) => 1,
+            (false, _) => 0,
+        }
+    });
     #[cfg(test)]
-    return tests::WIDEST.with(|w| w.get() >= tier);
-    #[cfg(not(test))]
-    {
-        let _ = tier;
-        true
-    }
+    let tier = tier.min(tests::WIDEST.with(|w| w.get()));
+    tier
 }
 
 /// Defines a function whose body runs compiled for AVX-512 where the CPU has it, else for AVX2
@@ -48,22 +42,24 @@ macro_rules! vectorized_fn {
             #[inline(always)]
             fn body $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
-            if $crate::ops::math::has_avx512() && $crate::ops::math::tier_allowed(2) {
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                unsafe fn avx512 $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
-                    body $(::<$($g),+>)? ($($arg),*)
+            {
+                let tier = $crate::ops::math::widest_tier();
+                if tier >= 2 {
+                    #[target_feature(enable = "avx512f,avx2,fma")]
+                    unsafe fn avx512 $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
+                        body $(::<$($g),+>)? ($($arg),*)
+                    }
+                    // SAFETY: the CPU has all three features.
+                    return unsafe { avx512 $(::<$($g),+>)? ($($arg),*) };
                 }
-                // SAFETY: the CPU has all three features.
-                return unsafe { avx512 $(::<$($g),+>)? ($($arg),*) };
-            }
-            #[cfg(target_arch = "x86_64")]
-            if $crate::ops::math::has_avx2_fma() && $crate::ops::math::tier_allowed(1) {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2 $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
-                    body $(::<$($g),+>)? ($($arg),*)
+                if tier >= 1 {
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn avx2 $(<$($g: $bound),+>)? ($($arg: $ty),*) $(-> $ret)? {
+                        body $(::<$($g),+>)? ($($arg),*)
+                    }
+                    // SAFETY: the CPU has both features.
+                    return unsafe { avx2 $(::<$($g),+>)? ($($arg),*) };
                 }
-                // SAFETY: the CPU has both features.
-                return unsafe { avx2 $(::<$($g),+>)? ($($arg),*) };
             }
             body $(::<$($g),+>)? ($($arg),*)
         }
@@ -103,7 +99,7 @@ pub(crate) mod tests {
     use candle_core::{Device, Result, Tensor};
 
     thread_local! {
-        /// The widest body `vectorized_fn!` may pick on this thread (see [`tier_allowed`]).
+        /// The widest body `vectorized_fn!` may pick on this thread (see `widest_tier`).
         pub(crate) static WIDEST: std::cell::Cell<u8> = const { std::cell::Cell::new(2) };
     }
 
@@ -143,15 +139,13 @@ pub(crate) mod tests {
         let run = |tier: u8| -> Result<Vec<Vec<u32>>> {
             pool.install(|| {
                 WIDEST.with(|w| w.set(tier));
-                let out = kernels(&x)?
+                kernels(&x)?
                     .iter()
                     .map(|t| {
                         let values = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                         Ok(values.iter().map(|v| v.to_bits()).collect())
                     })
-                    .collect::<Result<Vec<Vec<u32>>>>();
-                WIDEST.with(|w| w.set(2));
-                out
+                    .collect()
             })
         };
         let widest = run(2)?;
