@@ -91,6 +91,25 @@ pub fn is_mapped(ptr: *mut u8) -> bool {
     slot_of(ptr).is_some()
 }
 
+/// Drops the pages that `len` bytes at `ptr` span from this process (`MADV_DONTNEED`) where
+/// they lie in a registered mapping: for a tensor kept in its mapping but served by a copy in
+/// another layout. Safe for any page of a mapping, as [`Mapping::release`]: a read-only file
+/// page read again faults back in with the same bytes.
+pub fn release_pages(ptr: *const u8, len: usize) {
+    if len == 0 || slot_of(ptr as *mut u8).is_none() {
+        return;
+    }
+    #[cfg(unix)]
+    // SAFETY: the pages lie in a read-only, file-backed mapping (checked above; mappings
+    // start on a page and their last page is whole); see the function's docs.
+    unsafe {
+        let page = libc::sysconf(libc::_SC_PAGESIZE).max(1) as usize;
+        let start = ptr as usize / page * page;
+        let end = (ptr as usize + len).div_ceil(page) * page;
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+    }
+}
+
 /// One owner of slot `i` is gone; the last one unmaps it and frees the slot.
 fn release(i: usize) {
     let slot = &REGISTRY[i];
@@ -295,6 +314,11 @@ mod tests {
         assert_eq!(a.as_ptr() as usize, start, "not a copy");
         assert_eq!(REGISTRY[slot].owners.load(Ordering::Acquire), 3);
         assert!(map.vec::<f32>(1..5).is_none(), "misaligned");
+        // dropping the pages of a vector in the mapping keeps its values
+        release_pages(b.as_ptr().cast(), 400);
+        release_pages(a.as_ptr().cast(), 4096 * 4);
+        assert_eq!(a, values);
+        assert_eq!(b[..], values[100..200]);
         drop(map);
         drop(a);
         assert_eq!(REGISTRY[slot].owners.load(Ordering::Acquire), 1);

@@ -13,13 +13,16 @@ pub const NORM_EPS: f64 = 1e-6;
 /// `nn.Linear` on the last dimension of a tensor of any rank, as one matrix product.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: ops::LinearWeight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight: ops::LinearWeight::new(weight),
+            bias,
+        }
     }
 
     /// `nn.Linear(c_in, c_out)` at `vb` (keys `weight`, `bias`).
@@ -48,20 +51,20 @@ impl Linear {
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dim(0).unwrap_or(0)
+        self.weight.stored().dim(0).unwrap_or(0)
     }
 }
 
 impl Linear {
     /// `then(self(x))`: a term added and a GELU applied in the product's pass.
     pub fn forward_then(&self, x: &Tensor, then: ops::Then) -> Result<Tensor> {
-        ops::linear_then(x, &self.weight, self.bias.as_ref(), then)
+        ops::linear_then(x, self.weight.for_input(x)?, self.bias.as_ref(), then)
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref())
+        ops::linear(x, self.weight.for_input(x)?, self.bias.as_ref())
     }
 }
 

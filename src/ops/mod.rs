@@ -38,7 +38,7 @@ pub use depthwise::{depthwise_conv2d, DepthwiseConv, Padding};
 pub use gelu::gelu_erf;
 pub use grn::{global_response_norm, global_response_norm_generic};
 pub use heads::{merge_heads, split_heads};
-pub use matmul::{linear, linear_then, matmul, Then};
+pub use matmul::{linear, linear_then, matmul, LinearWeight, Then};
 pub use modulate::modulate;
 pub use softmax::scaled_softmax_last_dim;
 
