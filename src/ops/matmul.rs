@@ -88,9 +88,9 @@ impl LinearWeight {
 
 /// The products whose weight [`LinearWeight`] copies into columns: shorter ones read the stored
 /// rows as they lie already (see [`product_chunk`]); taller ones repack the weight for 512 rows
-/// or more (see [`product`]'s chunks), which amortises it. Published sizes at 256x256 (2
-/// threads, decoder stage, two alternated pairs): copies from 128 rows on, 5.33, 5.01 s against
-/// 4.95, 4.56 s before; copies below 512 rows only, 4.53, 4.52 s against 4.85, 4.85 s.
+/// or more (see [`product`]'s chunks), which amortises it. The published decoder at 256x256
+/// (2 threads) took 0.3-0.5 s longer with copies from 128 rows up (its level 0's 1024-row
+/// products); with copies below 512 rows only, as long as before within the noise.
 const COLUMN_MAJOR_ROWS: std::ops::Range<usize> = SHORT_TILE_ROWS..512;
 
 /// Rows of the output per task of [`column_major`]'s copy.
