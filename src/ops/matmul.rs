@@ -20,13 +20,13 @@ use rayon::prelude::*;
 /// in columns; the stored rows it repacks element by element on every call, on each thread
 /// for its tile (and for each chunk of a tall tile). In columns it reads the weight as it lies.
 /// Measured on the mid-size model's products in the pipeline (288 rows, 2 threads):
-/// 270-290 -> 355-400 GFLOP/s.
+/// 267-286 -> 355-400 GFLOP/s.
 ///
 /// The copy costs about a pass over fresh memory, so it is made only where it pays: by a
 /// weight's second product (a sampling step, a second prompt) with rows in
 /// [`COLUMN_MAJOR_ROWS`]. A layer used once per image (the text encoders, the VQGAN) makes no
 /// copy for one image: on the published sizes at 256x256 copies at first use took 4-6 s more
-/// per image, for the text encoders alone. Once the copy exists, every product reads it, and
+/// per image, most of it copying the text encoders' weights. Once the copy exists, every product reads it, and
 /// the stored weight's pages in its file's mapping are dropped from the process (they fault
 /// back in if read).
 #[derive(Debug)]
@@ -110,7 +110,7 @@ fn column_major(w: &Tensor) -> Result<Tensor> {
         let src = &data[layout.start_offset()..];
         let mut out: Vec<f32> = Vec::with_capacity(k * n);
         out.spare_capacity_mut()[..k * n]
-            .par_chunks_mut(TRANSPOSE_ROWS * n)
+            .par_chunks_mut((TRANSPOSE_ROWS * n).max(1))
             .enumerate()
             .for_each(|(t, rows)| {
                 let p0 = t * TRANSPOSE_ROWS;
