@@ -26,9 +26,9 @@ use rayon::prelude::*;
 /// weight's second product (a sampling step, a second prompt) with rows in
 /// [`COLUMN_MAJOR_ROWS`]. A layer used once per image (the text encoders, the VQGAN) makes no
 /// copy for one image: on the published sizes at 256x256 copies at first use took 4-6 s more
-/// per image, most of it copying the text encoders' weights. Once the copy exists, every product reads it, and
-/// the stored weight's pages in its file's mapping are dropped from the process (they fault
-/// back in if read).
+/// per image, most of it copying the text encoders' weights. Once the copy exists, every
+/// product reads it, and the stored weight's pages in its file's mapping are dropped from the
+/// process (they fault back in if read).
 #[derive(Debug)]
 pub struct LinearWeight {
     stored: Tensor,
