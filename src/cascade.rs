@@ -29,8 +29,8 @@ use crate::models::cascade::{CascadeInputs, StableCascadeUNet};
 use crate::models::clip::ClipVisionModel;
 use crate::models::PaellaVqDecoder;
 use crate::pipeline::{
-    decode_images, leader, locate, prior_latent_size, read_stage_files, sample, scale_latent, single, split_finite,
-    BatchNoise, Component, DecoderParams, PriorParams, Runtime, TextEncoder,
+    by_halves, decode_images, leader, locate, prior_latent_size, read_stage_files, sample, scale_latent, single,
+    split_finite, BatchNoise, Component, DecoderParams, PriorParams, Runtime, TextEncoder,
 };
 use crate::progress::Progress;
 use crate::rng::NoiseSource;
@@ -354,7 +354,7 @@ impl CascadePriorPipeline {
             &mut noise,
             progress,
             "prior",
-            |x, r| Ok(self.prior.forward(x, r, &cond)?),
+            |x, r| by_halves(x, r, &cond, |x, r, cond| self.prior.forward(x, r, cond)),
         )?;
         let counts = noise.counts();
         // the negative prompts' rows follow all the prompts' rows
@@ -584,7 +584,7 @@ impl CascadeDecoderPipeline {
             &mut noise,
             progress,
             "decoder",
-            |x, r| Ok(self.decoder.forward(x, r, &cond)?),
+            |x, r| by_halves(x, r, &cond, |x, r, cond| self.decoder.forward(x, r, cond)),
         )?;
         decode_images(&self.vqgan, latents, &counts, rt, progress)
     }

@@ -12,7 +12,7 @@ use crate::config::{
     VqganConfig,
 };
 use crate::hub::FileSource;
-use crate::models::{ClipTextModel, PaellaVqDecoder, WuerstchenDiffNeXt, WuerstchenPrior};
+use crate::models::{BatchConditioning, ClipTextModel, PaellaVqDecoder, WuerstchenDiffNeXt, WuerstchenPrior};
 use crate::progress::Progress;
 use crate::rng::NoiseSource;
 use crate::scheduler::{self, DdpmWuerstchen};
@@ -301,6 +301,20 @@ pub(crate) fn sample(
     Ok(latents)
 }
 
+/// A network's step `forward(x, r, cond)` over a batch, on its halves at once where
+/// [`crate::ops::split_batch`] splits it.
+pub(crate) fn by_halves<C: BatchConditioning>(
+    x: &Tensor,
+    r: &Tensor,
+    cond: &C,
+    forward: impl Fn(&Tensor, &Tensor, &C) -> candle_core::Result<Tensor> + Sync,
+) -> Result<Tensor> {
+    Ok(crate::ops::split_batch(x, |start, len| {
+        let (x, r) = (x.narrow(0, start, len)?, r.narrow(0, start, len)?);
+        forward(&x, &r, &cond.narrow(start, len)?)
+    })?)
+}
+
 /// What the prior stage needs to know about one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PriorParams {
@@ -485,7 +499,7 @@ impl PriorPipeline {
             &mut noise,
             progress,
             "prior",
-            |x, r| Ok(self.prior.forward(x, r, &cond)?),
+            |x, r| by_halves(x, r, &cond, |x, r, cond| self.prior.forward(x, r, cond)),
         )?;
         let embeddings = latents.affine(self.config.latent_mean, -self.config.latent_std)?;
         split_finite(&embeddings, &noise.counts(), "prior")
@@ -681,7 +695,7 @@ impl DecoderPipeline {
             &mut noise,
             progress,
             "decoder",
-            |x, r| Ok(self.decoder.forward(x, r, &cond)?),
+            |x, r| by_halves(x, r, &cond, |x, r, cond| self.decoder.forward(x, r, cond)),
         )?;
         decode_images(&self.vqgan, latents, &counts, rt, progress)
     }
@@ -700,7 +714,8 @@ pub(crate) fn decode_images(
     let finite = split_finite(&latents, counts, "decoder")?;
     progress.start("vqgan", 1);
     let latents = (latents * vqgan.scale_factor())?.to_dtype(rt.dtype)?;
-    let images = crate::ops::on_cpu_workers(&rt.device, || vqgan.decode(&latents))?
+    let decode = || crate::ops::split_batch(&latents, |start, len| vqgan.decode(&latents.narrow(0, start, len)?));
+    let images = crate::ops::on_cpu_workers(&rt.device, decode)?
         .to_dtype(DType::F32)?
         .clamp(0f32, 1f32)?;
     progress.step();

@@ -106,6 +106,25 @@ pub struct CascadeCond {
     embedding_term: Option<Tensor>,
 }
 
+impl super::BatchConditioning for CascadeCond {
+    fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        let attn_kv = self
+            .attn_kv
+            .iter()
+            .map(|level| level.iter().map(|kv| kv.narrow(start, len)).collect())
+            .collect::<Result<_>>()?;
+        let embedding_term = self
+            .embedding_term
+            .as_ref()
+            .map(|t| t.narrow(0, start, len))
+            .transpose()?;
+        Ok(Self {
+            attn_kv,
+            embedding_term,
+        })
+    }
+}
+
 /// The conditioning inputs of one forward pass, NCHW / (N, L, C) as diffusers takes them.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CascadeInputs<'a> {
@@ -436,6 +455,35 @@ mod tests {
             got.dims(),
             want.dims()
         );
+        // each image alone gets the numbers it gets in the batch (what `split_batch` relies
+        // on); a BLAS library's sums follow each call's shape (`WUERSTCHEN_BLAS`)
+        let images = if crate::ops::blas::requested().is_some() {
+            0
+        } else {
+            sample.dim(0)?
+        };
+        for i in 0..images {
+            let one = |t: Option<&Tensor>| t.map(|t| t.narrow(0, i, 1)).transpose();
+            let (pooled, text, img, effnet) = (
+                one(inputs.clip_text_pooled)?,
+                one(inputs.clip_text)?,
+                one(inputs.clip_img)?,
+                one(inputs.effnet)?,
+            );
+            let alone = CascadeInputs {
+                clip_text_pooled: pooled.as_ref(),
+                clip_text: text.as_ref(),
+                clip_img: img.as_ref(),
+                effnet: effnet.as_ref(),
+            };
+            let cond = model.condition(&alone, (h, w))?;
+            let alone = model.forward(&sample.narrow(0, i, 1)?, &t["timestep_ratio"].narrow(0, i, 1)?, &cond)?;
+            let (a, b) = (
+                alone.flatten_all()?.to_vec1::<f32>()?,
+                got.get(i)?.flatten_all()?.to_vec1::<f32>()?,
+            );
+            anyhow::ensure!(a == b, "image {i} alone differs from image {i} in the batch");
+        }
         let err = (&got - want)?.sqr()?.sum_all()?.to_scalar::<f32>()? / want.sqr()?.sum_all()?.to_scalar::<f32>()?;
         Ok(f64::from(err.sqrt()))
     }

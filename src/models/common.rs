@@ -278,6 +278,16 @@ pub struct CondKv {
     v: Tensor,
 }
 
+impl CondKv {
+    /// Images `start..start + len` of the batch.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            k: self.k.narrow(0, start, len)?,
+            v: self.v.narrow(0, start, len)?,
+        })
+    }
+}
+
 impl Attention {
     pub fn load(c: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {

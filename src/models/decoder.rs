@@ -54,6 +54,27 @@ pub struct DecoderCond {
     attn_kv: Vec<Vec<CondKv>>,
 }
 
+impl super::BatchConditioning for DecoderCond {
+    fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        let effnet_terms = self
+            .effnet_terms
+            .iter()
+            .map(|level| {
+                level
+                    .iter()
+                    .map(|t| t.as_ref().map(|t| t.narrow(0, start, len)).transpose())
+                    .collect()
+            })
+            .collect::<Result<_>>()?;
+        let attn_kv = self
+            .attn_kv
+            .iter()
+            .map(|level| level.iter().map(|kv| kv.narrow(start, len)).collect())
+            .collect::<Result<_>>()?;
+        Ok(Self { effnet_terms, attn_kv })
+    }
+}
+
 fn load_level(
     cfg: &DecoderConfig,
     i: usize,

@@ -32,6 +32,17 @@ pub struct PriorCond {
     per_block: Vec<CondKv>,
 }
 
+impl super::BatchConditioning for PriorCond {
+    fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        let per_block = self
+            .per_block
+            .iter()
+            .map(|kv| kv.narrow(start, len))
+            .collect::<Result<_>>()?;
+        Ok(Self { per_block })
+    }
+}
+
 impl WuerstchenPrior {
     pub fn new(cfg: &PriorConfig, vb: VarBuilder) -> Result<Self> {
         let c = cfg.c;

@@ -276,7 +276,18 @@ struct Epilogue<'a> {
 }
 
 /// `residual + gelu((bias + add) + a @ b)` into a new (m, n) row-major buffer.
+///
+/// Each row comes out the same whatever rows are beside it, so an image's numbers do not
+/// depend on the batch it is in (and [`super::split_batch`] can run a batch's halves apart).
+/// gemm's general kernels sum each element over k in an order set by k alone; its other paths
+/// (one row, small outputs: see [`gemm_general`]) sum in orders of their own. So an output too
+/// small for the general kernels (a timestep embedding's rows, one per image) is computed as
+/// the corner of one that is not, padded with zeros ([`padded_product`]).
 fn product(a: &Operand, b: &Operand, (m, k, n): (usize, usize, usize), epi: &Epilogue) -> Vec<f32> {
+    let general = general_shape(m, n);
+    if m > 0 && n > 0 && general != (m, n) {
+        return padded_product(a, b, (m, k, n), general, epi);
+    }
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
     let out = Out(dst.as_mut_ptr());
     let threads = rayon::current_num_threads().max(1);
@@ -328,6 +339,58 @@ fn product(a: &Operand, b: &Operand, (m, k, n): (usize, usize, usize), epi: &Epi
 /// with the tiles, which follow the thread count.
 fn gemm_general(m: usize, n: usize) -> bool {
     m > 1 && n > 1 && m * n > 256 && (m > 64 || n > 64)
+}
+
+/// The smallest output shape of at least (m, n) that gemm multiplies with its general kernels.
+fn general_shape(m: usize, n: usize) -> (usize, usize) {
+    let n = n.max(2);
+    let m = if n > 64 { m.max(2) } else { m.max(65) };
+    (m.max(256 / n + 1), n)
+}
+
+/// [`product`] as the (m, n) corner of a (pm, pn) product whose extra rows of `a` and columns
+/// of `b` (and of the epilogue's terms) are zeros. For the small products it serves, the
+/// copies cost about what the product does.
+fn padded_product(
+    a: &Operand,
+    b: &Operand,
+    (m, k, n): (usize, usize, usize),
+    (pm, pn): (usize, usize),
+    epi: &Epilogue,
+) -> Vec<f32> {
+    // `src`'s (rows, cols) at its strides into a zeroed row-major (rows, width) buffer
+    let padded = |src: &Operand, (rows, cols): (usize, usize), (height, width): (usize, usize)| {
+        let mut v = vec![0f32; height * width];
+        for r in 0..rows {
+            for c in 0..cols {
+                v[r * width + c] = src.data[r * src.rs + c * src.cs];
+            }
+        }
+        v
+    };
+    fn row_major(data: &[f32], cols: usize) -> Operand<'_> {
+        Operand { data, rs: cols, cs: 1 }
+    }
+    let pa = padded(a, (m, k), (pm, k));
+    let pb = (pn != n).then(|| padded(b, (k, n), (k, pn)));
+    let pb = pb.as_deref().map_or(*b, |data| row_major(data, pn));
+    // the epilogue's terms: the bias one row, the others (m, n)
+    let term =
+        |t: Option<&[f32]>, rows: usize, height: usize| t.map(|t| padded(&row_major(t, n), (rows, n), (height, pn)));
+    let (bias, add, residual) = (term(epi.bias, 1, 1), term(epi.add, m, pm), term(epi.residual, m, pm));
+    let epi = Epilogue {
+        bias: bias.as_deref(),
+        add: add.as_deref(),
+        gelu: epi.gelu,
+        residual: residual.as_deref(),
+    };
+    let mut out = product(&row_major(&pa, k), &pb, (pm, k, pn), &epi);
+    if pn == n {
+        out.truncate(m * n);
+        out
+    } else {
+        out.chunks(pn).take(m).flat_map(|row| &row[..n]).copied().collect()
+    }
 }
 
 /// Output bytes per chunk of a tall tile: a few MiB, which the caches hold.
@@ -673,6 +736,58 @@ mod tests {
         assert!(rel_err(&matmul(&a, &b.transpose(1, 2)?)?, &want) < 1e-6);
         let scores = want.contiguous()?;
         assert!(rel_err(&matmul(&scores, &b)?, &scores.matmul(&b)?) < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn each_row_is_the_same_whatever_rows_are_beside_it() -> Result<()> {
+        // a BLAS library's sums follow each call's shape (`WUERSTCHEN_BLAS`)
+        if super::super::blas::requested().is_some() {
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        // outputs on both sides of each of gemm's paths: one row or column, up to 256
+        // elements, up to 64 x 64, general; k short and long
+        for (k, n) in [
+            (64, 768),
+            (64, 128),
+            (7, 1),
+            (16, 2),
+            (300, 40),
+            (64, 64),
+            (64, 65),
+            (1, 200),
+        ] {
+            let w = Tensor::randn(0f32, 1., (n, k), &dev)?;
+            let b = Tensor::randn(0f32, 1., n, &dev)?;
+            let x = Tensor::randn(0f32, 1., (300, k), &dev)?;
+            let add = Tensor::randn(0f32, 1., (300, n), &dev)?;
+            let res = Tensor::randn(0f32, 1., (300, n), &dev)?;
+            let rows = |m: usize| -> Result<Vec<Vec<f32>>> {
+                let then = Then {
+                    add: Some(&add.narrow(0, 0, m)?),
+                    gelu: true,
+                    residual: Some(&res.narrow(0, 0, m)?),
+                };
+                let plain = linear(&x.narrow(0, 0, m)?, &w, None)?;
+                let fused = three.install(|| linear_then(&x.narrow(0, 0, m)?, &w, Some(&b), then))?;
+                // a strided left operand: the rows of a transposed copy, transposed back
+                let strided = x.narrow(0, 0, m)?.t()?.contiguous()?.t()?;
+                let by_view = linear(&strided, &w, None)?;
+                assert!(
+                    by_view.to_vec2::<f32>()? == plain.to_vec2::<f32>()?,
+                    "{m}x{k}x{n}: a strided x"
+                );
+                Tensor::cat(&[plain, fused], 1)?.to_vec2::<f32>()
+            };
+            let all = rows(300)?;
+            for m in [1, 2, 3, 5, 64, 65, 70, 130] {
+                let got = rows(m)?;
+                let differ = got.iter().zip(&all).filter(|(a, b)| a != b).count();
+                assert_eq!(differ, 0, "{m}x{k}x{n}: rows that differ from the same rows among 300");
+            }
+        }
         Ok(())
     }
 

@@ -90,6 +90,23 @@ pub fn on_cpu_workers<R: Send>(device: &candle_core::Device, f: impl FnOnce() ->
     }
 }
 
+/// `f(start, len)` over a batch of `n` images (the first dimension of `x`), concatenated:
+/// on the CPU in f32 with more than one thread, its two halves at once (each on one of the
+/// pool's threads, the others stealing their parallel regions' tiles when idle), elsewhere
+/// the whole batch in one call. A step of the prior with guidance is such a batch of two:
+/// as halves, its hundreds of short parallel regions become two threads' own work, with no
+/// wait for each other at every op. The numbers are the same: in f32 our CPU kernels treat
+/// each image alone, and a product's rows do not depend on the rows beside them
+/// ([`linear`]).
+pub fn split_batch(x: &Tensor, f: impl Fn(usize, usize) -> Result<Tensor> + Sync) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    if n < 2 || !cpu_kernel(x) || x.dtype() != candle_core::DType::F32 || rayon::current_num_threads() < 2 {
+        return f(0, n);
+    }
+    let (a, b) = rayon::join(|| f(0, n / 2), || f(n / 2, n - n / 2));
+    Tensor::cat(&[a?, b?], 0)
+}
+
 /// Whether an op with a CUDA kernel beside its CPU one (`cuda`) takes its own kernels on `x`:
 /// on the CPU as [`cpu_kernel`], on CUDA when the fused kernels are switched on.
 pub(crate) fn own_kernel(x: &Tensor) -> bool {

@@ -59,9 +59,9 @@ pub fn resize_bicubic_antialias(x: &Tensor, (h, w): (usize, usize)) -> Result<Te
     let x = x.to_dtype(DType::F32)?;
     // width first, as torch does when both sizes change
     let ww = weight_tensor(in_w, w, x.device())?;
-    let y = x.reshape((n * c * in_h, in_w))?.matmul(&ww.t()?)?;
+    let y = super::matmul(&x.reshape((n * c * in_h, in_w))?, &ww.t()?)?;
     let wh = weight_tensor(in_h, h, x.device())?;
-    let y = wh.broadcast_left(n * c)?.matmul(&y.reshape((n * c, in_h, w))?)?;
+    let y = super::matmul(&wh.broadcast_left(n * c)?, &y.reshape((n * c, in_h, w))?)?;
     y.reshape((n, c, h, w))?.to_dtype(dtype)
 }
 
@@ -97,9 +97,9 @@ pub fn resize_bilinear_nhwc(x: &Tensor, (h, w): (usize, usize)) -> Result<Tensor
     let dev = x.device();
     let x = x.to_dtype(DType::F32)?;
     let ww = Tensor::from_vec(bilinear_weights(in_w, w), (w, in_w), dev)?;
-    let y = ww.broadcast_left(n * in_h)?.matmul(&x.reshape((n * in_h, in_w, c))?)?;
+    let y = super::matmul(&ww.broadcast_left(n * in_h)?, &x.reshape((n * in_h, in_w, c))?)?;
     let wh = Tensor::from_vec(bilinear_weights(in_h, h), (h, in_h), dev)?;
-    let y = wh.broadcast_left(n)?.matmul(&y.reshape((n, in_h, w * c))?)?;
+    let y = super::matmul(&wh.broadcast_left(n)?, &y.reshape((n, in_h, w * c))?)?;
     y.reshape((n, h, w, c))?.to_dtype(dtype)
 }
 

@@ -271,8 +271,8 @@ fn prior_then_decode_gives_the_same_image_as_generate() {
 
 /// `--batch-size`: consecutive jobs that share size, schedules and guidance run as one batch
 /// (each JSON line says how many images shared its passes), jobs that cannot share split off,
-/// and every image equals the one its prompt gives alone (f32 on the CPU: within 1/255 and
-/// >= 99.9% identical; batched matrix products may sum in another order).
+/// and every image equals the one its prompt gives alone (f32 on the CPU: the same bytes; with
+/// a BLAS library, whose sums follow each product's shape, within 1/255 and >= 99.9% identical).
 #[test]
 fn batched_prompts_give_the_images_they_give_alone() {
     let dir = tempfile::tempdir().unwrap();
@@ -325,10 +325,14 @@ fn batched_prompts_give_the_images_they_give_alone() {
         let (x, y) = (&pa.2, &pb.2);
         let max = x.iter().zip(y).map(|(p, q)| p.abs_diff(*q)).max().unwrap();
         let same = x.iter().zip(y).filter(|(p, q)| p == q).count() as f64 / x.len() as f64;
-        assert!(
-            max <= 1 && same >= 0.999,
-            "{b}: max difference {max}, {same:.5} identical"
-        );
+        if wuerstchen::ops::blas::requested().is_some() {
+            assert!(
+                max <= 1 && same >= 0.999,
+                "{b}: max difference {max}, {same:.5} identical"
+            );
+        } else {
+            assert!(max == 0, "{b}: max difference {max}, {same:.5} identical");
+        }
         // the record is the prompt's own, whatever the batch
         assert_eq!(pa.3, pb.3, "{a} vs {b}");
     }

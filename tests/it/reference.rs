@@ -162,6 +162,60 @@ macro_rules! for_pipelines {
     };
 }
 
+/// Each image of a batch gets the numbers it gets alone (f32 on the CPU: our kernels treat
+/// each image apart, and a matrix product's rows do not depend on the rows beside them), so
+/// a batch's images equal single runs and a batch can be split across threads.
+fn batch_images_alone(pipeline: &str) {
+    let rt = test_runtime();
+    // a BLAS library's sums follow each call's shape (`WUERSTCHEN_BLAS`), as other devices'
+    // libraries do
+    if wuerstchen::ops::blas::requested().is_some() || !rt.device.is_cpu() {
+        return;
+    }
+    let r = reference(pipeline);
+    // the fixture's inputs and a second set of other values, as one batch
+    let twice = |t: &Tensor| Tensor::cat(&[t, &(t * 0.5).unwrap()], 0).unwrap();
+    let each_alone = |what: &str, batch: &Tensor, alone: &dyn Fn(usize) -> Tensor| {
+        for i in 0..batch.dim(0).unwrap() {
+            let got = batch
+                .narrow(0, i, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let want = alone(i).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(differ, 0, "{pipeline} {what}: image {i} in a batch vs alone");
+        }
+    };
+    let one = |t: &Tensor, i: usize| t.narrow(0, i, 1).unwrap();
+
+    let prior = PriorPipeline::load(&sources(pipeline).0, None, &rt).unwrap();
+    let (x, rr, c) = (twice(&r["prior.x"]), twice(&r["prior.r"]), twice(&r["prior.c"]));
+    let cond = prior.prior.condition(&c).unwrap();
+    let batch = prior.prior.forward(&x, &rr, &cond).unwrap();
+    each_alone("prior", &batch, &|i| {
+        let cond = prior.prior.condition(&one(&c, i)).unwrap();
+        prior.prior.forward(&one(&x, i), &one(&rr, i), &cond).unwrap()
+    });
+
+    let dec = DecoderPipeline::load(&sources(pipeline).1, &rt).unwrap();
+    let (x, rr) = (twice(&r["decoder.x"]), twice(&r["decoder.r"]));
+    let (effnet, clip) = (twice(&r["decoder.effnet"]), twice(&r["decoder.clip"]));
+    let (_, _, h, w) = x.dims4().unwrap();
+    let cond = dec.decoder.condition(&effnet, &clip, (h, w)).unwrap();
+    let batch = dec.decoder.forward(&x, &rr, &cond).unwrap();
+    each_alone("decoder", &batch, &|i| {
+        let cond = dec.decoder.condition(&one(&effnet, i), &one(&clip, i), (h, w)).unwrap();
+        dec.decoder.forward(&one(&x, i), &one(&rr, i), &cond).unwrap()
+    });
+
+    let latents = twice(&r["vqgan.latents"]);
+    let batch = dec.vqgan.decode(&latents).unwrap();
+    each_alone("vqgan", &batch, &|i| dec.vqgan.decode(&one(&latents, i)).unwrap());
+}
+
 for_pipelines! {
     text_encoders_match => text_encoders,
     prior_forward_matches => prior_forward,
@@ -169,4 +223,5 @@ for_pipelines! {
     vqgan_decode_matches => vqgan_decode,
     scheduler_steps_match => scheduler_steps,
     whole_pipeline_matches_with_diffusers_noise => whole_pipeline_with_diffusers_noise,
+    batch_images_equal_single_images => batch_images_alone,
 }
