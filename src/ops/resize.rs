@@ -2,7 +2,8 @@
 //! align_corners=True)`: how diffusers' decoder resizes the prior's image embeddings at every
 //! level that injects them. Not plain bicubic: the cubic (a = -0.5) is widened when
 //! downsampling and its weights are renormalised at the borders. Separable, so it is two
-//! matrix products with small host-computed weight matrices, on any device.
+//! matrix products with small host-computed weight matrices, on any device (on the CPU in f32
+//! through [`super::matmul`], whose numbers for an image do not depend on its batch).
 
 use candle_core::{DType, Device, Result, Tensor};
 
