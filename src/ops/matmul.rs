@@ -358,7 +358,7 @@ fn padded_product(
     (pm, pn): (usize, usize),
     epi: &Epilogue,
 ) -> Vec<f32> {
-    // `src`'s (rows, cols) at its strides into a zeroed row-major (rows, width) buffer
+    // `src`'s (rows, cols) at its strides into a zeroed row-major (height, width) buffer
     let padded = |src: &Operand, (rows, cols): (usize, usize), (height, width): (usize, usize)| {
         let mut v = vec![0f32; height * width];
         for r in 0..rows {
