@@ -341,11 +341,15 @@ fn gemm_general(m: usize, n: usize) -> bool {
     m > 1 && n > 1 && m * n > 256 && (m > 64 || n > 64)
 }
 
-/// The smallest output shape of at least (m, n) that gemm multiplies with its general kernels.
+/// The smallest output shape of at least (m, n) that gemm multiplies with its general kernels
+/// ([`gemm_general`]): at least two columns, then as few rows as that takes (at most 129).
 fn general_shape(m: usize, n: usize) -> (usize, usize) {
     let n = n.max(2);
-    let m = if n > 64 { m.max(2) } else { m.max(65) };
-    (m.max(256 / n + 1), n)
+    let mut m = m;
+    while !gemm_general(m, n) {
+        m += 1;
+    }
+    (m, n)
 }
 
 /// [`product`] as the (m, n) corner of a (pm, pn) product whose extra rows of `a` and columns
