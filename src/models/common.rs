@@ -211,15 +211,14 @@ impl ResBlock {
             ops::Then {
                 add: skip_terms,
                 gelu: true,
-                residual: None,
+                ..Default::default()
             },
         )?;
         self.lin2.forward_then(
             &self.grn.forward(&h)?,
             ops::Then {
                 add: Some(x),
-                gelu: false,
-                residual: None,
+                ..Default::default()
             },
         )
     }

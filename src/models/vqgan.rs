@@ -1,21 +1,25 @@
 //! Stage A, the VQGAN decoder (diffusers `PaellaVQModel.decode` with `force_not_quantize`):
 //! latents -> RGB. Only the decoder half is loaded; the pipeline never encodes.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::common::{channel_norm, Linear};
+use super::common::{channel_norm, Linear, NORM_EPS};
 use crate::config::VqganConfig;
-use crate::ops::{nchw_to_nhwc, nhwc_to_nchw, pixel_shuffle, ConvTranspose2d, DepthwiseConv, Padding};
+use crate::ops::{self, nchw_to_nhwc, nhwc_to_nchw, pixel_shuffle, ConvTranspose2d, DepthwiseConv, Padding};
 
 /// Paella's MixingResidualBlock: norm-modulate-depthwise and norm-modulate-MLP residuals,
-/// scaled by six learned scalars.
+/// scaled by six learned scalars:
+/// `x += depthwise(norm(x) * (1 + g0) + g1) * g2`, then `x += mlp(norm(x) * (1 + g3) + g4) * g5`.
 #[derive(Debug, Clone)]
 struct MixingResidualBlock {
     depthwise: DepthwiseConv,
     lin1: Linear,
     lin2: Linear,
     gammas: [f64; 6],
+    /// per norm, `(1 + g0, g1)` and `(1 + g3, g4)` as the layer norm's per-channel weight and
+    /// bias (f32), so that f32 modulates in the norm's pass
+    modulations: [(Tensor, Tensor); 2],
 }
 
 impl MixingResidualBlock {
@@ -25,25 +29,48 @@ impl MixingResidualBlock {
         for (dst, src) in gammas.iter_mut().zip(g) {
             *dst = src as f64;
         }
+        // `affine` rounds its f64 factors to the tensor's dtype: the same f32 values here
+        let per_channel = |v: f64| Tensor::full(v as f32, c, vb.device());
+        let modulations = [
+            (per_channel(1.0 + gammas[0])?, per_channel(gammas[1])?),
+            (per_channel(1.0 + gammas[3])?, per_channel(gammas[4])?),
+        ];
         Ok(Self {
             depthwise: DepthwiseConv::new(c, 3, Padding::Replicate, vb.pp("depthwise.1"))?,
             lin1: Linear::load(c, embed, vb.pp("channelwise.0"))?,
             lin2: Linear::load(embed, c, vb.pp("channelwise.2"))?,
             gammas,
+            modulations,
         })
+    }
+
+    /// `norm(x) * (1 + g[3i]) + g[3i + 1]`: in f32 in the norm's own pass (`n * w + b`, the
+    /// same bits as the separate `affine`); half precision rounds the norm first, as torch does.
+    fn modulated_norm(&self, x: &Tensor, i: usize) -> Result<Tensor> {
+        let g = &self.gammas;
+        if x.dtype() == DType::F32 {
+            let (w, b) = &self.modulations[i];
+            ops::layer_norm(x, NORM_EPS, Some((w, b)))
+        } else {
+            channel_norm(x)?.affine(1.0 + g[3 * i], g[3 * i + 1])
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = &self.gammas;
-        let t = channel_norm(x)?.affine(1.0 + g[0], g[1])?;
-        let x = (x + (self.depthwise.forward(&t)? * g[2])?)?;
-        let t = channel_norm(&x)?.affine(1.0 + g[3], g[4])?;
-        let gelu = crate::ops::Then {
+        let x = self.depthwise.forward_residual(&self.modulated_norm(x, 0)?, g[2], x)?;
+        let gelu = ops::Then {
             gelu: true,
             ..Default::default()
         };
-        let mlp = self.lin2.forward(&self.lin1.forward_then(&t, gelu)?)?;
-        x + (mlp * g[5])?
+        let h = self.lin1.forward_then(&self.modulated_norm(&x, 1)?, gelu)?;
+        // x + mlp * g5, scaled and added in the product's pass
+        let mlp_then = ops::Then {
+            scale: Some(g[5]),
+            residual: Some(&x),
+            ..Default::default()
+        };
+        self.lin2.forward_then(&h, mlp_then)
     }
 }
 

@@ -44,11 +44,61 @@ impl DepthwiseConv {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         depthwise_conv2d(x, &self.weight, &self.bias, self.padding)
     }
+
+    /// `residual + self(x) * scale`; see [`depthwise_conv2d_residual`].
+    pub fn forward_residual(&self, x: &Tensor, scale: f64, residual: &Tensor) -> Result<Tensor> {
+        depthwise_conv2d_residual(x, &self.weight, &self.bias, self.padding, scale, residual)
+    }
 }
 
 /// `x`: (N, H, W, C), `weight`: (k, k, C) with k odd, `bias`: (C). Accumulates in f32. The CPU
 /// kernel takes weights in `x`'s dtype; the generic form any float dtype (f32 spares casts).
 pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: Padding) -> Result<Tensor> {
+    check_shapes(x, weight, bias)?;
+    if super::own_kernel(x) {
+        x.contiguous()?.apply_op3_no_bwd(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            &DepthwiseKernel { padding, then: None },
+        )
+    } else {
+        depthwise_conv2d_generic(x, weight, bias, padding)
+    }
+}
+
+/// `residual + depthwise_conv2d(x) * scale` (`residual` shaped as `x`), a residual branch with
+/// a learned scale. The CPU kernel in f32 adds it in its pass over each output row: the same
+/// bits as the separate ops, which other dtypes and devices run (in half precision they round
+/// between the ops, as torch does).
+pub fn depthwise_conv2d_residual(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    padding: Padding,
+    scale: f64,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    check_shapes(x, weight, bias)?;
+    if super::cpu_kernel(x) && x.dtype() == DType::F32 && residual.dtype() == DType::F32 && residual.dims() == x.dims()
+    {
+        let then = ScaledResidual {
+            scale: scale as f32,
+            residual: residual.contiguous()?,
+        };
+        x.contiguous()?.apply_op3_no_bwd(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            &DepthwiseKernel {
+                padding,
+                then: Some(then),
+            },
+        )
+    } else {
+        residual + (depthwise_conv2d(x, weight, bias, padding)? * scale)?
+    }
+}
+
+fn check_shapes(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<()> {
     let (_, _, _, c) = x.dims4()?;
     let (k, k2, wc) = weight.dims3()?;
     if k != k2 || k % 2 == 0 || wc != c || bias.dims1()? != c {
@@ -59,12 +109,7 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: Pad
             x.dims()
         );
     }
-    if super::own_kernel(x) {
-        x.contiguous()?
-            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &DepthwiseKernel { padding })
-    } else {
-        depthwise_conv2d_generic(x, weight, bias, padding)
-    }
+    Ok(())
 }
 
 /// The same convolution from candle tensor ops: pad, then one multiply-add per tap
@@ -93,6 +138,13 @@ pub fn depthwise_conv2d_generic(x: &Tensor, weight: &Tensor, bias: &Tensor, padd
 
 struct DepthwiseKernel {
     padding: Padding,
+    then: Option<ScaledResidual>,
+}
+
+/// What [`depthwise_conv2d_residual`] adds to the convolution: `residual + conv * scale`.
+struct ScaledResidual {
+    scale: f32,
+    residual: Tensor,
 }
 
 /// Index `i + d` into `0..n`, or the edge pixel (Replicate) / nothing (Zeros).
@@ -116,6 +168,7 @@ fn depthwise_cpu<T: Float32>(
     (n, h, w, c): (usize, usize, usize, usize),
     k: usize,
     padding: Padding,
+    then: Option<(&[T], f32)>,
 ) -> Vec<T> {
     let weight: Vec<f32> = weight.iter().map(|v| v.f32()).collect();
     let bias: Vec<f32> = bias.iter().map(|v| v.f32()).collect();
@@ -127,7 +180,8 @@ fn depthwise_cpu<T: Float32>(
         let image = &x[b * h * row_len..][..h * row_len];
         let mut acc = vec![0f32; row_len];
         let mut src = vec![0f32; row_len];
-        output_row(out_row, image, y, &weight, &bias, &mut acc, &mut src, conv);
+        let then = then.map(|(residual, scale)| (&residual[row * row_len..][..row_len], scale));
+        output_row(out_row, image, y, &weight, &bias, &mut acc, &mut src, conv, then);
     });
     out
 }
@@ -144,7 +198,8 @@ struct Conv {
 
 vectorized_fn! {
     /// Output row `y` of one `image` (h rows of w * c): each tap's weights multiply all
-    /// channels of a pixel at once. `acc` and `src` are scratch rows.
+    /// channels of a pixel at once. `acc` and `src` are scratch rows. `then`: the row of the
+    /// residual and the scale of [`depthwise_conv2d_residual`].
     #[allow(clippy::too_many_arguments)]
     fn output_row<T: Float32>(
         out_row: &mut [T],
@@ -155,6 +210,7 @@ vectorized_fn! {
         acc: &mut [f32],
         src: &mut [f32],
         conv: Conv,
+        then: Option<(&[T], f32)>,
     ) {
         let Conv { h, w, c, k, padding } = conv;
         let pad = k as isize / 2;
@@ -183,15 +239,31 @@ vectorized_fn! {
                 }
             }
         }
-        for (o, a) in out_row.iter_mut().zip(acc.iter()) {
-            *o = T::from_f32(*a);
+        match then {
+            Some((residual, scale)) => {
+                for ((o, a), r) in out_row.iter_mut().zip(acc.iter()).zip(residual) {
+                    *o = T::from_f32(r.f32() + *a * scale);
+                }
+            }
+            None => {
+                for (o, a) in out_row.iter_mut().zip(acc.iter()) {
+                    *o = T::from_f32(*a);
+                }
+            }
         }
     }
 }
 
-impl FloatKernel3 for DepthwiseShape {
+impl FloatKernel3 for DepthwiseShape<'_> {
     fn run<T: Float32>(&self, x: &[T], w: &[T], b: &[T]) -> Result<Vec<T>> {
-        Ok(depthwise_cpu(x, w, b, self.dims, self.k, self.padding))
+        let then = match self.then {
+            Some((s, l, scale)) => Some((super::slice_of(T::cpu_storage_as_slice(s)?, l)?, scale)),
+            None => None,
+        };
+        if then.is_some_and(|(r, _)| r.len() != x.len()) {
+            candle_core::bail!("depthwise_conv2d: the residual does not match the input");
+        }
+        Ok(depthwise_cpu(x, w, b, self.dims, self.k, self.padding, then))
     }
 }
 
@@ -209,10 +281,19 @@ impl CustomOp3 for DepthwiseKernel {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let residual = self.then.as_ref().map(|t| (t.residual.storage_and_layout(), t.scale));
+        let then = match &residual {
+            Some(((guard, l), scale)) => match &**guard {
+                candle_core::Storage::Cpu(s) => Some((s, *l, *scale)),
+                _ => candle_core::bail!("depthwise_conv2d: the residual is not on the CPU"),
+            },
+            None => None,
+        };
         let shape = DepthwiseShape {
             dims: l1.shape().dims4()?,
             k: l2.shape().dims()[0],
             padding: self.padding,
+            then,
         };
         let out = run_float3(self.name(), &shape, (s1, l1), (s2, l2), (s3, l3))?;
         Ok((out, l1.shape().clone()))
@@ -228,6 +309,9 @@ impl CustomOp3 for DepthwiseKernel {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.then.is_some() {
+            candle_core::bail!("depthwise_conv2d: the fused residual is a CPU kernel's");
+        }
         let out = super::cuda::depthwise(
             (s1, l1),
             (s2, l2),
@@ -240,10 +324,12 @@ impl CustomOp3 for DepthwiseKernel {
 }
 
 /// What the kernel needs to know besides the data.
-struct DepthwiseShape {
+struct DepthwiseShape<'a> {
     dims: (usize, usize, usize, usize),
     k: usize,
     padding: Padding,
+    /// the residual's storage and layout, and the scale ([`ScaledResidual`])
+    then: Option<(&'a CpuStorage, &'a Layout, f32)>,
 }
 
 #[cfg(test)]
@@ -308,6 +394,27 @@ mod tests {
         let a = depthwise_conv2d(&strided, &w, &b, Padding::Zeros)?;
         let c = depthwise_conv2d(&strided.contiguous()?, &w, &b, Padding::Zeros)?;
         assert_eq!(rel_err(&a, &c), 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn the_scaled_residual_in_the_pass_gives_the_separate_ops_bits() -> Result<()> {
+        let dev = Device::Cpu;
+        for padding in [Padding::Zeros, Padding::Replicate] {
+            let x = Tensor::randn(0f32, 1., (2, 6, 5, 8), &dev)?;
+            let w = Tensor::randn(0f32, 1., (3, 3, 8), &dev)?;
+            let b = Tensor::randn(0f32, 1., 8, &dev)?;
+            // a strided residual, as a view of another layout
+            let residual = Tensor::randn(0f32, 1., (2, 5, 6, 8), &dev)?.transpose(1, 2)?;
+            let scale = -0.731;
+            let separate = (&residual + (depthwise_conv2d(&x, &w, &b, padding)? * scale)?)?;
+            let fused = depthwise_conv2d_residual(&x, &w, &b, padding, scale, &residual)?;
+            let bits = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+            assert_eq!(bits(&fused)?, bits(&separate)?, "{padding:?}");
+            let generic =
+                crate::ops::with_generic_forms(|| depthwise_conv2d_residual(&x, &w, &b, padding, scale, &residual))?;
+            assert!(rel_err(&generic, &separate) < 1e-6);
+        }
         Ok(())
     }
 }

@@ -148,13 +148,16 @@ pub struct Then<'a> {
     pub add: Option<&'a Tensor>,
     /// then the erf GELU
     pub gelu: bool,
+    /// then a multiplication by this scalar (as `y * scale` would, in the output's dtype)
+    pub scale: Option<f64>,
     /// then a term of the output's shape added last: a residual `x + f(x)`, in torch's order
     pub residual: Option<&'a Tensor>,
 }
 
-/// `then(x @ w^T + bias)`: [`linear`] with a skip term, a GELU and a residual fused in.
-/// The CPU sums `(bias + add) + x w^T`, the other devices `(x w^T + bias) + add`: the same
-/// up to f32 rounding. The residual is added last on every device, as torch adds it.
+/// `then(x @ w^T + bias)`: [`linear`] with a skip term, a GELU, a scale and a residual fused
+/// in. The CPU sums `(bias + add) + x w^T`, the other devices `(x w^T + bias) + add`: the same
+/// up to f32 rounding. The scale and the residual come last on every device, as torch applies
+/// them, so fusing them changes no bits.
 pub fn linear_then(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, then: Then) -> Result<Tensor> {
     let dims = x.dims();
     let k = dims.last().copied().unwrap_or(1);
@@ -173,6 +176,7 @@ pub fn linear_then(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, then: Then) ->
         let op = Product {
             bias: bias.cloned(),
             gelu: then.gelu,
+            scale: then.scale.map(|s| s as f32),
             residual: then.residual.map(|r| r.reshape((rows, n))).transpose()?,
         };
         let wt = w.t()?;
@@ -193,6 +197,9 @@ pub fn linear_then(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, then: Then) ->
     if then.gelu {
         y = super::gelu_erf(&y)?;
     }
+    if let Some(scale) = then.scale {
+        y = (y * scale)?;
+    }
     if let Some(residual) = then.residual {
         y = (residual + y)?;
     }
@@ -211,11 +218,12 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// The product as a custom op: (a, b) or (a, b, add), 2-D operands with any strides, plus
-/// the bias, the GELU and the residual of [`Then`].
+/// the bias, the GELU, the scale and the residual of [`Then`].
 #[derive(Default)]
 struct Product {
     bias: Option<Tensor>,
     gelu: bool,
+    scale: Option<f32>,
     residual: Option<Tensor>,
 }
 
@@ -267,15 +275,17 @@ impl Out {
 }
 
 /// How each output tile starts and ends: `bias` (n) and `add` (m, n, contiguous) summed into
-/// it before the product is added, then the GELU, then `residual` (m, n, contiguous) added.
+/// it before the product is added, then the GELU, then the multiplication by `scale`, then
+/// `residual` (m, n, contiguous) added.
 struct Epilogue<'a> {
     bias: Option<&'a [f32]>,
     add: Option<&'a [f32]>,
     gelu: bool,
+    scale: Option<f32>,
     residual: Option<&'a [f32]>,
 }
 
-/// `residual + gelu((bias + add) + a @ b)` into a new (m, n) row-major buffer.
+/// `residual + scale * gelu((bias + add) + a @ b)` into a new (m, n) row-major buffer.
 ///
 /// Each row comes out the same whatever rows are beside it, so an image's numbers do not
 /// depend on the batch it is in (and [`super::split_batch`] can run a batch's halves apart).
@@ -386,6 +396,7 @@ fn padded_product(
         bias: bias.as_deref(),
         add: add.as_deref(),
         gelu: epi.gelu,
+        scale: epi.scale,
         residual: residual.as_deref(),
     };
     let mut out = product(&row_major(&pa, k), &pb, (pm, k, pn), &epi);
@@ -477,11 +488,22 @@ unsafe fn product_chunk(
     if epi.gelu {
         (0..m).for_each(|r| super::gelu::gelu_in_place(row(r)));
     }
-    if let Some(residual) = epi.residual {
-        for r in 0..m {
-            let res = &residual[(rows.start + r) * n..][cols.clone()];
-            row(r).iter_mut().zip(res).for_each(|(o, x)| *o += x);
+    // `x + o * s`, as the separate ops round it: the product scaled, then the residual added
+    match (epi.scale, epi.residual) {
+        (Some(s), Some(residual)) => {
+            for r in 0..m {
+                let res = &residual[(rows.start + r) * n..][cols.clone()];
+                row(r).iter_mut().zip(res).for_each(|(o, x)| *o = x + *o * s);
+            }
         }
+        (Some(s), None) => (0..m).for_each(|r| row(r).iter_mut().for_each(|o| *o *= s)),
+        (None, Some(residual)) => {
+            for r in 0..m {
+                let res = &residual[(rows.start + r) * n..][cols.clone()];
+                row(r).iter_mut().zip(res).for_each(|(o, x)| *o += x);
+            }
+        }
+        (None, None) => {}
     }
 }
 
@@ -606,6 +628,7 @@ impl Product {
             bias: f32s(0, n, "bias")?,
             add,
             gelu: self.gelu,
+            scale: self.scale,
             residual: f32s(1, m * n, "residual")?,
         };
         let out = product(&a, &b, (m, k, n), &epi);
@@ -676,7 +699,7 @@ mod tests {
     }
 
     #[test]
-    fn the_epilogue_adds_then_applies_gelu() -> Result<()> {
+    fn the_epilogue_adds_applies_gelu_scales_then_adds_the_residual() -> Result<()> {
         let dev = Device::Cpu;
         // wide, tall, and tall enough for tiles of several row chunks (the last one partial)
         for (m, k, n) in [(40, 24, 300), (300, 24, 40), (2300, 8, 2048)] {
@@ -686,11 +709,13 @@ mod tests {
             let add = Tensor::randn(0f32, 1., (2, m / 2, n), &dev)?;
             let plain = x.broadcast_matmul(&w.t()?)?.broadcast_add(&b)?;
             let res = Tensor::randn(0f32, 1., (2, m / 2, n), &dev)?;
-            for (bias, add, gelu, residual) in [
-                (Some(&b), Some(&add), true, None),
-                (None, Some(&add), false, Some(&res)),
-                (Some(&b), None, true, None),
-                (Some(&b), None, false, Some(&res)),
+            for (bias, add, gelu, scale, residual) in [
+                (Some(&b), Some(&add), true, None, None),
+                (None, Some(&add), false, None, Some(&res)),
+                (Some(&b), None, true, None, None),
+                (Some(&b), None, false, None, Some(&res)),
+                (Some(&b), None, true, Some(-0.37), Some(&res)),
+                (None, Some(&add), false, Some(1.9), None),
             ] {
                 let mut want = match bias {
                     Some(_) => plain.clone(),
@@ -702,24 +727,39 @@ mod tests {
                 if gelu {
                     want = want.gelu_erf()?;
                 }
+                if let Some(scale) = scale {
+                    want = (want * scale)?;
+                }
                 if let Some(residual) = residual {
                     want = (residual + want)?;
                 }
-                let got = linear_then(&x, &w, bias, Then { add, gelu, residual })?;
+                let then = Then {
+                    add,
+                    gelu,
+                    scale,
+                    residual,
+                };
+                let got = linear_then(&x, &w, bias, then)?;
                 assert_eq!(got.dims(), want.dims());
-                if let Some(residual) = residual {
-                    // added last, as the separate add would: the same bits
-                    let without = linear_then(
+                if scale.is_some() || residual.is_some() {
+                    // scaled and added last, as the separate ops would: the same bits
+                    let mut separate = linear_then(
                         &x,
                         &w,
                         bias,
                         Then {
                             add,
                             gelu,
-                            residual: None,
+                            ..Default::default()
                         },
                     )?;
-                    let separate = (residual + without)?.flatten_all()?.to_vec1::<f32>()?;
+                    if let Some(scale) = scale {
+                        separate = (separate * scale)?;
+                    }
+                    if let Some(residual) = residual {
+                        separate = (residual + separate)?;
+                    }
+                    let separate = separate.flatten_all()?.to_vec1::<f32>()?;
                     assert_eq!(got.flatten_all()?.to_vec1::<f32>()?, separate);
                 }
                 let err = rel_err(&got, &want);
@@ -776,6 +816,7 @@ mod tests {
                 let then = Then {
                     add: Some(&add.narrow(0, 0, m)?),
                     gelu: true,
+                    scale: Some(0.7),
                     residual: Some(&res.narrow(0, 0, m)?),
                 };
                 let plain = linear(&x.narrow(0, 0, m)?, &w, None)?;
