@@ -203,7 +203,7 @@ impl ResBlock {
 
     /// `skip_terms`: the sum of the skip parts' `skip_term`s, if the block has any.
     pub fn forward(&self, x: &Tensor, skip_terms: Option<&Tensor>) -> Result<Tensor> {
-        let h = channel_norm(&self.depthwise.forward(x)?)?;
+        let h = self.depthwise.forward_normed(x, NORM_EPS)?;
         // gelu(lin1(h) + skip terms), then lin2(grn(.)) + x: the adds and the GELU ride in
         // the products' passes
         let h = self.lin1.forward_then(

@@ -45,6 +45,11 @@ impl DepthwiseConv {
         depthwise_conv2d(x, &self.weight, &self.bias, self.padding)
     }
 
+    /// `layer_norm(self(x))` over channels, without weights; see [`depthwise_conv2d_norm`].
+    pub fn forward_normed(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+        depthwise_conv2d_norm(x, &self.weight, &self.bias, self.padding, eps)
+    }
+
     /// `residual + self(x) * scale`; see [`depthwise_conv2d_residual`].
     pub fn forward_residual(&self, x: &Tensor, scale: f64, residual: &Tensor) -> Result<Tensor> {
         depthwise_conv2d_residual(x, &self.weight, &self.bias, self.padding, scale, residual)
@@ -66,6 +71,26 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: Pad
     }
 }
 
+/// `layer_norm(depthwise_conv2d(x))` over channels without weights, as ConvNeXt blocks
+/// follow their convolution. The CPU kernel normalises each output row in its own pass, the
+/// convolution's output rounded to `x`'s dtype first: the same bits as the two ops, which other
+/// devices run.
+pub fn depthwise_conv2d_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: Padding, eps: f64) -> Result<Tensor> {
+    check_shapes(x, weight, bias)?;
+    if super::cpu_kernel(x) {
+        x.contiguous()?.apply_op3_no_bwd(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            &DepthwiseKernel {
+                padding,
+                then: Some(After::Norm { eps: eps as f32 }),
+            },
+        )
+    } else {
+        super::layer_norm(&depthwise_conv2d(x, weight, bias, padding)?, eps, None)
+    }
+}
+
 /// `residual + depthwise_conv2d(x) * scale` (`residual` shaped as `x`), a residual branch with
 /// a learned scale. The CPU kernel in f32 adds it in its pass over each output row: the same
 /// bits as the separate ops, which other dtypes and devices run (in half precision they round
@@ -81,7 +106,7 @@ pub fn depthwise_conv2d_residual(
     check_shapes(x, weight, bias)?;
     if super::cpu_kernel(x) && x.dtype() == DType::F32 && residual.dtype() == DType::F32 && residual.dims() == x.dims()
     {
-        let then = ScaledResidual {
+        let then = After::ScaledResidual {
             scale: scale as f32,
             residual: residual.contiguous()?,
         };
@@ -138,13 +163,22 @@ pub fn depthwise_conv2d_generic(x: &Tensor, weight: &Tensor, bias: &Tensor, padd
 
 struct DepthwiseKernel {
     padding: Padding,
-    then: Option<ScaledResidual>,
+    then: Option<After>,
 }
 
-/// What [`depthwise_conv2d_residual`] adds to the convolution: `residual + conv * scale`.
-struct ScaledResidual {
-    scale: f32,
-    residual: Tensor,
+/// What the kernel applies to each output row in its pass.
+enum After {
+    /// `residual + conv * scale` ([`depthwise_conv2d_residual`])
+    ScaledResidual { scale: f32, residual: Tensor },
+    /// the layer norm over channels ([`depthwise_conv2d_norm`])
+    Norm { eps: f32 },
+}
+
+/// [`After`] as one dtype's kernel sees it: the residual as a slice.
+#[derive(Clone, Copy)]
+enum RowThen<'a, T> {
+    ScaledResidual { scale: f32, residual: &'a [T] },
+    Norm { eps: f32 },
 }
 
 /// Index `i + d` into `0..n`, or the edge pixel (Replicate) / nothing (Zeros).
@@ -168,7 +202,7 @@ fn depthwise_cpu<T: Float32>(
     (n, h, w, c): (usize, usize, usize, usize),
     k: usize,
     padding: Padding,
-    then: Option<(&[T], f32)>,
+    then: Option<RowThen<T>>,
 ) -> Vec<T> {
     let weight: Vec<f32> = weight.iter().map(|v| v.f32()).collect();
     let bias: Vec<f32> = bias.iter().map(|v| v.f32()).collect();
@@ -180,7 +214,13 @@ fn depthwise_cpu<T: Float32>(
         let image = &x[b * h * row_len..][..h * row_len];
         let mut acc = vec![0f32; row_len];
         let mut src = vec![0f32; row_len];
-        let then = then.map(|(residual, scale)| (&residual[row * row_len..][..row_len], scale));
+        let then = then.map(|then| match then {
+            RowThen::ScaledResidual { scale, residual } => RowThen::ScaledResidual {
+                scale,
+                residual: &residual[row * row_len..][..row_len],
+            },
+            norm => norm,
+        });
         output_row(out_row, image, y, &weight, &bias, &mut acc, &mut src, conv, then);
     });
     out
@@ -198,8 +238,8 @@ struct Conv {
 
 vectorized_fn! {
     /// Output row `y` of one `image` (h rows of w * c): each tap's weights multiply all
-    /// channels of a pixel at once. `acc` and `src` are scratch rows. `then`: the row of the
-    /// residual and the scale of [`depthwise_conv2d_residual`].
+    /// channels of a pixel at once. `acc` and `src` are scratch rows. `then`: what follows in
+    /// the same pass (with this row of the residual).
     #[allow(clippy::too_many_arguments)]
     fn output_row<T: Float32>(
         out_row: &mut [T],
@@ -210,7 +250,7 @@ vectorized_fn! {
         acc: &mut [f32],
         src: &mut [f32],
         conv: Conv,
-        then: Option<(&[T], f32)>,
+        then: Option<RowThen<T>>,
     ) {
         let Conv { h, w, c, k, padding } = conv;
         let pad = k as isize / 2;
@@ -240,10 +280,15 @@ vectorized_fn! {
             }
         }
         match then {
-            Some((residual, scale)) => {
+            Some(RowThen::ScaledResidual { scale, residual }) => {
                 for ((o, a), r) in out_row.iter_mut().zip(acc.iter()).zip(residual) {
                     *o = T::from_f32(r.f32() + *a * scale);
                 }
+            }
+            Some(RowThen::Norm { eps }) => {
+                // as `layer_norm` would read the convolution's output: in its dtype
+                let stored: Vec<T> = acc.iter().map(|a| T::from_f32(*a)).collect();
+                super::norm::normalize_rows(out_row, &stored, &mut src[..c], eps, None);
             }
             None => {
                 for (o, a) in out_row.iter_mut().zip(acc.iter()) {
@@ -257,12 +302,19 @@ vectorized_fn! {
 impl FloatKernel3 for DepthwiseShape<'_> {
     fn run<T: Float32>(&self, x: &[T], w: &[T], b: &[T]) -> Result<Vec<T>> {
         let then = match self.then {
-            Some((s, l, scale)) => Some((super::slice_of(T::cpu_storage_as_slice(s)?, l)?, scale)),
+            Some(ShapeThen::ScaledResidual {
+                scale,
+                residual: (s, l),
+            }) => {
+                let residual = super::slice_of(T::cpu_storage_as_slice(s)?, l)?;
+                if residual.len() != x.len() {
+                    candle_core::bail!("depthwise_conv2d: the residual does not match the input");
+                }
+                Some(RowThen::ScaledResidual { scale, residual })
+            }
+            Some(ShapeThen::Norm { eps }) => Some(RowThen::Norm { eps }),
             None => None,
         };
-        if then.is_some_and(|(r, _)| r.len() != x.len()) {
-            candle_core::bail!("depthwise_conv2d: the residual does not match the input");
-        }
         Ok(depthwise_cpu(x, w, b, self.dims, self.k, self.padding, then))
     }
 }
@@ -281,13 +333,20 @@ impl CustomOp3 for DepthwiseKernel {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let residual = self.then.as_ref().map(|t| (t.residual.storage_and_layout(), t.scale));
-        let then = match &residual {
-            Some(((guard, l), scale)) => match &**guard {
-                candle_core::Storage::Cpu(s) => Some((s, *l, *scale)),
+        let residual = match &self.then {
+            Some(After::ScaledResidual { scale, residual }) => Some((residual.storage_and_layout(), *scale)),
+            _ => None,
+        };
+        let then = match (&self.then, &residual) {
+            (Some(After::ScaledResidual { .. }), Some(((guard, l), scale))) => match &**guard {
+                candle_core::Storage::Cpu(s) => Some(ShapeThen::ScaledResidual {
+                    scale: *scale,
+                    residual: (s, *l),
+                }),
                 _ => candle_core::bail!("depthwise_conv2d: the residual is not on the CPU"),
             },
-            None => None,
+            (Some(After::Norm { eps }), _) => Some(ShapeThen::Norm { eps: *eps }),
+            _ => None,
         };
         let shape = DepthwiseShape {
             dims: l1.shape().dims4()?,
@@ -310,7 +369,7 @@ impl CustomOp3 for DepthwiseKernel {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         if self.then.is_some() {
-            candle_core::bail!("depthwise_conv2d: the fused residual is a CPU kernel's");
+            candle_core::bail!("depthwise_conv2d: what follows in the pass is the CPU kernel's");
         }
         let out = super::cuda::depthwise(
             (s1, l1),
@@ -328,8 +387,19 @@ struct DepthwiseShape<'a> {
     dims: (usize, usize, usize, usize),
     k: usize,
     padding: Padding,
-    /// the residual's storage and layout, and the scale ([`ScaledResidual`])
-    then: Option<(&'a CpuStorage, &'a Layout, f32)>,
+    then: Option<ShapeThen<'a>>,
+}
+
+/// [`After`] with the residual's storage, before its dtype is known.
+#[derive(Clone, Copy)]
+enum ShapeThen<'a> {
+    ScaledResidual {
+        scale: f32,
+        residual: (&'a CpuStorage, &'a Layout),
+    },
+    Norm {
+        eps: f32,
+    },
 }
 
 #[cfg(test)]
@@ -394,6 +464,27 @@ mod tests {
         let a = depthwise_conv2d(&strided, &w, &b, Padding::Zeros)?;
         let c = depthwise_conv2d(&strided.contiguous()?, &w, &b, Padding::Zeros)?;
         assert_eq!(rel_err(&a, &c), 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn the_norm_in_the_pass_gives_the_separate_ops_bits() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for (k, padding) in [(3, Padding::Zeros), (5, Padding::Zeros), (3, Padding::Replicate)] {
+                // channels not a multiple of the norm's eight accumulators, a large mean
+                let x = (Tensor::randn(0f32, 1., (2, 6, 5, 13), &dev)? + 3.0)?.to_dtype(dtype)?;
+                let w = Tensor::randn(0f32, 1., (k, k, 13), &dev)?.to_dtype(dtype)?;
+                let b = Tensor::randn(0f32, 1., 13, &dev)?.to_dtype(dtype)?;
+                let separate = crate::ops::layer_norm(&depthwise_conv2d(&x, &w, &b, padding)?, 1e-6, None)?;
+                let fused = depthwise_conv2d_norm(&x, &w, &b, padding, 1e-6)?;
+                let bits = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+                assert_eq!(bits(&fused)?, bits(&separate)?, "{dtype:?} k={k} {padding:?}");
+                let generic = crate::ops::with_generic_forms(|| depthwise_conv2d_norm(&x, &w, &b, padding, 1e-6))?;
+                let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+                assert!(rel_err(&generic.to_dtype(DType::F32)?, &separate.to_dtype(DType::F32)?) < tolerance);
+            }
+        }
         Ok(())
     }
 

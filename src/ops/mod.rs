@@ -34,7 +34,7 @@ pub use attention::{
 pub use conv_transpose::ConvTranspose2d;
 pub use cuda::{attention_enabled as fused_cuda_attention, enabled as fused_cuda_kernels};
 pub use depthwise::depthwise_conv2d_generic;
-pub use depthwise::{depthwise_conv2d, depthwise_conv2d_residual, DepthwiseConv, Padding};
+pub use depthwise::{depthwise_conv2d, depthwise_conv2d_norm, depthwise_conv2d_residual, DepthwiseConv, Padding};
 pub use gelu::gelu_erf;
 pub use grn::{global_response_norm, global_response_norm_generic};
 pub use heads::{merge_heads, split_heads};

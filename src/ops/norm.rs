@@ -57,7 +57,7 @@ fn sum8(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 
 vectorized_fn! {
     /// Normalises each row of `dim` elements of `src` into `dst`; `row` is scratch of `dim`.
-    fn normalize_rows<T: Float32>(
+    pub(super) fn normalize_rows<T: Float32>(
         dst: &mut [T],
         src: &[T],
         row: &mut [f32],
