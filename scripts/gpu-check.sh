@@ -41,8 +41,8 @@
 #      end if time is left (~45 s)
 #   5. cold start, wall clock from outside: wuerstchen generate against diffusers'
 #      coldstart.py run on the same folders, alternated, twice each, page cache warm (~70 s)
-#   6. the CPU with every core: tiny-model --size mid, wuerstchen bench against
-#      benches/diffusers_cpu.py at 512x512, alternated, two rounds (~25 s)
+#   6. the CPU with every core, then with half of them: tiny-model --size mid, wuerstchen bench
+#      against benches/diffusers_cpu.py at 512x512, alternated, two rounds each (~25 s each)
 # Then one markdown table, printed last, and gpu-check.json with everything.
 set -uo pipefail
 
@@ -399,18 +399,20 @@ def summarize():
         dv = sd.get("wall_s") if sd and sd["status"] == "ok" else None
         add(f"cold start, whole process, {meta['cold_label']} (run {i}): s", ov, so, dv, sd, "{:.2f}")
 
-    # 6. CPU
-    cpu = {"ours": [], "diffusers": []}
-    for key, prefix in (("ours", "6-cpu-ours-"), ("diffusers", "6-cpu-diffusers-")):
-        for i in (1, 2):
-            r = res(prefix + str(i))
-            if isinstance(r, dict) and isinstance(r.get("median_s"), dict):
-                cpu[key].append(r["median_s"])
-    so, sd = steps.get("6-cpu-ours-1"), steps.get("6-cpu-diffusers-1")
-    for stage in ("total", "prior", "decoder", "vqgan"):
-        ov = min((m[stage] for m in cpu["ours"] if isinstance(m.get(stage), (int, float))), default=None)
-        dv = min((m[stage] for m in cpu["diffusers"] if isinstance(m.get(stage), (int, float))), default=None)
-        add(f"CPU {meta['cpu_label']}: {stage} s (min of 2)", ov, so, dv, sd, "{:.3f}")
+    # 6. CPU, per thread count
+    for t in meta["cpu_threads"]:
+        cpu = {"ours": [], "diffusers": []}
+        for key, prefix in (("ours", f"6-cpu-ours-{t}t-"), ("diffusers", f"6-cpu-diffusers-{t}t-")):
+            for i in (1, 2):
+                r = res(prefix + str(i))
+                if isinstance(r, dict) and isinstance(r.get("median_s"), dict):
+                    cpu[key].append(r["median_s"])
+        so, sd = steps.get(f"6-cpu-ours-{t}t-1"), steps.get(f"6-cpu-diffusers-{t}t-1")
+        for stage in ("total", "prior", "decoder", "vqgan"):
+            ov = min((m[stage] for m in cpu["ours"] if isinstance(m.get(stage), (int, float))), default=None)
+            dv = min((m[stage] for m in cpu["diffusers"] if isinstance(m.get(stage), (int, float))), default=None)
+            label = f"CPU {meta['cpu_label']}, {t} thread{'s' if t > 1 else ''}{meta['cpu_steps']}"
+            add(f"{label}: {stage} s (min of 2)", ov, so, dv, sd, "{:.3f}")
 
     summary = {"meta": meta, "prior_embeddings_vs_f32": cmp if isinstance(cmp, dict) else None,
                "steps": list(steps.values()),
@@ -768,24 +770,29 @@ for i in 1 2; do
 done
 
 # ---------------------------------------------------------------------------------------------
-# 6. The CPU with every core, mid model, alternated (ours ~5 s, diffusers ~12 s per call).
-cpu_env=(env RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS")
-for i in 1 2; do
-  if [[ "$(status_of 6-mid-model)" != ok ]]; then
-    skip "6-cpu-ours-$i" "CPU bench: wuerstchen" "no mid model folders"
-    skip "6-cpu-diffusers-$i" "CPU bench: diffusers" "no mid model folders"
-    continue
-  fi
-  step "6-cpu-ours-$i" "CPU bench: wuerstchen, mid ${CPU_SIZE}x${CPU_SIZE}, $THREADS threads" 90 15 -- \
-    "${cpu_env[@]}" "$BIN" -q bench --device cpu --dtype f32 --prior "$MID/prior" --decoder "$MID/decoder" \
-    --width "$CPU_SIZE" --height "$CPU_SIZE" ${STEPS[@]+"${STEPS[@]}"} --warmup 1 --runs 1
-  if [[ $diffusers_ok -eq 0 ]]; then
-    skip "6-cpu-diffusers-$i" "CPU bench: diffusers" "diffusers cannot be imported"
-  else
-    step "6-cpu-diffusers-$i" "CPU bench: diffusers, mid ${CPU_SIZE}x${CPU_SIZE}, $THREADS threads" 90 20 -- \
-      "${cpu_env[@]}" "$PY" benches/diffusers_cpu.py --root "$MID" --width "$CPU_SIZE" --height "$CPU_SIZE" \
-      --threads "$THREADS" ${STEPS[@]+"${STEPS[@]}"} --warmup 1 --runs 1
-  fi
+# 6. The CPU with every core, then half of them (a GPU host's 16 and 8), mid model,
+# alternated (ours ~5 s, diffusers ~12 s per call at 16 threads).
+CPU_THREADS=("$THREADS")
+(( THREADS < 2 )) || CPU_THREADS+=($(( THREADS / 2 )))
+for t in "${CPU_THREADS[@]}"; do
+  cpu_env=(env RAYON_NUM_THREADS="$t" OMP_NUM_THREADS="$t")
+  for i in 1 2; do
+    if [[ "$(status_of 6-mid-model)" != ok ]]; then
+      skip "6-cpu-ours-${t}t-$i" "CPU bench: wuerstchen" "no mid model folders"
+      skip "6-cpu-diffusers-${t}t-$i" "CPU bench: diffusers" "no mid model folders"
+      continue
+    fi
+    step "6-cpu-ours-${t}t-$i" "CPU bench: wuerstchen, mid ${CPU_SIZE}x${CPU_SIZE}, $t threads" 90 15 -- \
+      "${cpu_env[@]}" "$BIN" -q bench --device cpu --dtype f32 --prior "$MID/prior" --decoder "$MID/decoder" \
+      --width "$CPU_SIZE" --height "$CPU_SIZE" ${STEPS[@]+"${STEPS[@]}"} --warmup 1 --runs 1
+    if [[ $diffusers_ok -eq 0 ]]; then
+      skip "6-cpu-diffusers-${t}t-$i" "CPU bench: diffusers" "diffusers cannot be imported"
+    else
+      step "6-cpu-diffusers-${t}t-$i" "CPU bench: diffusers, mid ${CPU_SIZE}x${CPU_SIZE}, $t threads" 90 20 -- \
+        "${cpu_env[@]}" "$PY" benches/diffusers_cpu.py --root "$MID" --width "$CPU_SIZE" --height "$CPU_SIZE" \
+        --threads "$t" ${STEPS[@]+"${STEPS[@]}"} --warmup 1 --runs 1
+    fi
+  done
 done
 
 # ---------------------------------------------------------------------------------------------
@@ -810,7 +817,8 @@ bundle_build=""
 META="$WORK/meta.json"
 M_DRY=$DRY M_DEVICE="$DEVICE" M_GPU="$gpu_name" M_BIN="$bin_version" M_BUNDLE="$bundle_build" M_THREADS=$THREADS \
   M_BUDGET=$BUDGET M_WALL=$SECONDS M_MODEL="$MODEL_SIZE" M_W=$W M_H=$H M_HT=$H_TALL M_SHAPES="$SHAPES" \
-  M_COLD="${COLD_SIZE}x${COLD_SIZE} ${COLD_DTYPE_OURS}" M_CPU="mid ${CPU_SIZE}x${CPU_SIZE}, $THREADS threads$CPU_STEPS" \
+  M_COLD="${COLD_SIZE}x${COLD_SIZE} ${COLD_DTYPE_OURS}" M_CPU="mid ${CPU_SIZE}x${CPU_SIZE}" M_CPU_STEPS="$CPU_STEPS" \
+  M_CPU_THREADS="${CPU_THREADS[*]}" \
   M_CONFIGS="$bench_configs" "$PYJ" - "$META" <<'PYEOF'
 import json, os, sys, time
 e = os.environ
@@ -821,6 +829,7 @@ meta = {
     "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     "model": e["M_MODEL"], "width": int(e["M_W"]), "height": int(e["M_H"]), "tall_height": int(e["M_HT"]),
     "selftest_shapes": e["M_SHAPES"], "cold_label": e["M_COLD"], "cpu_label": e["M_CPU"],
+    "cpu_steps": e["M_CPU_STEPS"], "cpu_threads": [int(t) for t in e["M_CPU_THREADS"].split()],
     "diffusers_weights": "steps 3 vs 4: diffusers builds its own random weights of the same architecture"
                          " (device_baseline.py has no weights folder option); steps 5 and 6 load the same folders",
     "bench_configs": json.loads(e["M_CONFIGS"]),
