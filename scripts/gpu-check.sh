@@ -408,10 +408,10 @@ def summarize():
                 if isinstance(r, dict) and isinstance(r.get("median_s"), dict):
                     cpu[key].append(r["median_s"])
         so, sd = steps.get(f"6-cpu-ours-{t}t-1"), steps.get(f"6-cpu-diffusers-{t}t-1")
+        label = f"CPU {meta['cpu_label']}, {t} thread{'s' if t > 1 else ''}{meta['cpu_steps']}"
         for stage in ("total", "prior", "decoder", "vqgan"):
             ov = min((m[stage] for m in cpu["ours"] if isinstance(m.get(stage), (int, float))), default=None)
             dv = min((m[stage] for m in cpu["diffusers"] if isinstance(m.get(stage), (int, float))), default=None)
-            label = f"CPU {meta['cpu_label']}, {t} thread{'s' if t > 1 else ''}{meta['cpu_steps']}"
             add(f"{label}: {stage} s (min of 2)", ov, so, dv, sd, "{:.3f}")
 
     summary = {"meta": meta, "prior_embeddings_vs_f32": cmp if isinstance(cmp, dict) else None,
@@ -774,10 +774,11 @@ done
 # alternated (ours ~5 s, diffusers ~12 s per call at 16 threads).
 CPU_THREADS=("$THREADS")
 (( THREADS < 2 )) || CPU_THREADS+=($(( THREADS / 2 )))
+mid_status="$(status_of 6-mid-model)" # its job was waited for above
 for t in "${CPU_THREADS[@]}"; do
   cpu_env=(env RAYON_NUM_THREADS="$t" OMP_NUM_THREADS="$t")
   for i in 1 2; do
-    if [[ "$(status_of 6-mid-model)" != ok ]]; then
+    if [[ "$mid_status" != ok ]]; then
       skip "6-cpu-ours-${t}t-$i" "CPU bench: wuerstchen" "no mid model folders"
       skip "6-cpu-diffusers-${t}t-$i" "CPU bench: diffusers" "no mid model folders"
       continue
